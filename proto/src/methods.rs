@@ -1,0 +1,365 @@
+//! Every RPC method: its wire name, parameters and result.
+//!
+//! A method is a zero-sized type implementing [`Method`], so a client call is
+//! checked at compile time: `link.call::<Lookup>(LookupParams { .. })`.
+//! Object methods (`fs.*`, `seg.*`, `block.*`) act on the bucket chosen by
+//! `bucket.mount` on the same connection.
+
+use crate::bytes::{Bytes, Hash, Name};
+use crate::types::{Attr, BlockRef, BlockSlot, BucketInfo, DirEntry, Ino, Kind, SetTime, Timespec};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// An RPC method.
+pub trait Method {
+    const NAME: &'static str;
+    type Params: Serialize + DeserializeOwned + Send + 'static;
+    type Result: Serialize + DeserializeOwned + Send + 'static;
+}
+
+macro_rules! methods {
+    ($($ty:ident = $name:literal ($params:ty) -> $result:ty;)*) => {
+        $(
+            #[doc = concat!("The `", $name, "` method.")]
+            pub struct $ty;
+            impl Method for $ty {
+                const NAME: &'static str = $name;
+                type Params = $params;
+                type Result = $result;
+            }
+        )*
+        /// Wire names of all methods, for `hello` and tests.
+        pub const ALL_METHODS: &[&str] = &[$($name),*];
+    };
+}
+
+methods! {
+    Hello = "hello" (HelloParams) -> HelloResult;
+    BucketCreate = "bucket.create" (BucketCreateParams) -> BucketInfo;
+    BucketList = "bucket.list" (Empty) -> BucketListResult;
+    BucketStat = "bucket.stat" (BucketName) -> BucketInfo;
+    BucketDelete = "bucket.delete" (BucketDeleteParams) -> Empty;
+    BucketMount = "bucket.mount" (BucketName) -> MountResult;
+    Lookup = "fs.lookup" (EntryParams) -> Attr;
+    GetAttr = "fs.getattr" (InoParams) -> Attr;
+    SetAttr = "fs.setattr" (SetAttrParams) -> Attr;
+    Mknod = "fs.mknod" (NewNodeParams) -> Attr;
+    Mkdir = "fs.mkdir" (NewNodeParams) -> Attr;
+    Create = "fs.create" (CreateParams) -> Attr;
+    Symlink = "fs.symlink" (SymlinkParams) -> Attr;
+    Readlink = "fs.readlink" (InoParams) -> ReadlinkResult;
+    Link = "fs.link" (LinkParams) -> Attr;
+    Unlink = "fs.unlink" (EntryParams) -> Empty;
+    Rmdir = "fs.rmdir" (EntryParams) -> Empty;
+    Rename = "fs.rename" (RenameParams) -> Empty;
+    Readdir = "fs.readdir" (ReaddirParams) -> ReaddirResult;
+    Open = "fs.open" (InoParams) -> Attr;
+    Release = "fs.release" (InoParams) -> Empty;
+    SetXattr = "fs.setxattr" (SetXattrParams) -> Empty;
+    GetXattr = "fs.getxattr" (XattrParams) -> XattrValue;
+    ListXattr = "fs.listxattr" (InoParams) -> XattrNames;
+    RemoveXattr = "fs.removexattr" (XattrParams) -> Empty;
+    Statfs = "fs.statfs" (Empty) -> StatfsResult;
+    Sync = "fs.sync" (Empty) -> Empty;
+    SegmentGet = "seg.get" (SegmentGetParams) -> SegmentGetResult;
+    SegmentCommit = "seg.commit" (SegmentCommitParams) -> Attr;
+    BlockHas = "block.has" (BlockHasParams) -> BlockHasResult;
+    BlockPut = "block.put" (BlockPutParams) -> Empty;
+    BlockGet = "block.get" (BlockGetParams) -> BlockGetResult;
+    Gc = "admin.gc" (GcParams) -> GcResult;
+}
+
+/// No parameters, or no result.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Empty {}
+
+/// Wire encodings a peer may use for its frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    Json,
+    Bson,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HelloParams {
+    /// Protocol versions the client speaks.
+    pub versions: Vec<u32>,
+    /// Encodings the client can send, in order of preference.
+    pub encodings: Vec<Encoding>,
+    /// Capabilities the client would like.
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    /// Free-form client description, for logs.
+    #[serde(default)]
+    pub client: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HelloResult {
+    pub version: u32,
+    pub encoding: Encoding,
+    /// Capabilities both sides have.
+    pub capabilities: Vec<String>,
+    pub server: String,
+    /// Largest frame the server accepts, in bytes.
+    pub max_frame: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BucketName {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BucketCreateParams {
+    pub name: String,
+    #[serde(default)]
+    pub block_size: Option<u32>,
+    #[serde(default)]
+    pub segment_blocks: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BucketDeleteParams {
+    pub name: String,
+    /// Delete a bucket that still holds objects.
+    #[serde(default)]
+    pub force: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BucketListResult {
+    pub buckets: Vec<BucketInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MountResult {
+    pub bucket: BucketInfo,
+    pub root: Attr,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InoParams {
+    pub ino: Ino,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EntryParams {
+    pub parent: Ino,
+    pub name: Name,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SetAttrParams {
+    pub ino: Ino,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
+    /// Truncate or extend; blocks past the new end are dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub atime: Option<SetTime>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtime: Option<SetTime>,
+}
+
+/// A new node. `mode` holds permission bits; `kind` its type.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NewNodeParams {
+    pub parent: Ino,
+    pub name: Name,
+    pub kind: Kind,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    #[serde(default)]
+    pub rdev: u32,
+}
+
+/// A new regular file, registered as open by this connection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateParams {
+    pub parent: Ino,
+    pub name: Name,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SymlinkParams {
+    pub parent: Ino,
+    pub name: Name,
+    pub target: Name,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReadlinkResult {
+    pub target: Name,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LinkParams {
+    pub ino: Ino,
+    pub parent: Ino,
+    pub name: Name,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RenameParams {
+    pub parent: Ino,
+    pub name: Name,
+    pub new_parent: Ino,
+    pub new_name: Name,
+    /// Fail with EEXIST if the target exists (RENAME_NOREPLACE).
+    #[serde(default)]
+    pub noreplace: bool,
+    /// Swap source and target atomically (RENAME_EXCHANGE).
+    #[serde(default)]
+    pub exchange: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReaddirParams {
+    pub ino: Ino,
+    /// Resume after this name (names are returned in byte order).
+    #[serde(default)]
+    pub after: Option<Name>,
+    pub limit: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReaddirResult {
+    /// The directory's parent (itself for the root), for `..`.
+    pub parent: Ino,
+    pub entries: Vec<DirEntry>,
+    /// More entries follow the last one returned.
+    pub more: bool,
+}
+
+/// How setxattr treats an existing attribute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XattrMode {
+    /// Create or replace.
+    Any,
+    /// Fail with EEXIST if it exists (XATTR_CREATE).
+    Create,
+    /// Fail with ENODATA if it does not (XATTR_REPLACE).
+    Replace,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SetXattrParams {
+    pub ino: Ino,
+    pub name: Name,
+    pub value: Bytes,
+    pub mode: XattrMode,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct XattrParams {
+    pub ino: Ino,
+    pub name: Name,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct XattrValue {
+    pub value: Bytes,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct XattrNames {
+    pub names: Vec<Name>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatfsResult {
+    pub bsize: u32,
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub namelen: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SegmentGetParams {
+    pub ino: Ino,
+    /// Segment number: blocks `segment * segment_blocks ..` of the file.
+    pub segment: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SegmentGetResult {
+    /// Data version of the file the map belongs to.
+    pub version: u64,
+    pub blocks: Vec<BlockRef>,
+}
+
+/// Publish new content: set block slots and the size in one atomic step.
+/// Every block named must already be on the server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SegmentCommitParams {
+    pub ino: Ino,
+    pub size: u64,
+    pub slots: Vec<BlockSlot>,
+    /// Modification time of the data; the server's clock when absent.
+    #[serde(default)]
+    pub mtime: Option<Timespec>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BlockHasParams {
+    pub hashes: Vec<Hash>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BlockHasResult {
+    /// One flag per hash asked, in order.
+    pub present: Vec<bool>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BlockData {
+    pub hash: Hash,
+    pub data: Bytes,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BlockPutParams {
+    pub blocks: Vec<BlockData>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BlockGetParams {
+    pub hash: Hash,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BlockGetResult {
+    pub data: Bytes,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GcParams {
+    /// Keep unreferenced blocks younger than this (a client may be about to
+    /// commit them); the server default when absent.
+    #[serde(default)]
+    pub min_age_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GcResult {
+    pub blocks_removed: u64,
+    pub bytes_removed: u64,
+}
