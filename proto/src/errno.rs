@@ -64,6 +64,8 @@ impl Errno {
     pub const ENOENT: Errno = Errno(libc::ENOENT);
     pub const EIO: Errno = Errno(libc::EIO);
     pub const EBADF: Errno = Errno(libc::EBADF);
+    pub const EAGAIN: Errno = Errno(libc::EAGAIN);
+    pub const E2BIG: Errno = Errno(libc::E2BIG);
     pub const EACCES: Errno = Errno(libc::EACCES);
     pub const EBUSY: Errno = Errno(libc::EBUSY);
     pub const EEXIST: Errno = Errno(libc::EEXIST);
@@ -87,12 +89,18 @@ impl Errno {
 
     /// The symbolic name, or `None` for a number outside the table.
     pub fn name(self) -> Option<&'static str> {
-        ERRNO_TABLE.iter().find(|(_, n)| *n == self.0).map(|(s, _)| *s)
+        ERRNO_TABLE
+            .iter()
+            .find(|(_, n)| *n == self.0)
+            .map(|(s, _)| *s)
     }
 
     /// The local errno for a symbolic name.
     pub fn from_name(name: &str) -> Option<Errno> {
-        ERRNO_TABLE.iter().find(|(s, _)| *s == name).map(|(_, n)| Errno(*n))
+        ERRNO_TABLE
+            .iter()
+            .find(|(s, _)| *s == name)
+            .map(|(_, n)| Errno(*n))
     }
 }
 

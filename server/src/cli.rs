@@ -1,0 +1,63 @@
+//! The `restfsd` command line: `restfsd [--listen ADDR] [--data DIR]`.
+//! Runs in the foreground; SIGTERM or SIGINT syncs the stores and exits 0.
+
+use crate::{Server, default_data_dir};
+use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "restfsd",
+    version,
+    about = "RestFS server: serves buckets over WebSocket JSON-RPC"
+)]
+pub struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], restfs_proto::DEFAULT_PORT)))]
+    pub listen: SocketAddr,
+    /// Data directory (metadata database and blocks). Default: $XDG_DATA_HOME/restfs.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Log filter, e.g. `info`, `debug`, `restfs_server=trace`.
+    #[arg(long, env = "RESTFS_LOG", default_value = "info")]
+    pub log: String,
+}
+
+pub fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
+        .with_writer(std::io::stderr)
+        .init();
+    let data = args.data.unwrap_or_else(default_data_dir);
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    rt.block_on(async move {
+        let server = match Server::start(args.listen, &data).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("restfsd: {e}");
+                return std::process::ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(
+            "restfsd listening on ws://{} (data in {})",
+            server.addr,
+            data.display()
+        );
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("signal handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        match server.shutdown().await {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("restfsd: final sync failed: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        }
+    })
+}

@@ -1,0 +1,535 @@
+//! Per-connection session and method dispatch.
+//!
+//! A [`Session`] remembers what a connection negotiated (`hello`), which
+//! bucket it mounted and which inodes it holds open (released when the
+//! connection ends). [`Session::handle`] turns one raw message into at most
+//! one encoded response: notifications get none, and every failure — bad
+//! envelope, unknown method, wrong params, filesystem error — gets a
+//! JSON-RPC error object.
+
+use crate::meta::BucketId;
+use crate::service::{GC_MIN_AGE_SECS, Service};
+use restfs_proto::methods::*;
+use restfs_proto::rpc::{IdField, RawMessage, code, encode_response};
+use restfs_proto::{
+    Attr, BucketInfo, Bytes, DEFAULT_BLOCK_SIZE, DEFAULT_SEGMENT_BLOCKS, Errno, Ino, Kind,
+    MAX_BLOCK_SIZE, MAX_FRAME, Method, Name, PATH_MAX, PROTOCOL_VERSION, RpcError,
+};
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+type Outcome<T> = Result<T, RpcError>;
+
+pub struct Session {
+    service: Arc<Service>,
+    bucket: Mutex<Option<(BucketId, BucketInfo)>>,
+    /// Opens held by this connection, per inode.
+    opens: Mutex<HashMap<(BucketId, Ino), u32>>,
+}
+
+/// Run `f` on the decoded params of `msg` and encode its outcome.
+async fn run<M, F, Fut>(
+    s: Arc<Session>,
+    msg: &RawMessage,
+    id: Option<restfs_proto::Id>,
+    f: F,
+) -> Vec<u8>
+where
+    M: Method,
+    F: FnOnce(Arc<Session>, M::Params) -> Fut,
+    Fut: Future<Output = Outcome<M::Result>>,
+{
+    let outcome = match msg.params::<M::Params>() {
+        Ok(p) => f(s, p).await,
+        Err(e) => Err(e),
+    };
+    encode_response(msg.encoding, id.as_ref(), &outcome)
+}
+
+fn bucket_name_ok(name: &str) -> Outcome<()> {
+    let ok = (1..=63).contains(&name.len())
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(RpcError::errno(
+            Errno::EINVAL,
+            format!(
+                "invalid bucket name {name:?}: use 1-63 of [A-Za-z0-9._-], not starting with '.'"
+            ),
+        ))
+    }
+}
+
+impl Session {
+    pub fn new(service: Arc<Service>) -> Arc<Session> {
+        Arc::new(Session {
+            service,
+            bucket: Mutex::new(None),
+            opens: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Answer one message; `None` for a notification.
+    pub async fn handle(self: Arc<Self>, msg: RawMessage) -> Option<Vec<u8>> {
+        let enc = msg.encoding;
+        let invalid = |m: String| {
+            Some(encode_response::<()>(
+                enc,
+                None,
+                &Err(RpcError::new(code::INVALID_REQUEST, m)),
+            ))
+        };
+        let head = match msg.head() {
+            Ok(h) => h,
+            Err(e) => return Some(encode_response::<()>(enc, None, &Err(e))),
+        };
+        if head.jsonrpc.as_deref() != Some("2.0") {
+            return invalid("invalid request: \"jsonrpc\" must be \"2.0\"".into());
+        }
+        let id = match &head.id {
+            IdField::Invalid => {
+                return invalid("invalid request: id must be a string, an integer or null".into());
+            }
+            other => other.echo(),
+        };
+        let notification = head.id == IdField::Missing;
+        let Some(method) = head.method.as_deref() else {
+            return invalid("invalid request: \"method\" missing".into());
+        };
+        let s = self.clone();
+        let m = &msg;
+        macro_rules! route {
+            ($($M:ty => $f:ident),* $(,)?) => {
+                match method {
+                    $(<$M as Method>::NAME => run::<$M, _, _>(s, m, id, Session::$f).await,)*
+                    other => encode_response::<()>(enc, id.as_ref(), &Err(RpcError::new(code::METHOD_NOT_FOUND, format!("method not found: {other}")))),
+                }
+            };
+        }
+        let response = route! {
+            Hello => hello,
+            BucketCreate => bucket_create,
+            BucketList => bucket_list,
+            BucketStat => bucket_stat,
+            BucketDelete => bucket_delete,
+            BucketMount => bucket_mount,
+            Lookup => lookup,
+            GetAttr => getattr,
+            SetAttr => setattr,
+            Mknod => mknod,
+            Mkdir => mkdir,
+            Create => create,
+            Symlink => symlink,
+            Readlink => readlink,
+            Link => link,
+            Unlink => unlink,
+            Rmdir => rmdir,
+            Rename => rename,
+            Readdir => readdir,
+            Open => open,
+            Release => release,
+            SetXattr => setxattr,
+            GetXattr => getxattr,
+            ListXattr => listxattr,
+            RemoveXattr => removexattr,
+            Statfs => statfs,
+            Sync => sync,
+            SegmentGet => segment_get,
+            SegmentCommit => segment_commit,
+            BlockHas => block_has,
+            BlockPut => block_put,
+            BlockGet => block_get,
+            Gc => gc,
+        };
+        if notification { None } else { Some(response) }
+    }
+
+    /// Release everything this connection held open.
+    pub async fn close(&self) {
+        let opens: Vec<_> = self
+            .opens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .collect();
+        for ((b, ino), n) in opens {
+            for _ in 0..n {
+                if let Err(e) = self.service.release(b, ino).await {
+                    tracing::warn!("release of inode {ino} at disconnect: {e}");
+                }
+            }
+        }
+    }
+
+    fn bucket_id(&self) -> Outcome<BucketId> {
+        match &*self.bucket.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some((id, _)) => Ok(*id),
+            None => Err(RpcError::errno(
+                Errno::ENOTCONN,
+                "no bucket mounted on this connection: call bucket.mount first",
+            )),
+        }
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn crate::meta::MetaStore, BucketId) -> crate::error::Result<T>
+        + Send
+        + 'static,
+    ) -> Outcome<T> {
+        let b = self.bucket_id()?;
+        Ok(self.service.meta(move |m| f(m, b)).await?)
+    }
+
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn crate::meta::MetaStore, BucketId) -> crate::error::Result<T>
+        + Send
+        + 'static,
+    ) -> Outcome<T> {
+        let b = self.bucket_id()?;
+        Ok(self.service.mutate(move |m| f(m, b)).await?)
+    }
+
+    fn note_open(&self, b: BucketId, ino: Ino) {
+        self.service.register_open(b, ino);
+        *self
+            .opens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((b, ino))
+            .or_insert(0) += 1;
+    }
+
+    fn is_open_fn(&self) -> impl Fn(Ino) -> bool + Send + 'static {
+        let service = self.service.clone();
+        let b = self.bucket_id().unwrap_or(-1);
+        move |ino| service.is_open(b, ino)
+    }
+
+    // --- handshake and buckets ---
+
+    async fn hello(self: Arc<Self>, p: HelloParams) -> Outcome<HelloResult> {
+        if !p.versions.contains(&PROTOCOL_VERSION) {
+            return Err(RpcError::errno(
+                Errno::EPROTO,
+                format!(
+                    "no common protocol version: client speaks {:?}, server {PROTOCOL_VERSION}",
+                    p.versions
+                ),
+            ));
+        }
+        let encoding = p.encodings.first().copied().unwrap_or(Encoding::Json);
+        Ok(HelloResult {
+            version: PROTOCOL_VERSION,
+            encoding,
+            capabilities: vec![],
+            server: format!("restfsd {}", env!("CARGO_PKG_VERSION")),
+            max_frame: MAX_FRAME as u64,
+        })
+    }
+
+    async fn bucket_create(self: Arc<Self>, p: BucketCreateParams) -> Outcome<BucketInfo> {
+        bucket_name_ok(&p.name)?;
+        let block_size = p.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
+        if !block_size.is_power_of_two() || !(4096..=MAX_BLOCK_SIZE).contains(&block_size) {
+            return Err(RpcError::errno(
+                Errno::EINVAL,
+                format!("block size must be a power of two from 4096 to {MAX_BLOCK_SIZE}"),
+            ));
+        }
+        let segment_blocks = p.segment_blocks.unwrap_or(DEFAULT_SEGMENT_BLOCKS);
+        if !(1..=1024).contains(&segment_blocks) {
+            return Err(RpcError::errno(
+                Errno::EINVAL,
+                "segment_blocks must be from 1 to 1024",
+            ));
+        }
+        Ok(self
+            .service
+            .mutate(move |m| m.create_bucket(&p.name, block_size, segment_blocks))
+            .await?)
+    }
+
+    async fn bucket_list(self: Arc<Self>, _: Empty) -> Outcome<BucketListResult> {
+        Ok(BucketListResult {
+            buckets: self.service.meta(|m| m.list_buckets()).await?,
+        })
+    }
+
+    async fn bucket_stat(self: Arc<Self>, p: BucketName) -> Outcome<BucketInfo> {
+        Ok(self.service.meta(move |m| m.bucket(&p.name)).await?.1)
+    }
+
+    async fn bucket_delete(self: Arc<Self>, p: BucketDeleteParams) -> Outcome<Empty> {
+        self.service
+            .mutate(move |m| m.delete_bucket(&p.name, p.force))
+            .await?;
+        Ok(Empty {})
+    }
+
+    async fn bucket_mount(self: Arc<Self>, p: BucketName) -> Outcome<MountResult> {
+        let (id, info) = self.service.meta(move |m| m.bucket(&p.name)).await?;
+        let root = self
+            .service
+            .meta(move |m| m.getattr(id, restfs_proto::ROOT_INO))
+            .await?;
+        *self.bucket.lock().unwrap_or_else(|p| p.into_inner()) = Some((id, info.clone()));
+        Ok(MountResult { bucket: info, root })
+    }
+
+    // --- namespace ---
+
+    async fn lookup(self: Arc<Self>, p: EntryParams) -> Outcome<Attr> {
+        self.read(move |m, b| m.lookup(b, p.parent, p.name.as_bytes()))
+            .await
+    }
+
+    async fn getattr(self: Arc<Self>, p: InoParams) -> Outcome<Attr> {
+        self.read(move |m, b| m.getattr(b, p.ino)).await
+    }
+
+    async fn setattr(self: Arc<Self>, p: SetAttrParams) -> Outcome<Attr> {
+        self.write(move |m, b| m.setattr(b, &p)).await
+    }
+
+    async fn mknod(self: Arc<Self>, p: NewNodeParams) -> Outcome<Attr> {
+        if matches!(p.kind, Kind::Dir | Kind::Symlink) {
+            return Err(RpcError::errno(
+                Errno::EINVAL,
+                "use fs.mkdir or fs.symlink for directories and symlinks",
+            ));
+        }
+        self.write(move |m, b| m.mknod(b, &p, None)).await
+    }
+
+    async fn mkdir(self: Arc<Self>, mut p: NewNodeParams) -> Outcome<Attr> {
+        p.kind = Kind::Dir;
+        self.write(move |m, b| m.mknod(b, &p, None)).await
+    }
+
+    async fn create(self: Arc<Self>, p: CreateParams) -> Outcome<Attr> {
+        let node = NewNodeParams {
+            parent: p.parent,
+            name: p.name,
+            kind: Kind::File,
+            mode: p.mode,
+            uid: p.uid,
+            gid: p.gid,
+            rdev: 0,
+        };
+        let attr = self.write(move |m, b| m.mknod(b, &node, None)).await?;
+        self.note_open(self.bucket_id()?, attr.ino);
+        Ok(attr)
+    }
+
+    async fn symlink(self: Arc<Self>, p: SymlinkParams) -> Outcome<Attr> {
+        if p.target.0.is_empty() || p.target.0.len() > PATH_MAX || p.target.0.contains(&0) {
+            return Err(RpcError::errno(
+                if p.target.0.len() > PATH_MAX {
+                    Errno::ENAMETOOLONG
+                } else {
+                    Errno::EINVAL
+                },
+                "invalid symlink target",
+            ));
+        }
+        let node = NewNodeParams {
+            parent: p.parent,
+            name: p.name,
+            kind: Kind::Symlink,
+            mode: 0o777,
+            uid: p.uid,
+            gid: p.gid,
+            rdev: 0,
+        };
+        self.write(move |m, b| m.mknod(b, &node, Some(&p.target.0)))
+            .await
+    }
+
+    async fn readlink(self: Arc<Self>, p: InoParams) -> Outcome<ReadlinkResult> {
+        Ok(ReadlinkResult {
+            target: Name(self.read(move |m, b| m.readlink(b, p.ino)).await?),
+        })
+    }
+
+    async fn link(self: Arc<Self>, p: LinkParams) -> Outcome<Attr> {
+        self.write(move |m, b| m.link(b, p.ino, p.parent, p.name.as_bytes()))
+            .await
+    }
+
+    async fn unlink(self: Arc<Self>, p: EntryParams) -> Outcome<Empty> {
+        let is_open = self.is_open_fn();
+        self.write(move |m, b| m.unlink(b, p.parent, p.name.as_bytes(), &is_open))
+            .await?;
+        Ok(Empty {})
+    }
+
+    async fn rmdir(self: Arc<Self>, p: EntryParams) -> Outcome<Empty> {
+        self.write(move |m, b| m.rmdir(b, p.parent, p.name.as_bytes()))
+            .await?;
+        Ok(Empty {})
+    }
+
+    async fn rename(self: Arc<Self>, p: RenameParams) -> Outcome<Empty> {
+        let is_open = self.is_open_fn();
+        self.write(move |m, b| m.rename(b, &p, &is_open)).await?;
+        Ok(Empty {})
+    }
+
+    async fn readdir(self: Arc<Self>, p: ReaddirParams) -> Outcome<ReaddirResult> {
+        let l = self
+            .read(move |m, b| m.readdir(b, p.ino, p.after.as_ref().map(|n| n.as_bytes()), p.limit))
+            .await?;
+        Ok(ReaddirResult {
+            parent: l.parent,
+            entries: l.entries,
+            more: l.more,
+        })
+    }
+
+    async fn open(self: Arc<Self>, p: InoParams) -> Outcome<Attr> {
+        let attr = self.read(move |m, b| m.getattr(b, p.ino)).await?;
+        self.note_open(self.bucket_id()?, attr.ino);
+        Ok(attr)
+    }
+
+    async fn release(self: Arc<Self>, p: InoParams) -> Outcome<Empty> {
+        let b = self.bucket_id()?;
+        let held = {
+            let mut opens = self.opens.lock().unwrap_or_else(|p| p.into_inner());
+            match opens.get_mut(&(b, p.ino)) {
+                Some(n) => {
+                    *n -= 1;
+                    if *n == 0 {
+                        opens.remove(&(b, p.ino));
+                    }
+                    true
+                }
+                None => false,
+            }
+        };
+        if !held {
+            return Err(RpcError::errno(
+                Errno::EBADF,
+                format!("inode {} is not open on this connection", p.ino),
+            ));
+        }
+        self.service.release(b, p.ino).await?;
+        Ok(Empty {})
+    }
+
+    // --- xattrs, statfs, sync ---
+
+    async fn setxattr(self: Arc<Self>, p: SetXattrParams) -> Outcome<Empty> {
+        self.write(move |m, b| m.setxattr(b, p.ino, p.name.as_bytes(), &p.value.0, p.mode))
+            .await?;
+        Ok(Empty {})
+    }
+
+    async fn getxattr(self: Arc<Self>, p: XattrParams) -> Outcome<XattrValue> {
+        Ok(XattrValue {
+            value: Bytes(
+                self.read(move |m, b| m.getxattr(b, p.ino, p.name.as_bytes()))
+                    .await?,
+            ),
+        })
+    }
+
+    async fn listxattr(self: Arc<Self>, p: InoParams) -> Outcome<XattrNames> {
+        Ok(XattrNames {
+            names: self
+                .read(move |m, b| m.listxattr(b, p.ino))
+                .await?
+                .into_iter()
+                .map(Name)
+                .collect(),
+        })
+    }
+
+    async fn removexattr(self: Arc<Self>, p: XattrParams) -> Outcome<Empty> {
+        self.write(move |m, b| m.removexattr(b, p.ino, p.name.as_bytes()))
+            .await?;
+        Ok(Empty {})
+    }
+
+    async fn statfs(self: Arc<Self>, _: Empty) -> Outcome<StatfsResult> {
+        let b = self.bucket_id()?;
+        let objects = self.service.meta(move |m| m.bucket_by_id(b)).await?.objects;
+        let (free, total) = self.service.space().await?;
+        const BSIZE: u64 = 4096;
+        const FILES: u64 = 1 << 32;
+        Ok(StatfsResult {
+            bsize: BSIZE as u32,
+            blocks: total / BSIZE,
+            bfree: free / BSIZE,
+            bavail: free / BSIZE,
+            files: FILES,
+            ffree: FILES.saturating_sub(objects),
+            namelen: restfs_proto::NAME_MAX as u32,
+        })
+    }
+
+    async fn sync(self: Arc<Self>, _: Empty) -> Outcome<Empty> {
+        self.service.sync().await?;
+        Ok(Empty {})
+    }
+
+    // --- data ---
+
+    async fn segment_get(self: Arc<Self>, p: SegmentGetParams) -> Outcome<SegmentGetResult> {
+        let b = self.bucket_id()?;
+        let per = self
+            .bucket
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(_, i)| i.segment_blocks as u64)
+            .unwrap_or(1);
+        let (version, blocks) = self
+            .service
+            .meta(move |m| m.block_map(b, p.ino, p.segment.saturating_mul(per), per))
+            .await?;
+        Ok(SegmentGetResult { version, blocks })
+    }
+
+    async fn segment_commit(self: Arc<Self>, p: SegmentCommitParams) -> Outcome<Attr> {
+        self.write(move |m, b| m.commit(b, p.ino, p.size, &p.slots, p.mtime))
+            .await
+    }
+
+    async fn block_has(self: Arc<Self>, p: BlockHasParams) -> Outcome<BlockHasResult> {
+        Ok(BlockHasResult {
+            present: self.service.meta(move |m| m.has_blocks(&p.hashes)).await?,
+        })
+    }
+
+    async fn block_put(self: Arc<Self>, p: BlockPutParams) -> Outcome<Empty> {
+        self.service
+            .put_blocks(p.blocks.into_iter().map(|b| (b.hash, b.data.0)).collect())
+            .await?;
+        Ok(Empty {})
+    }
+
+    async fn block_get(self: Arc<Self>, p: BlockGetParams) -> Outcome<BlockGetResult> {
+        Ok(BlockGetResult {
+            data: Bytes(self.service.get_block(p.hash).await?),
+        })
+    }
+
+    async fn gc(self: Arc<Self>, p: GcParams) -> Outcome<GcResult> {
+        let (blocks_removed, bytes_removed) = self
+            .service
+            .collect_garbage(p.min_age_secs.unwrap_or(GC_MIN_AGE_SECS))
+            .await?;
+        Ok(GcResult {
+            blocks_removed,
+            bytes_removed,
+        })
+    }
+}

@@ -1,0 +1,128 @@
+//! The metadata store: buckets, inodes, directory entries, block maps,
+//! xattrs and the block registry (with reference counts and small blocks
+//! stored inline).
+//!
+//! Every mutation is one atomic transaction: it either happens whole or not
+//! at all. POSIX rules that every client must see alike (rename checks,
+//! nlink, setgid inheritance, which calls change mtime and ctime) live here,
+//! once, rather than in each client. Calls block; the service runs them on
+//! tokio's blocking pool. Every backend passes [`conformance`].
+
+pub mod sqlite;
+
+#[cfg(test)]
+pub mod conformance;
+
+use crate::error::Result;
+use restfs_proto::methods::{NewNodeParams, RenameParams, SetAttrParams, XattrMode};
+use restfs_proto::{Attr, BlockRef, BlockSlot, BucketInfo, DirEntry, Hash, Ino, Timespec};
+
+/// A bucket's id inside one store.
+pub type BucketId = i64;
+
+/// Which inodes some client still holds open: an unlinked inode that is open
+/// is kept (nlink 0) until [`MetaStore::purge`] after its last close.
+pub type IsOpen<'a> = &'a dyn Fn(Ino) -> bool;
+
+/// Where a block's bytes live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlockLocation {
+    /// Stored in the metadata store itself (small blocks).
+    Inline(Vec<u8>),
+    /// Stored in the block store.
+    External,
+}
+
+/// Result of a directory listing page.
+#[derive(Debug, Clone)]
+pub struct Listing {
+    pub parent: Ino,
+    pub entries: Vec<DirEntry>,
+    pub more: bool,
+}
+
+pub trait MetaStore: Send + Sync {
+    // Buckets.
+    fn create_bucket(&self, name: &str, block_size: u32, segment_blocks: u32)
+    -> Result<BucketInfo>;
+    fn list_buckets(&self) -> Result<Vec<BucketInfo>>;
+    /// A bucket by name: ENOENT if there is none.
+    fn bucket(&self, name: &str) -> Result<(BucketId, BucketInfo)>;
+    fn bucket_by_id(&self, b: BucketId) -> Result<BucketInfo>;
+    /// Remove a bucket; ENOTEMPTY if it holds objects and `force` is false.
+    fn delete_bucket(&self, name: &str, force: bool) -> Result<()>;
+
+    // Namespace.
+    fn lookup(&self, b: BucketId, parent: Ino, name: &[u8]) -> Result<Attr>;
+    fn getattr(&self, b: BucketId, ino: Ino) -> Result<Attr>;
+    fn setattr(&self, b: BucketId, p: &SetAttrParams) -> Result<Attr>;
+    /// Create a file, directory or special node; `target` for symlinks.
+    fn mknod(&self, b: BucketId, p: &NewNodeParams, target: Option<&[u8]>) -> Result<Attr>;
+    fn readlink(&self, b: BucketId, ino: Ino) -> Result<Vec<u8>>;
+    fn link(&self, b: BucketId, ino: Ino, parent: Ino, name: &[u8]) -> Result<Attr>;
+    fn unlink(&self, b: BucketId, parent: Ino, name: &[u8], is_open: IsOpen<'_>) -> Result<()>;
+    fn rmdir(&self, b: BucketId, parent: Ino, name: &[u8]) -> Result<()>;
+    fn rename(&self, b: BucketId, p: &RenameParams, is_open: IsOpen<'_>) -> Result<()>;
+    /// Entries after `after` in name order, at most `limit`.
+    fn readdir(&self, b: BucketId, ino: Ino, after: Option<&[u8]>, limit: u32) -> Result<Listing>;
+    /// Delete an unlinked (nlink 0) inode once nobody holds it open.
+    fn purge(&self, b: BucketId, ino: Ino) -> Result<()>;
+    /// Delete every unlinked inode (at start-up, when no client holds any).
+    fn purge_all(&self) -> Result<u64>;
+
+    // Extended attributes.
+    fn setxattr(
+        &self,
+        b: BucketId,
+        ino: Ino,
+        name: &[u8],
+        value: &[u8],
+        mode: XattrMode,
+    ) -> Result<()>;
+    fn getxattr(&self, b: BucketId, ino: Ino, name: &[u8]) -> Result<Vec<u8>>;
+    fn listxattr(&self, b: BucketId, ino: Ino) -> Result<Vec<Vec<u8>>>;
+    fn removexattr(&self, b: BucketId, ino: Ino, name: &[u8]) -> Result<()>;
+
+    // Data.
+    /// Block map entries `first .. first + count` of a file, and its version.
+    fn block_map(
+        &self,
+        b: BucketId,
+        ino: Ino,
+        first: u64,
+        count: u64,
+    ) -> Result<(u64, Vec<BlockRef>)>;
+    /// Set block slots and the size in one step. EAGAIN if a named block is
+    /// not registered (the client must put it again).
+    fn commit(
+        &self,
+        b: BucketId,
+        ino: Ino,
+        size: u64,
+        slots: &[BlockSlot],
+        mtime: Option<Timespec>,
+    ) -> Result<Attr>;
+
+    // Block registry.
+    fn has_blocks(&self, hashes: &[Hash]) -> Result<Vec<bool>>;
+    /// Register a block (unreferenced until a commit names it); `inline`
+    /// holds its bytes when the metadata store keeps them.
+    fn add_block(&self, hash: &Hash, size: u32, inline: Option<&[u8]>) -> Result<()>;
+    /// Where a registered block lives; ENOENT if it is not registered.
+    fn block_location(&self, hash: &Hash) -> Result<BlockLocation>;
+    /// Forget unreferenced blocks registered more than `min_age_secs` ago;
+    /// returns the external ones (to delete from the block store) and the
+    /// number and bytes of all forgotten.
+    fn collect_garbage(&self, min_age_secs: u64) -> Result<Garbage>;
+
+    /// Make every committed mutation durable on disk.
+    fn sync(&self) -> Result<()>;
+}
+
+/// What [`MetaStore::collect_garbage`] removed.
+#[derive(Debug, Default, Clone)]
+pub struct Garbage {
+    pub external: Vec<Hash>,
+    pub blocks: u64,
+    pub bytes: u64,
+}

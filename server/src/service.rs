@@ -1,0 +1,225 @@
+//! The service: the stores plus what spans connections (open files,
+//! durability timer, garbage collection).
+//!
+//! Invariants kept here:
+//! - a block is registered only after the block store holds it durably and
+//!   its hash was verified, so a commit can never name a missing block;
+//! - an unlinked inode stays while any connection holds it open and is
+//!   purged at its last release;
+//! - committed mutations become durable within [`SYNC_INTERVAL`], or at once
+//!   on `fs.sync`.
+
+use crate::blocks::{BlockStore, INLINE_MAX};
+use crate::error::{Error, Result};
+use crate::meta::{BlockLocation, BucketId, MetaStore};
+use restfs_proto::{Errno, Hash, Ino, MAX_BLOCK_SIZE};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Longest time a committed but not fsync'd mutation waits to be durable.
+pub const SYNC_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Unreferenced blocks younger than this survive garbage collection: a
+/// client may have put them and be about to commit.
+pub const GC_MIN_AGE_SECS: u64 = 600;
+
+/// How often the server collects garbage on its own.
+pub const GC_INTERVAL: Duration = Duration::from_secs(600);
+
+pub struct Service {
+    meta: Arc<dyn MetaStore>,
+    blocks: Arc<dyn BlockStore>,
+    /// Open counts per inode, over all connections.
+    opens: Mutex<HashMap<(BucketId, Ino), u32>>,
+    /// Something was committed since the last sync.
+    dirty: AtomicBool,
+    /// Held shared by puts, exclusively by GC, so GC never deletes a block
+    /// a concurrent put has just re-registered.
+    gc_lock: tokio::sync::RwLock<()>,
+}
+
+impl Service {
+    pub fn new(meta: Arc<dyn MetaStore>, blocks: Arc<dyn BlockStore>) -> Arc<Service> {
+        Arc::new(Service {
+            meta,
+            blocks,
+            opens: Mutex::new(HashMap::new()),
+            dirty: AtomicBool::new(false),
+            gc_lock: tokio::sync::RwLock::new(()),
+        })
+    }
+
+    /// Run a metadata call on the blocking pool.
+    pub async fn meta<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn MetaStore) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let meta = self.meta.clone();
+        tokio::task::spawn_blocking(move || f(meta.as_ref()))
+            .await
+            .map_err(|e| Error::Corrupt(format!("task failed: {e}")))?
+    }
+
+    /// Run a mutation and note that a sync is due.
+    pub async fn mutate<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn MetaStore) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let out = self.meta(f).await;
+        self.dirty.store(true, Ordering::Release);
+        out
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn BlockStore, &dyn MetaStore) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let (blocks, meta) = (self.blocks.clone(), self.meta.clone());
+        tokio::task::spawn_blocking(move || f(blocks.as_ref(), meta.as_ref()))
+            .await
+            .map_err(|e| Error::Corrupt(format!("task failed: {e}")))?
+    }
+
+    /// Verify and store blocks, then register them.
+    pub async fn put_blocks(&self, blocks: Vec<(Hash, Vec<u8>)>) -> Result<()> {
+        let _shared = self.gc_lock.read().await;
+        self.blocking(move |store, meta| {
+            for (hash, data) in blocks {
+                if data.len() > MAX_BLOCK_SIZE as usize {
+                    return Err(Error::fs(
+                        Errno::EFBIG,
+                        format!(
+                            "block of {} bytes exceeds the {MAX_BLOCK_SIZE}-byte limit",
+                            data.len()
+                        ),
+                    ));
+                }
+                if Hash::of(&data) != hash {
+                    return Err(Error::fs(
+                        Errno::EINVAL,
+                        format!("block content does not match its hash {hash}"),
+                    ));
+                }
+                if data.len() <= INLINE_MAX {
+                    meta.add_block(&hash, data.len() as u32, Some(&data))?;
+                } else {
+                    store.put(&hash, &data)?;
+                    meta.add_block(&hash, data.len() as u32, None)?;
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// A block's bytes, checked against its hash.
+    pub async fn get_block(&self, hash: Hash) -> Result<Vec<u8>> {
+        self.blocking(move |store, meta| {
+            let data = match meta.block_location(&hash)? {
+                BlockLocation::Inline(data) => data,
+                BlockLocation::External => store.get(&hash)?,
+            };
+            if Hash::of(&data) != hash {
+                return Err(Error::Corrupt(format!(
+                    "block {hash} is corrupt on the server's disk"
+                )));
+            }
+            Ok(data)
+        })
+        .await
+    }
+
+    pub async fn space(&self) -> Result<(u64, u64)> {
+        self.blocking(|store, _| store.space()).await
+    }
+
+    /// Make every commit so far durable.
+    pub async fn sync(&self) -> Result<()> {
+        self.dirty.store(false, Ordering::Release);
+        self.meta(|m| m.sync()).await
+    }
+
+    /// Forget unreferenced blocks older than `min_age_secs`; returns (blocks, bytes).
+    pub async fn collect_garbage(&self, min_age_secs: u64) -> Result<(u64, u64)> {
+        let _exclusive = self.gc_lock.write().await;
+        self.blocking(move |store, meta| {
+            let g = meta.collect_garbage(min_age_secs)?;
+            for hash in &g.external {
+                store.delete(hash)?;
+            }
+            Ok((g.blocks, g.bytes))
+        })
+        .await
+    }
+
+    pub fn is_open(&self, bucket: BucketId, ino: Ino) -> bool {
+        self.opens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&(bucket, ino))
+    }
+
+    pub fn register_open(&self, bucket: BucketId, ino: Ino) {
+        *self
+            .opens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((bucket, ino))
+            .or_insert(0) += 1;
+    }
+
+    /// Drop one open; purge the inode if that was the last and it is unlinked.
+    pub async fn release(&self, bucket: BucketId, ino: Ino) -> Result<()> {
+        let last = {
+            let mut opens = self.opens.lock().unwrap_or_else(|p| p.into_inner());
+            match opens.get_mut(&(bucket, ino)) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    false
+                }
+                Some(_) => {
+                    opens.remove(&(bucket, ino));
+                    true
+                }
+                None => false,
+            }
+        };
+        if last {
+            self.mutate(move |m| m.purge(bucket, ino)).await?;
+        }
+        Ok(())
+    }
+
+    /// Background duties: group sync and periodic garbage collection.
+    pub fn spawn_background(self: &Arc<Self>) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SYNC_INTERVAL);
+            loop {
+                tick.tick().await;
+                if me.dirty.load(Ordering::Acquire) {
+                    if let Err(e) = me.sync().await {
+                        tracing::error!("group sync failed: {e}");
+                    }
+                }
+            }
+        });
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(GC_INTERVAL);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                match me.collect_garbage(GC_MIN_AGE_SECS).await {
+                    Ok((n, bytes)) if n > 0 => {
+                        tracing::info!("garbage collection removed {n} blocks ({bytes} bytes)")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!("garbage collection failed: {e}"),
+                }
+            }
+        });
+    }
+}

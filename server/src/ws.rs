@@ -1,0 +1,156 @@
+//! The WebSocket front: accept connections on `/`, read frames, dispatch
+//! every message concurrently, write responses through one writer task.
+//!
+//! Limits: a message above [`MAX_FRAME`] bytes is answered with a
+//! `FRAME_TOO_LARGE` error and the connection is closed (code 1009); other
+//! connections are not affected. Text frames are JSON, binary frames BSON;
+//! responses use the encoding of the frame they answer.
+
+use crate::dispatch::Session;
+use crate::service::Service;
+use futures_util::{SinkExt, StreamExt};
+use restfs_proto::rpc::{RpcError, code, encode_batch, encode_response, split_frame};
+use restfs_proto::{Encoding, MAX_FRAME};
+use std::sync::Arc;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+/// Accept connections forever.
+pub async fn serve(listener: TcpListener, service: Arc<Service>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let service = service.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = connection(stream, service).await {
+                        tracing::debug!("connection from {peer}: {e}");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(MAX_FRAME))
+        .max_frame_size(Some(MAX_FRAME))
+}
+
+fn check_path(req: &Request, resp: Response) -> Result<Response, ErrorResponse> {
+    if req.uri().path() == "/" {
+        return Ok(resp);
+    }
+    let mut err = ErrorResponse::new(Some(format!(
+        "restfsd serves WebSocket on / only, not {}\n",
+        req.uri().path()
+    )));
+    *err.status_mut() = tokio_tungstenite::tungstenite::http::StatusCode::NOT_FOUND;
+    Err(err)
+}
+
+fn frame(encoding: Encoding, bytes: Vec<u8>) -> Message {
+    match encoding {
+        Encoding::Json => {
+            Message::text(String::from_utf8(bytes).expect("JSON encoder writes UTF-8"))
+        }
+        Encoding::Bson => Message::binary(bytes),
+    }
+}
+
+async fn connection(stream: TcpStream, service: Arc<Service>) -> Result<(), WsError> {
+    let ws = tokio_tungstenite::accept_hdr_async_with_config(stream, check_path, Some(ws_config()))
+        .await?;
+    let (mut sink, mut source) = ws.split();
+    let (tx, mut rx) = mpsc::channel::<Message>(1024);
+    let writer = tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            let closing = matches!(m, Message::Close(_));
+            if sink.send(m).await.is_err() || closing {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    let session = Session::new(service);
+    let result = loop {
+        let (encoding, bytes) = match source.next().await {
+            Some(Ok(Message::Text(t))) => (Encoding::Json, t.as_bytes().to_vec()),
+            Some(Ok(Message::Binary(b))) => (Encoding::Bson, b.to_vec()),
+            Some(Ok(Message::Close(_))) | None => break Ok(()),
+            Some(Ok(_)) => continue, // ping/pong are answered by tungstenite
+            Some(Err(WsError::Capacity(e))) => {
+                let err = RpcError::new(
+                    code::FRAME_TOO_LARGE,
+                    format!("frame too large ({e}); the limit is {MAX_FRAME} bytes"),
+                );
+                let _ = tx
+                    .send(frame(
+                        Encoding::Json,
+                        encode_response::<()>(Encoding::Json, None, &Err(err)),
+                    ))
+                    .await;
+                let close = CloseFrame {
+                    code: CloseCode::Size,
+                    reason: "frame too large".into(),
+                };
+                let _ = tx.send(Message::Close(Some(close))).await;
+                break Ok(());
+            }
+            Some(Err(e)) => break Err(e),
+        };
+        let split = match split_frame(encoding, &bytes) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = tx
+                    .send(frame(
+                        encoding,
+                        encode_response::<()>(encoding, None, &Err(e)),
+                    ))
+                    .await;
+                continue;
+            }
+        };
+        let (session, tx) = (session.clone(), tx.clone());
+        tokio::spawn(async move {
+            if split.batch {
+                let replies = futures_util::future::join_all(
+                    split
+                        .messages
+                        .into_iter()
+                        .map(|m| session.clone().handle(m)),
+                )
+                .await;
+                let replies: Vec<Vec<u8>> = replies.into_iter().flatten().collect();
+                if !replies.is_empty() {
+                    let _ = tx
+                        .send(frame(
+                            split.encoding,
+                            encode_batch(split.encoding, &replies),
+                        ))
+                        .await;
+                }
+            } else {
+                for m in split.messages {
+                    if let Some(reply) = session.clone().handle(m).await {
+                        let _ = tx.send(frame(split.encoding, reply)).await;
+                    }
+                }
+            }
+        });
+    };
+    session.close().await;
+    drop(tx);
+    let _ = writer.await;
+    result
+}

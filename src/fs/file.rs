@@ -1,0 +1,288 @@
+//! One open regular file: its content as this client sees it.
+//!
+//! Content = committed block map (fetched per segment, cached while the
+//! file's version is unchanged) + `pending` slots (uploaded, not yet
+//! committed) + `dirty` blocks (written, only here). Reads layer them in
+//! that order. A flush uploads dirty blocks and commits pending slots and
+//! the size in one `seg.commit`, which makes them visible to every client.
+//!
+//! Invariants: a dirty buffer holds the block's bytes from its start, at
+//! most `block_size` of them; bytes of a block past its buffer or slot
+//! length, and blocks with neither, read as zeros (holes).
+
+use super::error::{FsError, Result};
+use super::remote::Remote;
+use restfs_proto::methods::{SegmentCommit, SegmentCommitParams};
+use restfs_proto::{Attr, BlockSlot, Errno, Hash, Ino, Timespec};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::AtomicU32;
+
+/// Dirty blocks held in memory before full ones are uploaded early.
+const DIRTY_LIMIT: usize = 32;
+
+pub struct File {
+    pub ino: Ino,
+    pub state: tokio::sync::Mutex<FileData>,
+    /// Handles open on this file in this client.
+    pub handles: AtomicU32,
+}
+
+pub struct FileData {
+    pub attr: Attr,
+    dirty: BTreeMap<u64, Vec<u8>>,
+    pending: BTreeMap<u64, Option<(Hash, u32)>>,
+    map: HashMap<u64, (Hash, u32)>,
+    loaded: HashSet<u64>,
+    map_version: u64,
+    /// Size or content changed since the last commit.
+    pub changed: bool,
+}
+
+impl File {
+    pub fn new(attr: Attr) -> File {
+        File {
+            ino: attr.ino,
+            state: tokio::sync::Mutex::new(FileData {
+                attr,
+                dirty: BTreeMap::new(),
+                pending: BTreeMap::new(),
+                map: HashMap::new(),
+                loaded: HashSet::new(),
+                map_version: 0,
+                changed: false,
+            }),
+            handles: AtomicU32::new(0),
+        }
+    }
+}
+
+impl FileData {
+    /// Take fresh attributes from the server, keeping local size and mtime
+    /// while there are uncommitted changes.
+    pub fn refresh(&mut self, fresh: Attr) {
+        let (size, mtime) = (self.attr.size, self.attr.mtime);
+        self.attr = fresh;
+        if self.changed {
+            self.attr.size = size;
+            self.attr.mtime = mtime;
+        }
+    }
+
+    fn forget_map(&mut self) {
+        self.map.clear();
+        self.loaded.clear();
+        self.map_version = 0;
+    }
+
+    /// The committed or pending slot of block `idx`.
+    async fn slot(&mut self, r: &Remote, idx: u64) -> Result<Option<(Hash, u32)>> {
+        if let Some(p) = self.pending.get(&idx) {
+            return Ok(*p);
+        }
+        if self.map_version != self.attr.version {
+            self.forget_map();
+        }
+        let seg = idx / r.segment_blocks;
+        if !self.loaded.contains(&seg) {
+            let (version, refs) = r.segment(self.ino_of(), seg).await?;
+            if version != self.attr.version && !self.loaded.is_empty() {
+                self.forget_map();
+            }
+            self.attr.version = version;
+            self.map_version = version;
+            for b in refs {
+                self.map.insert(b.index, (b.hash, b.len));
+            }
+            self.loaded.insert(seg);
+        }
+        Ok(self.map.get(&idx).copied())
+    }
+
+    fn ino_of(&self) -> Ino {
+        self.attr.ino
+    }
+
+    /// The valid bytes of block `idx` as stored (committed or pending).
+    async fn stored_block(&mut self, r: &Remote, idx: u64) -> Result<Vec<u8>> {
+        match self.slot(r, idx).await? {
+            None => Ok(Vec::new()),
+            Some((hash, len)) => {
+                let data = r.block(hash).await?;
+                Ok(data[..(len as usize).min(data.len())].to_vec())
+            }
+        }
+    }
+
+    pub async fn read(&mut self, r: &Remote, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let end = self.attr.size.min(offset.saturating_add(size as u64));
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        let bs = r.block_size;
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        let mut pos = offset;
+        while pos < end {
+            let idx = pos / bs;
+            let (from, to) = ((pos % bs) as usize, ((end - idx * bs).min(bs)) as usize);
+            let stored;
+            let bytes: &[u8] = match self.dirty.get(&idx) {
+                Some(buf) => buf,
+                None => match self.slot(r, idx).await? {
+                    None => &[],
+                    Some((hash, len)) => {
+                        stored = r.block(hash).await?;
+                        &stored[..(len as usize).min(stored.len())]
+                    }
+                },
+            };
+            let avail = bytes.len().clamp(from, to);
+            if avail > from {
+                out.extend_from_slice(&bytes[from..avail]);
+            }
+            out.resize(out.len() + (to - avail), 0);
+            pos = idx * bs + to as u64;
+        }
+        Ok(out)
+    }
+
+    pub async fn write(&mut self, r: &Remote, offset: u64, data: &[u8]) -> Result<()> {
+        let bs = r.block_size;
+        let end = offset
+            .checked_add(data.len() as u64)
+            .ok_or_else(|| FsError::new(Errno::EFBIG, "write past the largest offset"))?;
+        if end > i64::MAX as u64 {
+            return Err(FsError::new(Errno::EFBIG, "write past the largest offset"));
+        }
+        let mut pos = offset;
+        while pos < end {
+            let idx = pos / bs;
+            let from = (pos % bs) as usize;
+            let to = ((end - idx * bs).min(bs)) as usize;
+            if !self.dirty.contains_key(&idx) {
+                let whole = from == 0 && to as u64 == bs;
+                let base = if whole {
+                    Vec::new()
+                } else {
+                    self.stored_block(r, idx).await?
+                };
+                self.dirty.insert(idx, base);
+            }
+            let buf = self.dirty.get_mut(&idx).expect("inserted above");
+            if buf.len() < to {
+                buf.resize(to, 0);
+            }
+            let src = (pos - offset) as usize;
+            buf[from..to].copy_from_slice(&data[src..src + (to - from)]);
+            pos = idx * bs + to as u64;
+        }
+        self.attr.size = self.attr.size.max(end);
+        let now = Timespec::now();
+        self.attr.mtime = now;
+        self.attr.ctime = now;
+        self.changed = true;
+        if self.dirty.len() > DIRTY_LIMIT {
+            self.upload_dirty(r, true).await?;
+        }
+        Ok(())
+    }
+
+    /// Upload dirty blocks (all but the last one when `keep_last`) into `pending`.
+    async fn upload_dirty(&mut self, r: &Remote, keep_last: bool) -> Result<()> {
+        let mut blocks = std::mem::take(&mut self.dirty);
+        if keep_last && let Some((idx, buf)) = blocks.pop_last() {
+            self.dirty.insert(idx, buf);
+        }
+        let (holes, data): (Vec<_>, Vec<_>) = blocks.into_iter().partition(|(_, b)| b.is_empty());
+        for (idx, _) in holes {
+            self.pending.insert(idx, None);
+        }
+        for (idx, hash, len) in r.upload(data).await? {
+            self.pending.insert(idx, Some((hash, len)));
+        }
+        Ok(())
+    }
+
+    /// Extend the size without writing (fallocate); the new range reads as zeros.
+    pub fn extend(&mut self, size: u64) {
+        if size > self.attr.size {
+            self.attr.size = size;
+            self.attr.ctime = Timespec::now();
+            self.changed = true;
+        }
+    }
+
+    /// Publish local changes: upload, then commit atomically. Returns whether
+    /// anything was committed.
+    pub async fn flush(&mut self, r: &Remote) -> Result<bool> {
+        if !self.changed {
+            return Ok(false);
+        }
+        self.upload_dirty(r, false).await?;
+        let size = self.attr.size;
+        let slots: Vec<BlockSlot> = self
+            .pending
+            .iter()
+            .filter(|(idx, _)| **idx * r.block_size < size)
+            .map(|(idx, b)| BlockSlot {
+                index: *idx,
+                block: *b,
+            })
+            .collect();
+        let params = SegmentCommitParams {
+            ino: self.attr.ino,
+            size,
+            slots,
+            mtime: Some(self.attr.mtime),
+        };
+        let before = self.attr.version;
+        let fresh = r.link.call::<SegmentCommit>(params).await.map_err(|e| {
+            if e.as_errno() == Errno::EAGAIN {
+                FsError::new(
+                    Errno::EIO,
+                    format!(
+                        "commit of inode {} lost blocks the server collected: {e}",
+                        self.attr.ino
+                    ),
+                )
+            } else {
+                e.into()
+            }
+        })?;
+        // Our commit is the only change since `before`: the map stays valid.
+        let map_still_valid = fresh.version == before + 1 && self.map_version == before;
+        for (idx, slot) in std::mem::take(&mut self.pending) {
+            match slot {
+                Some(s) if map_still_valid && idx * r.block_size < size => {
+                    self.map.insert(idx, s);
+                }
+                _ => {
+                    self.map.remove(&idx);
+                }
+            }
+        }
+        if map_still_valid {
+            self.map.retain(|idx, _| idx * r.block_size < size);
+            if size % r.block_size != 0
+                && let Some((_, len)) = self.map.get_mut(&(size / r.block_size))
+            {
+                *len = (*len).min((size % r.block_size) as u32);
+            }
+            self.map_version = fresh.version;
+        } else {
+            self.forget_map();
+        }
+        self.changed = false;
+        self.attr = fresh;
+        Ok(true)
+    }
+
+    /// After a server-side truncate: drop every cached slot.
+    pub fn truncated(&mut self, fresh: Attr) {
+        self.forget_map();
+        self.attr = fresh;
+    }
+
+    pub fn has_unflushed(&self) -> bool {
+        self.changed
+    }
+}

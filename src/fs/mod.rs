@@ -1,0 +1,511 @@
+//! The filesystem core: POSIX operations on inodes, async, with no FUSE
+//! types, so it can be driven by the FUSE adapter or by tests directly.
+//!
+//! Inode numbers are the server's. Namespace operations go to the server,
+//! which applies POSIX rules atomically. Regular-file content is handled by
+//! [`file::File`] (one per inode open in this client, shared by its
+//! handles). Durability follows DESIGN.md: `flush` (close) commits,
+//! `fsync` commits and waits until the server has it on disk.
+
+pub mod dir;
+pub mod error;
+pub mod file;
+pub mod remote;
+
+use crate::client::Link;
+use dir::DirSnapshot;
+pub use error::{FsError, Result};
+use file::File;
+use remote::Remote;
+use restfs_cache::BlockCache;
+use restfs_proto::methods::{self as m, *};
+use restfs_proto::{Attr, BucketInfo, Bytes, Errno, Ino, Kind, Name, SetTime};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// The caller of an operation.
+#[derive(Debug, Clone, Copy)]
+pub struct Ctx {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Attribute changes of a setattr.
+#[derive(Debug, Clone, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+}
+
+/// An open file or directory handle.
+#[derive(Debug, Clone, Copy)]
+pub struct Opened {
+    pub fh: u64,
+    /// The kernel's cached pages of this file are still current.
+    pub keep_cache: bool,
+}
+
+enum Handle {
+    File(Arc<File>),
+    Dir(Arc<DirSnapshot>),
+}
+
+pub struct Fs {
+    remote: Remote,
+    pub bucket: BucketInfo,
+    files: Mutex<HashMap<Ino, Arc<File>>>,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_fh: AtomicU64,
+    /// Version of each file's content last handed to the kernel's page cache.
+    page_versions: Mutex<HashMap<Ino, u64>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Fs {
+    /// A core over a link whose connection has mounted `bucket`.
+    pub fn new(link: Link, bucket: BucketInfo, cache_bytes: usize) -> Fs {
+        let remote = Remote {
+            link,
+            cache: BlockCache::new(cache_bytes),
+            block_size: bucket.block_size as u64,
+            segment_blocks: bucket.segment_blocks as u64,
+        };
+        Fs {
+            remote,
+            bucket,
+            files: Mutex::default(),
+            handles: Mutex::default(),
+            next_fh: AtomicU64::new(1),
+            page_versions: Mutex::default(),
+        }
+    }
+
+    pub fn link(&self) -> &Link {
+        &self.remote.link
+    }
+
+    fn open_file(&self, ino: Ino) -> Option<Arc<File>> {
+        lock(&self.files).get(&ino).cloned()
+    }
+
+    /// Attributes as this client sees them: local size and mtime win while
+    /// an open file has uncommitted changes.
+    async fn overlay(&self, attr: Attr) -> Attr {
+        match self.open_file(attr.ino) {
+            Some(f) => {
+                let mut st = f.state.lock().await;
+                st.refresh(attr);
+                st.attr.clone()
+            }
+            None => attr,
+        }
+    }
+
+    fn new_handle(&self, h: Handle) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        lock(&self.handles).insert(fh, h);
+        fh
+    }
+
+    fn file_handle(&self, fh: u64) -> Result<Arc<File>> {
+        match lock(&self.handles).get(&fh) {
+            Some(Handle::File(f)) => Ok(f.clone()),
+            _ => Err(FsError::new(
+                Errno::EBADF,
+                format!("no open file handle {fh}"),
+            )),
+        }
+    }
+
+    // --- namespace ---
+
+    pub async fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Attr> {
+        let attr = self
+            .link()
+            .call::<Lookup>(EntryParams {
+                parent,
+                name: Name::from(name),
+            })
+            .await?;
+        Ok(self.overlay(attr).await)
+    }
+
+    pub async fn getattr(&self, ino: Ino) -> Result<Attr> {
+        if let Some(f) = self.open_file(ino) {
+            let st = f.state.lock().await;
+            if st.has_unflushed() {
+                return Ok(st.attr.clone());
+            }
+        }
+        let attr = self.link().call::<GetAttr>(InoParams { ino }).await?;
+        Ok(self.overlay(attr).await)
+    }
+
+    pub async fn setattr(&self, ino: Ino, s: SetAttr) -> Result<Attr> {
+        let params = SetAttrParams {
+            ino,
+            mode: s.mode,
+            uid: s.uid,
+            gid: s.gid,
+            size: s.size,
+            atime: s.atime,
+            mtime: s.mtime,
+        };
+        match self.open_file(ino) {
+            Some(f) => {
+                // Commit first so a later commit cannot undo this change.
+                let mut st = f.state.lock().await;
+                st.flush(&self.remote).await?;
+                let fresh = self.link().call::<m::SetAttr>(params).await?;
+                if s.size.is_some() {
+                    st.truncated(fresh.clone());
+                } else {
+                    st.refresh(fresh.clone());
+                }
+                Ok(fresh)
+            }
+            None => Ok(self.link().call::<m::SetAttr>(params).await?),
+        }
+    }
+
+    pub async fn mknod(
+        &self,
+        ctx: Ctx,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        rdev: u32,
+    ) -> Result<Attr> {
+        let kind = Kind::from_mode(mode).unwrap_or(Kind::File);
+        if matches!(kind, Kind::Dir | Kind::Symlink) {
+            return Err(FsError::new(
+                Errno::EINVAL,
+                "mknod cannot make directories or symlinks",
+            ));
+        }
+        let p = NewNodeParams {
+            parent,
+            name: Name::from(name),
+            kind,
+            mode: mode & 0o7777,
+            uid: ctx.uid,
+            gid: ctx.gid,
+            rdev,
+        };
+        Ok(self.link().call::<Mknod>(p).await?)
+    }
+
+    pub async fn mkdir(&self, ctx: Ctx, parent: Ino, name: &[u8], mode: u32) -> Result<Attr> {
+        let p = NewNodeParams {
+            parent,
+            name: Name::from(name),
+            kind: Kind::Dir,
+            mode: mode & 0o7777,
+            uid: ctx.uid,
+            gid: ctx.gid,
+            rdev: 0,
+        };
+        Ok(self.link().call::<Mkdir>(p).await?)
+    }
+
+    pub async fn symlink(&self, ctx: Ctx, parent: Ino, name: &[u8], target: &[u8]) -> Result<Attr> {
+        let p = SymlinkParams {
+            parent,
+            name: Name::from(name),
+            target: Name::from(target),
+            uid: ctx.uid,
+            gid: ctx.gid,
+        };
+        Ok(self.link().call::<Symlink>(p).await?)
+    }
+
+    pub async fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
+        Ok(self
+            .link()
+            .call::<Readlink>(InoParams { ino })
+            .await?
+            .target
+            .0)
+    }
+
+    pub async fn link_node(&self, ino: Ino, parent: Ino, name: &[u8]) -> Result<Attr> {
+        let attr = self
+            .link()
+            .call::<m::Link>(LinkParams {
+                ino,
+                parent,
+                name: Name::from(name),
+            })
+            .await?;
+        Ok(self.overlay(attr).await)
+    }
+
+    pub async fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        self.link()
+            .call::<Unlink>(EntryParams {
+                parent,
+                name: Name::from(name),
+            })
+            .await?;
+        Ok(())
+    }
+
+    pub async fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        self.link()
+            .call::<Rmdir>(EntryParams {
+                parent,
+                name: Name::from(name),
+            })
+            .await?;
+        Ok(())
+    }
+
+    pub async fn rename(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        new_parent: Ino,
+        new_name: &[u8],
+        noreplace: bool,
+        exchange: bool,
+    ) -> Result<()> {
+        let p = RenameParams {
+            parent,
+            name: Name::from(name),
+            new_parent,
+            new_name: Name::from(new_name),
+            noreplace,
+            exchange,
+        };
+        self.link().call::<Rename>(p).await?;
+        Ok(())
+    }
+
+    // --- files ---
+
+    /// Track `attr` as open and make a handle for it.
+    fn attach(&self, attr: Attr) -> (Arc<File>, u64) {
+        let file = lock(&self.files)
+            .entry(attr.ino)
+            .or_insert_with(|| Arc::new(File::new(attr)))
+            .clone();
+        file.handles.fetch_add(1, Ordering::AcqRel);
+        let fh = self.new_handle(Handle::File(file.clone()));
+        (file, fh)
+    }
+
+    /// Should the kernel keep its cached pages of this file?
+    fn keep_cache(&self, attr: &Attr) -> bool {
+        lock(&self.page_versions).insert(attr.ino, attr.version) == Some(attr.version)
+    }
+
+    pub async fn create(
+        &self,
+        ctx: Ctx,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+    ) -> Result<(Attr, Opened)> {
+        let p = CreateParams {
+            parent,
+            name: Name::from(name),
+            mode: mode & 0o7777,
+            uid: ctx.uid,
+            gid: ctx.gid,
+        };
+        let attr = self.link().call::<Create>(p).await?;
+        let keep_cache = self.keep_cache(&attr);
+        let (_, fh) = self.attach(attr.clone());
+        Ok((attr, Opened { fh, keep_cache }))
+    }
+
+    /// Open a file: fetch fresh attributes (close-to-open) and register the
+    /// open with the server, which keeps an unlinked file alive until release.
+    pub async fn open(&self, ino: Ino) -> Result<Opened> {
+        let fresh = self.link().call::<Open>(InoParams { ino }).await?;
+        if fresh.kind == Kind::Dir {
+            return Err(FsError::new(Errno::EISDIR, "open of a directory as a file"));
+        }
+        let keep_cache = self.keep_cache(&fresh);
+        let (file, fh) = self.attach(fresh.clone());
+        file.state.lock().await.refresh(fresh);
+        Ok(Opened { fh, keep_cache })
+    }
+
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let file = self.file_handle(fh)?;
+        let mut st = file.state.lock().await;
+        st.read(&self.remote, offset, size).await
+    }
+
+    pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        let file = self.file_handle(fh)?;
+        let mut st = file.state.lock().await;
+        st.write(&self.remote, offset, data).await?;
+        Ok(data.len() as u32)
+    }
+
+    /// Commit this file's changes (close-to-open: visible to all after this).
+    pub async fn flush(&self, fh: u64) -> Result<()> {
+        let file = self.file_handle(fh)?;
+        let mut st = file.state.lock().await;
+        if st.flush(&self.remote).await? {
+            lock(&self.page_versions).insert(file.ino, st.attr.version);
+        }
+        Ok(())
+    }
+
+    /// Commit and wait until the server has it on disk.
+    pub async fn fsync(&self, fh: u64) -> Result<()> {
+        self.flush(fh).await?;
+        self.link().call::<Sync>(Empty {}).await?;
+        Ok(())
+    }
+
+    pub async fn release(&self, fh: u64) -> Result<()> {
+        let handle = lock(&self.handles).remove(&fh);
+        let Some(Handle::File(file)) = handle else {
+            return Err(FsError::new(
+                Errno::EBADF,
+                format!("no open file handle {fh}"),
+            ));
+        };
+        let flushed = {
+            let mut st = file.state.lock().await;
+            let r = st.flush(&self.remote).await;
+            if r.as_ref().is_ok_and(|c| *c) {
+                lock(&self.page_versions).insert(file.ino, st.attr.version);
+            }
+            r
+        };
+        if file.handles.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let mut files = lock(&self.files);
+            if files
+                .get(&file.ino)
+                .is_some_and(|f| Arc::ptr_eq(f, &file) && f.handles.load(Ordering::Acquire) == 0)
+            {
+                files.remove(&file.ino);
+            }
+        }
+        self.link()
+            .notify::<Release>(InoParams { ino: file.ino })
+            .await?;
+        flushed.map(|_| ())
+    }
+
+    /// fallocate: mode 0 extends the size; KEEP_SIZE is accepted as is.
+    pub async fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
+        let file = self.file_handle(fh)?;
+        if mode & !libc::FALLOC_FL_KEEP_SIZE != 0 {
+            return Err(FsError::new(
+                Errno::EOPNOTSUPP,
+                format!("fallocate mode {mode:#x}"),
+            ));
+        }
+        let end = offset
+            .checked_add(length)
+            .filter(|e| *e <= i64::MAX as u64)
+            .ok_or_else(|| FsError::new(Errno::EFBIG, "fallocate past the largest offset"))?;
+        if mode & libc::FALLOC_FL_KEEP_SIZE == 0 {
+            let mut st = file.state.lock().await;
+            st.extend(end);
+            st.flush(&self.remote).await?;
+        }
+        Ok(())
+    }
+
+    /// Commit every open file (before unmounting).
+    pub async fn flush_all(&self) -> Result<()> {
+        let files: Vec<Arc<File>> = lock(&self.files).values().cloned().collect();
+        for file in files {
+            file.state.lock().await.flush(&self.remote).await?;
+        }
+        Ok(())
+    }
+
+    // --- directories ---
+
+    pub async fn opendir(&self, ino: Ino) -> Result<u64> {
+        let snapshot = DirSnapshot::fetch(self.link(), ino).await?;
+        Ok(self.new_handle(Handle::Dir(Arc::new(snapshot))))
+    }
+
+    /// The snapshot behind a directory handle.
+    pub fn dir(&self, fh: u64) -> Result<Arc<DirSnapshot>> {
+        match lock(&self.handles).get(&fh) {
+            Some(Handle::Dir(d)) => Ok(d.clone()),
+            _ => Err(FsError::new(
+                Errno::EBADF,
+                format!("no open directory handle {fh}"),
+            )),
+        }
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        lock(&self.handles).remove(&fh);
+    }
+
+    // --- xattrs, statfs ---
+
+    pub async fn setxattr(
+        &self,
+        ino: Ino,
+        name: &[u8],
+        value: &[u8],
+        mode: XattrMode,
+    ) -> Result<()> {
+        let p = SetXattrParams {
+            ino,
+            name: Name::from(name),
+            value: Bytes(value.to_vec()),
+            mode,
+        };
+        self.link().call::<SetXattr>(p).await?;
+        Ok(())
+    }
+
+    pub async fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
+        Ok(self
+            .link()
+            .call::<GetXattr>(XattrParams {
+                ino,
+                name: Name::from(name),
+            })
+            .await?
+            .value
+            .0)
+    }
+
+    pub async fn listxattr(&self, ino: Ino) -> Result<Vec<Vec<u8>>> {
+        Ok(self
+            .link()
+            .call::<ListXattr>(InoParams { ino })
+            .await?
+            .names
+            .into_iter()
+            .map(|n| n.0)
+            .collect())
+    }
+
+    pub async fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
+        self.link()
+            .call::<RemoveXattr>(XattrParams {
+                ino,
+                name: Name::from(name),
+            })
+            .await?;
+        Ok(())
+    }
+
+    pub async fn statfs(&self) -> Result<StatfsResult> {
+        Ok(self.link().call::<Statfs>(Empty {}).await?)
+    }
+}

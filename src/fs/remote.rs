@@ -1,0 +1,122 @@
+//! Data movement between the core and the server: fetching blocks (through
+//! the block cache, hash-checked) and block maps, and uploading blocks
+//! (hash, batched `has`, then `put` of only the missing ones).
+
+use super::error::{FsError, Result};
+use restfs_cache::BlockCache;
+use restfs_proto::methods::{
+    BlockData, BlockGet, BlockGetParams, BlockHas, BlockHasParams, BlockPut, BlockPutParams,
+    SegmentGet, SegmentGetParams,
+};
+use restfs_proto::{BlockRef, Bytes, Errno, Hash, Ino};
+use std::sync::Arc;
+
+use crate::client::Link;
+
+/// Most bytes sent in one `block.put` call.
+const PUT_BATCH_BYTES: usize = 8 << 20;
+
+pub struct Remote {
+    pub link: Link,
+    pub cache: BlockCache,
+    pub block_size: u64,
+    pub segment_blocks: u64,
+}
+
+/// An uploaded block: its slot index, address and length.
+pub type Uploaded = (u64, Hash, u32);
+
+impl Remote {
+    /// A block's bytes, from the cache or the server; verified against its hash.
+    pub async fn block(&self, hash: Hash) -> Result<Arc<Vec<u8>>> {
+        if let Some(data) = self.cache.get(&hash) {
+            return Ok(data);
+        }
+        let data = self
+            .link
+            .call::<BlockGet>(BlockGetParams { hash })
+            .await?
+            .data
+            .0;
+        let check = data.clone();
+        let ok = tokio::task::spawn_blocking(move || Hash::of(&check) == hash)
+            .await
+            .unwrap_or(false);
+        if !ok {
+            return Err(FsError::new(
+                Errno::EIO,
+                format!("block {hash} arrived corrupt"),
+            ));
+        }
+        let data = Arc::new(data);
+        self.cache.insert(hash, data.clone());
+        Ok(data)
+    }
+
+    /// The block map of one segment of a file, and the file's version.
+    pub async fn segment(&self, ino: Ino, segment: u64) -> Result<(u64, Vec<BlockRef>)> {
+        let r = self
+            .link
+            .call::<SegmentGet>(SegmentGetParams { ino, segment })
+            .await?;
+        Ok((r.version, r.blocks))
+    }
+
+    /// Hash and upload blocks; only those the server lacks travel.
+    pub async fn upload(&self, blocks: Vec<(u64, Vec<u8>)>) -> Result<Vec<Uploaded>> {
+        if blocks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let hashed = tokio::task::spawn_blocking(move || {
+            blocks
+                .into_iter()
+                .map(|(i, d)| (i, Hash::of(&d), d))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| FsError::new(Errno::EIO, format!("hashing failed: {e}")))?;
+        let present = self
+            .link
+            .call::<BlockHas>(BlockHasParams {
+                hashes: hashed.iter().map(|(_, h, _)| *h).collect(),
+            })
+            .await?
+            .present;
+        if present.len() != hashed.len() {
+            return Err(FsError::new(
+                Errno::EIO,
+                "server answered block.has with the wrong count",
+            ));
+        }
+        let mut out = Vec::with_capacity(hashed.len());
+        let mut batch: Vec<BlockData> = Vec::new();
+        let mut batch_bytes = 0;
+        for ((index, hash, data), there) in hashed.into_iter().zip(present) {
+            out.push((index, hash, data.len() as u32));
+            if there || batch.iter().any(|b| b.hash == hash) {
+                continue;
+            }
+            let data = Arc::new(data);
+            self.cache.insert(hash, data.clone());
+            batch_bytes += data.len();
+            batch.push(BlockData {
+                hash,
+                data: Bytes(Arc::unwrap_or_clone(data)),
+            });
+            if batch_bytes >= PUT_BATCH_BYTES {
+                self.link
+                    .call::<BlockPut>(BlockPutParams {
+                        blocks: std::mem::take(&mut batch),
+                    })
+                    .await?;
+                batch_bytes = 0;
+            }
+        }
+        if !batch.is_empty() {
+            self.link
+                .call::<BlockPut>(BlockPutParams { blocks: batch })
+                .await?;
+        }
+        Ok(out)
+    }
+}

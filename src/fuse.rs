@@ -1,0 +1,644 @@
+//! The thin fuser adapter: one kernel request in, one core call, one reply
+//! out. Each request runs as a task on the tokio runtime so the fuser
+//! threads never wait on the network. Errno mapping is [`reply_error`].
+
+use crate::fs::{Ctx, Fs, FsError, SetAttr};
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use restfs_proto::methods::XattrMode;
+use restfs_proto::{Attr, Kind, SetTime, Timespec};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::runtime::Handle;
+
+/// How long the kernel may trust attributes and entries without asking.
+const TTL: Duration = Duration::from_secs(1);
+
+pub struct FuseAdapter {
+    fs: Arc<Fs>,
+    rt: Handle,
+    blksize: u32,
+}
+
+impl FuseAdapter {
+    pub fn new(fs: Arc<Fs>, rt: Handle) -> FuseAdapter {
+        let blksize = fs.bucket.block_size;
+        FuseAdapter { fs, rt, blksize }
+    }
+
+    /// Run `job` on the runtime with a clone of the core.
+    fn run<F, Fut>(&self, job: F)
+    where
+        F: FnOnce(Arc<Fs>, u32) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.rt.spawn(job(self.fs.clone(), self.blksize));
+    }
+}
+
+fn file_type(k: Kind) -> FileType {
+    match k {
+        Kind::File => FileType::RegularFile,
+        Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::Socket => FileType::Socket,
+        Kind::CharDev => FileType::CharDevice,
+        Kind::BlockDev => FileType::BlockDevice,
+    }
+}
+
+fn file_attr(a: &Attr, blksize: u32) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: a.atime.to_system_time(),
+        mtime: a.mtime.to_system_time(),
+        ctime: a.ctime.to_system_time(),
+        crtime: a.ctime.to_system_time(),
+        kind: file_type(a.kind),
+        perm: a.mode as u16,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
+        blksize,
+        flags: 0,
+    }
+}
+
+fn errno(e: &FsError) -> Errno {
+    if e.errno.0 == libc::EIO {
+        tracing::warn!("I/O error: {e}");
+    } else {
+        tracing::debug!("{e}");
+    }
+    Errno::from_i32(e.errno.0)
+}
+
+/// Reply with the errno of `e`.
+macro_rules! reply_error {
+    ($reply:expr, $e:expr) => {
+        $reply.error(errno(&$e))
+    };
+}
+
+fn ctx(req: &Request) -> Ctx {
+    Ctx {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
+fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
+    t.map(|t| match t {
+        TimeOrNow::Now => SetTime::Now,
+        TimeOrNow::SpecificTime(st) => SetTime::At(Timespec::from(st)),
+    })
+}
+
+fn bytes(name: &OsStr) -> Vec<u8> {
+    name.as_bytes().to_vec()
+}
+
+fn entry(reply: ReplyEntry, r: crate::fs::Result<Attr>, blksize: u32) {
+    match r {
+        Ok(a) => reply.entry(&TTL, &file_attr(&a, blksize), Generation(0)),
+        Err(e) => reply_error!(reply, e),
+    }
+}
+
+fn empty(reply: ReplyEmpty, r: crate::fs::Result<()>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply_error!(reply, e),
+    }
+}
+
+impl Filesystem for FuseAdapter {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Capabilities one at a time: one unsupported bit would reject a set.
+        for cap in [
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_ASYNC_DIO,
+        ] {
+            if let Err(missing) = config.add_capabilities(cap) {
+                tracing::debug!("kernel lacks {missing:?}");
+            }
+        }
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_background(64);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let name = bytes(name);
+        self.run(|fs, bs| async move { entry(reply, fs.lookup(parent.0, &name).await, bs) });
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.run(|fs, bs| async move {
+            match fs.getattr(ino.0).await {
+                Ok(a) => reply.attr(&TTL, &file_attr(&a, bs)),
+                Err(e) => reply_error!(reply, e),
+            }
+        });
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let s = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: set_time(atime),
+            mtime: set_time(mtime),
+        };
+        self.run(|fs, bs| async move {
+            match fs.setattr(ino.0, s).await {
+                Ok(a) => reply.attr(&TTL, &file_attr(&a, bs)),
+                Err(e) => reply_error!(reply, e),
+            }
+        });
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.run(|fs, _| async move {
+            match fs.readlink(ino.0).await {
+                Ok(t) => reply.data(&t),
+                Err(e) => reply_error!(reply, e),
+            }
+        });
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let (c, name) = (ctx(req), bytes(name));
+        self.run(|fs, bs| async move {
+            entry(reply, fs.mknod(c, parent.0, &name, mode, rdev).await, bs)
+        });
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let (c, name) = (ctx(req), bytes(name));
+        self.run(
+            |fs, bs| async move { entry(reply, fs.mkdir(c, parent.0, &name, mode).await, bs) },
+        );
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = bytes(name);
+        self.run(|fs, _| async move { empty(reply, fs.unlink(parent.0, &name).await) });
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = bytes(name);
+        self.run(|fs, _| async move { empty(reply, fs.rmdir(parent.0, &name).await) });
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let (c, name, target) = (ctx(req), bytes(link_name), bytes(target.as_os_str()));
+        self.run(|fs, bs| async move {
+            entry(reply, fs.symlink(c, parent.0, &name, &target).await, bs)
+        });
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        if flags.contains(RenameFlags::RENAME_WHITEOUT) {
+            return reply.error(Errno::EINVAL);
+        }
+        let (name, newname) = (bytes(name), bytes(newname));
+        let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
+        let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
+        self.run(|fs, _| async move {
+            empty(
+                reply,
+                fs.rename(parent.0, &name, newparent.0, &newname, noreplace, exchange)
+                    .await,
+            )
+        });
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let name = bytes(newname);
+        self.run(|fs, bs| async move {
+            entry(reply, fs.link_node(ino.0, newparent.0, &name).await, bs)
+        });
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.run(|fs, _| async move {
+            match fs.open(ino.0).await {
+                Ok(o) => reply.opened(
+                    FileHandle(o.fh),
+                    if o.keep_cache {
+                        FopenFlags::FOPEN_KEEP_CACHE
+                    } else {
+                        FopenFlags::empty()
+                    },
+                ),
+                Err(e) => reply_error!(reply, e),
+            }
+        });
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.run(|fs, _| async move {
+            match fs.read(fh.0, offset, size).await {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply_error!(reply, e),
+            }
+        });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let data = data.to_vec();
+        self.run(|fs, _| async move {
+            match fs.write(fh.0, offset, &data).await {
+                Ok(n) => reply.written(n),
+                Err(e) => reply_error!(reply, e),
+            }
+        });
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        self.run(|fs, _| async move { empty(reply, fs.flush(fh.0).await) });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.run(|fs, _| async move { empty(reply, fs.release(fh.0).await) });
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.run(|fs, _| async move { empty(reply, fs.fsync(fh.0).await) });
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.run(|fs, _| async move {
+            match fs.opendir(ino.0).await {
+                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Err(e) => reply_error!(reply, e),
+            }
+        });
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let dir = match self.fs.dir(fh.0) {
+            Ok(d) => d,
+            Err(e) => return reply_error!(reply, e),
+        };
+        let dots = [
+            (dir.ino, FileType::Directory, &b"."[..]),
+            (dir.parent, FileType::Directory, &b".."[..]),
+        ];
+        let listing = dots.into_iter().chain(
+            dir.entries
+                .iter()
+                .map(|e| (e.attr.ino, file_type(e.attr.kind), e.name.as_bytes())),
+        );
+        for (i, (ino, kind, name)) in listing.enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(ino), i as u64 + 1, kind, OsStr::from_bytes(name)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let dir = match self.fs.dir(fh.0) {
+            Ok(d) => d,
+            Err(e) => return reply_error!(reply, e),
+        };
+        // The kernel ignores the attributes of `.` and `..`; only their inode matters.
+        let dot = |ino| Attr {
+            ino,
+            kind: Kind::Dir,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            nlink: 2,
+            size: 0,
+            atime: Timespec::default(),
+            mtime: Timespec::default(),
+            ctime: Timespec::default(),
+            rdev: 0,
+            version: 0,
+        };
+        let dots = [
+            (dot(dir.ino), &b"."[..], Duration::ZERO),
+            (dot(dir.parent), &b".."[..], Duration::ZERO),
+        ];
+        let listing = dots.into_iter().chain(
+            dir.entries
+                .iter()
+                .map(|e| (e.attr.clone(), e.name.as_bytes(), TTL)),
+        );
+        for (i, (attr, name, ttl)) in listing.enumerate().skip(offset as usize) {
+            if reply.add(
+                INodeNo(attr.ino),
+                i as u64 + 1,
+                OsStr::from_bytes(name),
+                &ttl,
+                &file_attr(&attr, self.blksize),
+                Generation(0),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.releasedir(fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // Namespace changes are committed when made; this waits until they are on disk.
+        self.run(|fs, _| async move {
+            let r = fs
+                .link()
+                .call::<restfs_proto::methods::Sync>(restfs_proto::methods::Empty {})
+                .await
+                .map(|_| ())
+                .map_err(FsError::from);
+            empty(reply, r)
+        });
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        self.run(|fs, _| async move {
+            match fs.statfs().await {
+                Ok(s) => reply.statfs(
+                    s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize,
+                ),
+                Err(e) => reply_error!(reply, e),
+            }
+        });
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let mode = match flags {
+            0 => XattrMode::Any,
+            libc::XATTR_CREATE => XattrMode::Create,
+            libc::XATTR_REPLACE => XattrMode::Replace,
+            _ => return reply.error(Errno::EINVAL),
+        };
+        let (name, value) = (bytes(name), value.to_vec());
+        self.run(
+            |fs, _| async move { empty(reply, fs.setxattr(ino.0, &name, &value, mode).await) },
+        );
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let name = bytes(name);
+        self.run(|fs, _| async move {
+            match fs.getxattr(ino.0, &name).await {
+                Ok(v) if size == 0 => reply.size(v.len() as u32),
+                Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
+                Ok(v) => reply.data(&v),
+                Err(e) => reply_error!(reply, e),
+            }
+        });
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.run(|fs, _| async move {
+            match fs.listxattr(ino.0).await {
+                Ok(names) => {
+                    let mut buf = Vec::new();
+                    for n in names {
+                        buf.extend_from_slice(&n);
+                        buf.push(0);
+                    }
+                    if size == 0 {
+                        reply.size(buf.len() as u32)
+                    } else if buf.len() > size as usize {
+                        reply.error(Errno::ERANGE)
+                    } else {
+                        reply.data(&buf)
+                    }
+                }
+                Err(e) => reply_error!(reply, e),
+            }
+        });
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = bytes(name);
+        self.run(|fs, _| async move { empty(reply, fs.removexattr(ino.0, &name).await) });
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // The kernel checks permissions itself (default_permissions).
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let (c, name) = (ctx(req), bytes(name));
+        self.run(|fs, bs| async move {
+            match fs.create(c, parent.0, &name, mode).await {
+                Ok((a, o)) => {
+                    let flags = if o.keep_cache {
+                        FopenFlags::FOPEN_KEEP_CACHE
+                    } else {
+                        FopenFlags::empty()
+                    };
+                    reply.created(
+                        &TTL,
+                        &file_attr(&a, bs),
+                        Generation(0),
+                        FileHandle(o.fh),
+                        flags,
+                    )
+                }
+                Err(e) => reply_error!(reply, e),
+            }
+        });
+    }
+
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        reply.error(Errno::ENOTTY);
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        self.run(
+            |fs, _| async move { empty(reply, fs.fallocate(fh.0, offset, length, mode).await) },
+        );
+    }
+}

@@ -1,0 +1,503 @@
+//! `mount.restfs`: argument and option parsing (mount(8) conventions) and
+//! the mount lifecycle.
+//!
+//! Lifecycle: parse → (unless `-f`) fork before any runtime exists, the
+//! parent waiting on a readiness pipe → connect and mount the bucket →
+//! lock the cache directory → mount FUSE → report readiness → serve until
+//! unmounted. SIGTERM/SIGINT commit open files, then unmount (lazily, so a
+//! busy mount cannot hang us) and exit 0.
+
+use crate::client::{Link, ServerUrl};
+use crate::fs::Fs;
+use crate::fuse::FuseAdapter;
+use crate::kernel_mount::{self, KernelMount};
+use restfs_proto::methods::{BucketMount, BucketName};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Bytes of blocks the in-memory block cache keeps.
+const MEMORY_CACHE_BYTES: usize = 256 << 20;
+
+/// Mount options (`-o`).
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub cache_dir: Option<PathBuf>,
+    pub allow_other: bool,
+    pub read_only: bool,
+    pub debug: bool,
+    pub mount_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            cache_dir: None,
+            allow_other: false,
+            read_only: false,
+            debug: false,
+            mount_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Generic mount(8)/fstab options that are ours to accept and ignore.
+const IGNORED: &[&str] = &[
+    "rw",
+    "defaults",
+    "auto",
+    "noauto",
+    "user",
+    "nouser",
+    "users",
+    "_netdev",
+    "nofail",
+    "noatime",
+    "atime",
+    "relatime",
+    "strictatime",
+    "nodiratime",
+    "dev",
+    "nodev",
+    "suid",
+    "nosuid",
+    "exec",
+    "noexec",
+    "async",
+    "default_permissions",
+];
+
+impl Options {
+    /// Apply one comma-separated `-o` list.
+    pub fn apply(&mut self, list: &str) -> Result<(), String> {
+        for opt in list.split(',').filter(|o| !o.is_empty()) {
+            let (key, value) = match opt.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (opt, None),
+            };
+            let need = || {
+                value
+                    .filter(|v| !v.is_empty())
+                    .ok_or_else(|| format!("option {key} needs a value ({key}=...)"))
+            };
+            match key {
+                "cache_dir" => self.cache_dir = Some(PathBuf::from(need()?)),
+                "allow_other" => self.allow_other = true,
+                "ro" => self.read_only = true,
+                "debug" => self.debug = true,
+                "mount_timeout" => {
+                    let secs: u64 = need()?.parse().map_err(|_| {
+                        format!("mount_timeout must be whole seconds, not {value:?}")
+                    })?;
+                    self.mount_timeout = Duration::from_secs(secs.max(1));
+                }
+                k if IGNORED.contains(&k)
+                    || k.starts_with("x-systemd.")
+                    || k.starts_with("x-")
+                    || k.starts_with("comment=") => {}
+                _ => return Err(format!("unknown mount option {opt:?}")),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A parsed `mount.restfs SOURCE MOUNTPOINT [-o OPTIONS] [-f] [-s] [-n] [-v]`.
+#[derive(Debug, Clone)]
+pub struct MountArgs {
+    pub source: ServerUrl,
+    pub bucket: String,
+    pub mountpoint: PathBuf,
+    pub options: Options,
+    pub foreground: bool,
+}
+
+pub const USAGE: &str =
+    "usage: mount.restfs ws://HOST:PORT/BUCKET MOUNTPOINT [-o OPTION[,OPTION...]] [-f]
+
+  -f                 stay in the foreground until unmounted (logs to stderr)
+  -o cache_dir=DIR   local cache directory (one per mount; default under ~/.cache/restfs)
+  -o allow_other     let other users use the mount (permissions still apply)
+  -o ro              mount read-only
+  -o debug           verbose logging
+  -o mount_timeout=S give up mounting after S seconds (default 30)
+  -s -n -v           accepted for mount(8) compatibility";
+
+pub fn parse_args(args: &[String]) -> Result<MountArgs, String> {
+    let mut positional = Vec::new();
+    let mut options = Options::default();
+    let mut foreground = false;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "-h" | "--help" => return Err(USAGE.to_string()),
+            "-f" => foreground = true,
+            "-s" | "-n" | "-v" => {}
+            "-o" => options.apply(it.next().ok_or("-o needs an option list")?)?,
+            s if s.starts_with("-o") => options.apply(&s[2..])?,
+            s if s.starts_with('-') && s.len() > 1 => {
+                return Err(format!("unknown flag {s}\n{USAGE}"));
+            }
+            _ => positional.push(a.clone()),
+        }
+    }
+    let [source, mountpoint] = positional.as_slice() else {
+        return Err(format!("expected SOURCE and MOUNTPOINT\n{USAGE}"));
+    };
+    let source = ServerUrl::parse(source)?;
+    let bucket = source
+        .bucket
+        .clone()
+        .ok_or_else(|| format!("{source} names no bucket: use ws://HOST:PORT/BUCKET"))?;
+    let mountpoint = std::path::absolute(mountpoint)
+        .map_err(|e| format!("bad mountpoint {mountpoint:?}: {e}"))?;
+    Ok(MountArgs {
+        source,
+        bucket,
+        mountpoint,
+        options,
+        foreground,
+    })
+}
+
+fn default_cache_dir(args: &MountArgs) -> PathBuf {
+    let base = dirs::cache_dir()
+        .unwrap_or_else(std::env::temp_dir)
+        .join("restfs");
+    let tag: String = format!("{}_{}", args.source.authority, args.bucket)
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    base.join(tag)
+}
+
+/// Hold an exclusive lock on the cache directory for the life of the mount.
+fn lock_cache_dir(dir: &Path) -> Result<File, String> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| format!("cannot create cache directory {}: {e}", dir.display()))?;
+    let lock = File::create(dir.join("lock"))
+        .map_err(|e| format!("cannot open {}/lock: {e}", dir.display()))?;
+    // SAFETY: flock on a valid, owned descriptor.
+    if unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&lock),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    } != 0
+    {
+        return Err(format!(
+            "cache directory {} is in use by another mount; give each mount its own -o cache_dir",
+            dir.display()
+        ));
+    }
+    Ok(lock)
+}
+
+/// If `path` is a dead FUSE mount ("Transport endpoint is not connected"),
+/// detach it so it can be mounted again.
+fn clear_stale_mount(path: &Path) {
+    if let Err(e) = std::fs::metadata(path)
+        && e.raw_os_error() == Some(libc::ENOTCONN)
+    {
+        tracing::warn!("{} is a stale mount; detaching it", path.display());
+        let _ = lazy_unmount(path);
+    }
+}
+
+/// `umount2(path, MNT_DETACH)`.
+pub fn lazy_unmount(path: &Path) -> std::io::Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: valid C string.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn init_logging(args: &MountArgs, log_file: Option<File>) {
+    let level = if args.options.debug { "debug" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RESTFS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},fuser=warn")));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match log_file {
+        Some(f) => builder
+            .with_ansi(false)
+            .with_writer(std::sync::Mutex::new(f))
+            .init(),
+        None => builder.with_writer(std::io::stderr).init(),
+    }
+}
+
+/// Run `mount.restfs`; returns the process exit code.
+pub fn main(args: &[String]) -> i32 {
+    let args = match parse_args(args) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("mount.restfs: {e}");
+            return 1;
+        }
+    };
+    if args.foreground {
+        init_logging(&args, None);
+        return match serve(&args, &mut None) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("mount.restfs: {e}");
+                1
+            }
+        };
+    }
+    daemonize(args)
+}
+
+/// Fork; the child mounts and reports through a pipe, the parent waits.
+fn daemonize(args: MountArgs) -> i32 {
+    let mut fds = [0; 2];
+    // SAFETY: pipe writes two descriptors into `fds`.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        eprintln!("mount.restfs: pipe: {}", std::io::Error::last_os_error());
+        return 1;
+    }
+    // SAFETY: both descriptors were just created and are owned here only.
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: no threads exist yet (no runtime was started), so fork is safe.
+    match unsafe { libc::fork() } {
+        -1 => {
+            eprintln!("mount.restfs: fork: {}", std::io::Error::last_os_error());
+            1
+        }
+        0 => {
+            drop(read_end);
+            // SAFETY: plain syscalls in the fresh child.
+            unsafe { libc::setsid() };
+            let cache_dir = args
+                .options
+                .cache_dir
+                .clone()
+                .unwrap_or_else(|| default_cache_dir(&args));
+            let _ = std::fs::create_dir_all(&cache_dir);
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(cache_dir.join("mount.log"))
+                .ok();
+            redirect_stdio();
+            init_logging(&args, log);
+            let mut ready = Some(File::from(write_end));
+            match serve(&args, &mut ready) {
+                Ok(()) => 0,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    if let Some(mut ready) = ready {
+                        let _ = ready.write_all(format!("ERR {e}").as_bytes());
+                    }
+                    1
+                }
+            }
+        }
+        child => {
+            drop(write_end);
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let mut msg = String::new();
+                let _ = File::from(read_end).read_to_string(&mut msg);
+                let _ = tx.send(msg);
+            });
+            // The child enforces mount_timeout itself; this is a backstop.
+            let msg = match rx.recv_timeout(args.options.mount_timeout + Duration::from_secs(5)) {
+                Ok(msg) if msg == "OK" => return 0,
+                Ok(msg) => msg
+                    .strip_prefix("ERR ")
+                    .unwrap_or("the mount daemon exited without reporting")
+                    .to_string(),
+                Err(_) => {
+                    // SAFETY: signal our own child.
+                    unsafe { libc::kill(child, libc::SIGKILL) };
+                    format!(
+                        "mount did not complete within {:?}",
+                        args.options.mount_timeout
+                    )
+                }
+            };
+            eprintln!("mount.restfs: {msg}");
+            let mut status = 0;
+            // SAFETY: reap our own child.
+            unsafe { libc::waitpid(child, &mut status, 0) };
+            1
+        }
+    }
+}
+
+fn redirect_stdio() {
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&null);
+        // SAFETY: dup2 onto the standard descriptors.
+        unsafe {
+            libc::dup2(fd, 0);
+            libc::dup2(fd, 1);
+            libc::dup2(fd, 2);
+        }
+    }
+}
+
+/// Mount and serve until unmounted. `ready` gets "OK" once the mount is live.
+fn serve(args: &MountArgs, ready: &mut Option<File>) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("restfs")
+        .build()
+        .map_err(|e| format!("tokio runtime: {e}"))?;
+    let timeout = args.options.mount_timeout;
+    let (link, mounted) = rt.block_on(async {
+        let link = Link::connect(&args.source, timeout).await?;
+        let mounted = tokio::time::timeout(timeout, link.call::<BucketMount>(BucketName { name: args.bucket.clone() }))
+            .await
+            .map_err(|_| format!("server {} did not answer within {timeout:?}", args.source.authority))?
+            .map_err(|e| match e.as_errno().0 {
+                libc::ENOENT => format!("bucket {:?} does not exist on {} (create it with: restfs --server ws://{} bucket create {})", args.bucket, args.source.authority, args.source.authority, args.bucket),
+                _ => format!("cannot mount bucket {:?}: {e}", args.bucket),
+            })?;
+        Ok::<_, String>((link, mounted))
+    })?;
+    let cache_dir = args
+        .options
+        .cache_dir
+        .clone()
+        .unwrap_or_else(|| default_cache_dir(args));
+    let _lock = lock_cache_dir(&cache_dir)?;
+    clear_stale_mount(&args.mountpoint);
+    match std::fs::metadata(&args.mountpoint) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(format!(
+                "mountpoint {} is not a directory",
+                args.mountpoint.display()
+            ));
+        }
+        Err(e) => return Err(format!("mountpoint {}: {e}", args.mountpoint.display())),
+    }
+
+    let fs = Arc::new(Fs::new(link, mounted.bucket, MEMORY_CACHE_BYTES));
+    let mut config = fuser::Config::default();
+    config.n_threads = Some(2);
+    if args.options.allow_other {
+        config.acl = fuser::SessionACL::All;
+    }
+    let adapter = FuseAdapter::new(fs.clone(), rt.handle().clone());
+    let source = args.source.to_string();
+    let explain = |e: std::io::Error| match e.raw_os_error() {
+        Some(libc::EBUSY) => format!(
+            "mountpoint {} is busy (already mounted?)",
+            args.mountpoint.display()
+        ),
+        _ => format!("cannot mount at {}: {e}", args.mountpoint.display()),
+    };
+    // SAFETY: plain getter.
+    let session = if unsafe { libc::geteuid() } == 0 {
+        let km = KernelMount {
+            source: &source,
+            subtype: "restfs",
+            allow_other: args.options.allow_other,
+            read_only: args.options.read_only,
+        };
+        let fd = kernel_mount::mount(&km, &args.mountpoint).map_err(explain)?;
+        fuser::Session::from_fd(adapter, fd, config.acl, config).map_err(explain)?
+    } else {
+        config.mount_options = vec![
+            fuser::MountOption::FSName(source.clone()),
+            fuser::MountOption::Subtype("restfs".into()),
+            fuser::MountOption::DefaultPermissions,
+            fuser::MountOption::NoAtime,
+        ];
+        if args.options.read_only {
+            config.mount_options.push(fuser::MountOption::RO);
+        }
+        fuser::Session::new(adapter, &args.mountpoint, &config).map_err(explain)?
+    };
+    tracing::info!("mounted {} at {}", args.source, args.mountpoint.display());
+    if let Some(mut ready) = ready.take() {
+        let _ = ready.write_all(b"OK");
+    }
+
+    let (fs_sig, mountpoint) = (fs.clone(), args.mountpoint.clone());
+    rt.spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("signal handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!(
+            "signal received: committing open files and unmounting {}",
+            mountpoint.display()
+        );
+        if let Err(e) = fs_sig.flush_all().await {
+            tracing::error!("commit before unmount failed: {e}");
+        }
+        // A busy mount cannot block a lazy unmount.
+        if let Err(e) = lazy_unmount(&mountpoint) {
+            tracing::error!("unmount of {} failed: {e}", mountpoint.display());
+        }
+    });
+    let served = session.run();
+    rt.block_on(fs.flush_all())
+        .map_err(|e| format!("commit at unmount failed: {e}"))?;
+    tracing::info!("unmounted {}", args.mountpoint.display());
+    rt.shutdown_timeout(Duration::from_secs(2));
+    served.map_err(|e| format!("FUSE session ended with an error: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Result<MountArgs, String> {
+        parse_args(&list.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn mount8_argument_order_and_options() {
+        let a = args(&[
+            "ws://h:1/b",
+            "/mnt",
+            "-o",
+            "rw,_netdev,x-systemd.automount,cache_dir=/c,allow_other",
+            "-f",
+        ])
+        .unwrap();
+        assert_eq!(a.bucket, "b");
+        assert!(a.foreground && a.options.allow_other);
+        assert_eq!(a.options.cache_dir.as_deref(), Some(Path::new("/c")));
+        assert!(
+            args(&["ws://h:1/b", "/mnt", "-o", "bogus"])
+                .unwrap_err()
+                .contains("unknown mount option")
+        );
+        assert!(
+            args(&["ws://h:1/b", "/mnt", "-ocache_dir="])
+                .unwrap_err()
+                .contains("needs a value")
+        );
+        assert!(
+            args(&["ws://h:1", "/mnt"])
+                .unwrap_err()
+                .contains("no bucket")
+        );
+        assert!(args(&["ws://h:1/b"]).is_err());
+    }
+}
