@@ -43,6 +43,16 @@ impl FuseAdapter {
     }
 }
 
+impl crate::fs::KernelCache for fuser::Notifier {
+    fn invalidate_attrs(&self, ino: u64) {
+        // A negative offset invalidates attributes only: no page lock is taken,
+        // so this is safe while a request on the inode is in flight.
+        if let Err(e) = self.inval_inode(INodeNo(ino), -1, 0) {
+            tracing::debug!("attribute invalidation of inode {ino}: {e}");
+        }
+    }
+}
+
 fn file_type(k: Kind) -> FileType {
     match k {
         Kind::File => FileType::RegularFile,

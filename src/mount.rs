@@ -429,6 +429,7 @@ fn serve(args: &MountArgs, ready: &mut Option<File>) -> Result<(), String> {
         }
         fuser::Session::new(adapter, &args.mountpoint, &config).map_err(explain)?
     };
+    fs.set_kernel_cache(Box::new(session.notifier()));
     tracing::info!("mounted {} at {}", args.source, args.mountpoint.display());
     if let Some(mut ready) = ready.take() {
         let _ = ready.write_all(b"OK");

@@ -50,6 +50,12 @@ pub struct Opened {
     pub keep_cache: bool,
 }
 
+/// The kernel's caches, as far as the core may invalidate them.
+pub trait KernelCache: Send + std::marker::Sync {
+    /// Forget cached attributes (size, times) of `ino`.
+    fn invalidate_attrs(&self, ino: Ino);
+}
+
 enum Handle {
     File(Arc<File>),
     Dir(Arc<DirSnapshot>),
@@ -63,6 +69,7 @@ pub struct Fs {
     next_fh: AtomicU64,
     /// Version of each file's content last handed to the kernel's page cache.
     page_versions: Mutex<HashMap<Ino, u64>>,
+    kernel: std::sync::OnceLock<Box<dyn KernelCache>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -85,7 +92,13 @@ impl Fs {
             handles: Mutex::default(),
             next_fh: AtomicU64::new(1),
             page_versions: Mutex::default(),
+            kernel: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Connect the kernel's caches, once the mount exists.
+    pub fn set_kernel_cache(&self, kernel: Box<dyn KernelCache>) {
+        let _ = self.kernel.set(kernel);
     }
 
     pub fn link(&self) -> &Link {
@@ -335,6 +348,10 @@ impl Fs {
             return Err(FsError::new(Errno::EISDIR, "open of a directory as a file"));
         }
         let keep_cache = self.keep_cache(&fresh);
+        if !keep_cache && let Some(k) = self.kernel.get() {
+            // Close-to-open: the kernel must not use a size it cached before.
+            k.invalidate_attrs(ino);
+        }
         let (file, fh) = self.attach(fresh.clone());
         file.state.lock().await.refresh(fresh);
         Ok(Opened { fh, keep_cache })

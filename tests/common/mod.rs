@@ -1,0 +1,339 @@
+//! Shared end-to-end fixtures: a real `restfsd` process on a free loopback
+//! port, and real FUSE mounts made by `mount.restfs -f` (the `restfs`
+//! binary invoked under that name). Everything is torn down on drop.
+#![allow(dead_code)]
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const RESTFSD: &str = env!("CARGO_BIN_EXE_restfsd");
+pub const RESTFS: &str = env!("CARGO_BIN_EXE_restfs");
+
+/// A scratch directory under the target dir (searchable by every user, so
+/// pjdfstest's unprivileged users can reach mounts inside it).
+pub fn scratch(name: &str) -> PathBuf {
+    let base =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    for dir in base.ancestors() {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(dir) {
+            let mode = meta.permissions().mode();
+            if mode & 0o001 == 0 && dir.starts_with(env!("CARGO_TARGET_TMPDIR")) {
+                let _ =
+                    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o755));
+            }
+        }
+    }
+    base
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Server {
+    pub data: PathBuf,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Server {
+    pub fn start(data: &Path) -> Server {
+        let mut s = Server {
+            data: data.to_path_buf(),
+            port: free_port(),
+            child: None,
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(self.data.with_extension("log")).unwrap();
+        let child = Command::new(RESTFSD)
+            .args(["--listen", &format!("127.0.0.1:{}", self.port), "--data"])
+            .arg(&self.data)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start restfsd");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "restfsd did not start listening on {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://127.0.0.1:{}", self.port)
+    }
+
+    /// Stop with SIGTERM (clean shutdown) and wait.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let status = child.wait().unwrap();
+            assert!(status.success(), "restfsd exited with {status}");
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// Run `restfs --server URL ARGS...`; returns (exit code, stdout+stderr).
+    pub fn admin(&self, args: &[&str]) -> (i32, String) {
+        let out = Command::new(RESTFS)
+            .arg("--server")
+            .arg(self.url())
+            .args(args)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code().unwrap_or(-1), text)
+    }
+
+    pub fn create_bucket(&self, name: &str) {
+        let (code, out) = self.admin(&["bucket", "create", name]);
+        assert_eq!(code, 0, "bucket create failed: {out}");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Is `path` a mount point of type fuse.restfs?
+pub fn is_restfs_mount(path: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let target = path.to_string_lossy();
+    mounts.lines().any(|l| {
+        let fields: Vec<&str> = l.split(' ').collect();
+        let sep = fields.iter().position(|f| *f == "-");
+        fields.get(4) == Some(&target.as_ref())
+            && sep.and_then(|i| fields.get(i + 1)) == Some(&"fuse.restfs")
+    })
+}
+
+pub struct Mount {
+    pub path: PathBuf,
+    child: Option<Child>,
+}
+
+impl Mount {
+    /// Mount `bucket` of `server` at `path` in the foreground with `options`.
+    pub fn new(server: &Server, bucket: &str, path: &Path, options: &str) -> Mount {
+        std::fs::create_dir_all(path).unwrap();
+        let log = std::fs::File::create(path.with_extension("mount.log")).unwrap();
+        let child = Command::new(RESTFS)
+            .arg0("mount.restfs")
+            .arg(format!("{}/{bucket}", server.url()))
+            .arg(path)
+            .args(["-f", "-o", options])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start mount.restfs");
+        let mut m = Mount {
+            path: path.to_path_buf(),
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !is_restfs_mount(path) {
+            if let Some(status) = m.child.as_mut().unwrap().try_wait().unwrap() {
+                let log =
+                    std::fs::read_to_string(path.with_extension("mount.log")).unwrap_or_default();
+                panic!("mount.restfs exited with {status}: {log}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mount at {} did not appear",
+                path.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        m
+    }
+
+    /// Unmount with umount(8) and wait for the daemon to exit cleanly.
+    pub fn unmount(mut self) {
+        self.unmount_inner(true);
+    }
+
+    fn unmount_inner(&mut self, check: bool) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let out = Command::new("umount").arg(&self.path).output().unwrap();
+        if !out.status.success() {
+            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break Some(s);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        if check {
+            assert!(
+                out.status.success(),
+                "umount failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(
+                status.map(|s| s.code()),
+                Some(Some(0)),
+                "mount.restfs did not exit cleanly after umount"
+            );
+            assert!(!is_restfs_mount(&self.path));
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        self.unmount_inner(false);
+    }
+}
+
+/// The source tree of a crate this workspace depends on (always present in
+/// the cargo registry after a build): tokio, a few hundred real files.
+pub fn registry_crate_tree() -> PathBuf {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| dirs::home_dir().unwrap().join(".cargo"));
+    let src = home.join("registry").join("src");
+    let mut found: Vec<PathBuf> = std::fs::read_dir(&src)
+        .expect("cargo registry sources")
+        .flatten()
+        .flat_map(|index| {
+            std::fs::read_dir(index.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("tokio-1."))
+        })
+        .collect();
+    found.sort();
+    found
+        .pop()
+        .expect("a tokio-1.x source tree in the cargo registry")
+}
+
+/// Compare two trees entry by entry: type, permission bits, mtime (ns),
+/// symlink targets and file contents. Returns the number of entries.
+pub fn assert_same_tree(a: &Path, b: &Path) -> usize {
+    use std::os::unix::fs::MetadataExt;
+    let mut count = 0;
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let (pa, pb) = (a.join(&rel), b.join(&rel));
+        let (ma, mb) = (
+            std::fs::symlink_metadata(&pa).unwrap(),
+            std::fs::symlink_metadata(&pb).unwrap_or_else(|e| panic!("{}: {e}", pb.display())),
+        );
+        assert_eq!(ma.mode(), mb.mode(), "mode of {}", rel.display());
+        if !ma.is_dir() {
+            assert_eq!(
+                (ma.mtime(), ma.mtime_nsec()),
+                (mb.mtime(), mb.mtime_nsec()),
+                "mtime of {}",
+                rel.display()
+            );
+        }
+        count += 1;
+        if ma.is_dir() {
+            let names = |p: &Path| {
+                let mut v: Vec<_> = std::fs::read_dir(p)
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name())
+                    .collect();
+                v.sort();
+                v
+            };
+            let (na, nb) = (names(&pa), names(&pb));
+            assert_eq!(na, nb, "entries of {}", rel.display());
+            stack.extend(na.into_iter().map(|n| rel.join(n)));
+        } else if ma.file_type().is_symlink() {
+            assert_eq!(
+                std::fs::read_link(&pa).unwrap(),
+                std::fs::read_link(&pb).unwrap(),
+                "target of {}",
+                rel.display()
+            );
+        } else {
+            assert_eq!(ma.len(), mb.len(), "size of {}", rel.display());
+            assert!(same_content(&pa, &pb), "content of {}", rel.display());
+        }
+    }
+    count
+}
+
+pub fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Stream-compare two files.
+pub fn same_content(a: &Path, b: &Path) -> bool {
+    use std::io::Read;
+    let (mut fa, mut fb) = (
+        std::fs::File::open(a).unwrap(),
+        std::fs::File::open(b).unwrap(),
+    );
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let n = fa.read(&mut ba).unwrap();
+        let mut got = 0;
+        while got < n {
+            let m = fb.read(&mut bb[got..n]).unwrap();
+            if m == 0 {
+                return false;
+            }
+            got += m;
+        }
+        if n == 0 {
+            return fb.read(&mut bb).unwrap() == 0;
+        }
+        if ba[..n] != bb[..n] {
+            return false;
+        }
+    }
+}
