@@ -647,11 +647,10 @@ async fn oversized_frame_closes_only_that_connection() {
     };
     assert_error(&resp, code::FRAME_TOO_LARGE, Value::Null);
     loop {
-        let got = tokio::time::timeout(TIMEOUT, stream.next())
+        match tokio::time::timeout(TIMEOUT, stream.next())
             .await
-            .expect("the connection closes in time");
-        eprintln!("AFTER TOO LARGE: {got:?}");
-        match got {
+            .expect("the connection closes in time")
+        {
             Some(Ok(Message::Close(Some(frame)))) => {
                 assert_eq!(frame.code, CloseCode::Size);
                 break;
@@ -1082,6 +1081,154 @@ async fn happy_path() {
     assert_eq!(
         fs_error(&mut ws, "bucket.stat", json!({"name": "happy"})).await,
         "ENOENT"
+    );
+    fx.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bucket_arguments_are_checked() {
+    let fx = Fixture::start().await;
+    let mut ws = fx.connect().await;
+    for name in ["", ".hidden", "a/b", "a b", "snow\u{2603}", &"x".repeat(64)] {
+        assert_eq!(
+            fs_error(&mut ws, "bucket.create", json!({"name": name})).await,
+            "EINVAL",
+            "bucket name {name:?}"
+        );
+    }
+    for block_size in [0, 1000, 4095, 2048, 3 << 20, 16 << 20] {
+        assert_eq!(
+            fs_error(
+                &mut ws,
+                "bucket.create",
+                json!({"name": "b", "block_size": block_size})
+            )
+            .await,
+            "EINVAL",
+            "block size {block_size}"
+        );
+    }
+    for segment_blocks in [0, 1025] {
+        assert_eq!(
+            fs_error(
+                &mut ws,
+                "bucket.create",
+                json!({"name": "b", "segment_blocks": segment_blocks})
+            )
+            .await,
+            "EINVAL"
+        );
+    }
+    assert!(
+        ok(&mut ws, "bucket.list", json!({})).await["buckets"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "nothing was created"
+    );
+    let info = ok(
+        &mut ws,
+        "bucket.create",
+        json!({"name": "Ok_name-1.x", "block_size": 4096, "segment_blocks": 1024}),
+    )
+    .await;
+    assert_eq!(
+        (info["block_size"].as_u64(), info["segment_blocks"].as_u64()),
+        (Some(4096), Some(1024))
+    );
+    ok(&mut ws, "bucket.mount", json!({"name": "Ok_name-1.x"})).await;
+    ok(
+        &mut ws,
+        "fs.create",
+        json!({"parent": 1, "name": "f", "mode": 0o644, "uid": 0, "gid": 0}),
+    )
+    .await;
+    assert_eq!(
+        fs_error(&mut ws, "bucket.delete", json!({"name": "Ok_name-1.x"})).await,
+        "ENOTEMPTY"
+    );
+    ok(
+        &mut ws,
+        "bucket.delete",
+        json!({"name": "Ok_name-1.x", "force": true}),
+    )
+    .await;
+    assert_eq!(
+        fs_error(&mut ws, "bucket.delete", json!({"name": "Ok_name-1.x"})).await,
+        "ENOENT"
+    );
+    fx.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn disconnect_releases_open_files() {
+    let fx = Fixture::start().await;
+    let mut a = fx.connect().await;
+    mount_new(&mut a, "opens").await;
+    let mut b = fx.connect().await;
+    ok(&mut b, "bucket.mount", json!({"name": "opens"})).await;
+
+    let f = ok(
+        &mut a,
+        "fs.create",
+        json!({"parent": 1, "name": "f", "mode": 0o644, "uid": 0, "gid": 0}),
+    )
+    .await;
+    let ino = f["ino"].as_u64().unwrap();
+    let data = b"held open".to_vec();
+    let h = Hash::of(&data);
+    ok(
+        &mut a,
+        "block.put",
+        json!({"blocks": [{"hash": h.to_hex(), "data": b64(&data)}]}),
+    )
+    .await;
+    ok(&mut a, "seg.commit", json!({"ino": ino, "size": data.len(), "slots": [{"index": 0, "block": [h.to_hex(), data.len()]}]})).await;
+    // b opens it too, then a unlinks it: both opens keep it.
+    ok(&mut b, "fs.open", json!({"ino": ino})).await;
+    ok(&mut a, "fs.unlink", json!({"parent": 1, "name": "f"})).await;
+    assert_eq!(
+        ok(&mut b, "fs.getattr", json!({"ino": ino})).await["nlink"],
+        0
+    );
+    assert_eq!(
+        fs_error(&mut a, "fs.release", json!({"ino": 999})).await,
+        "EBADF"
+    );
+
+    // b's release leaves a's open; a's disconnect drops the last one.
+    ok(&mut b, "fs.release", json!({"ino": ino})).await;
+    assert_eq!(
+        ok(&mut b, "fs.getattr", json!({"ino": ino})).await["nlink"],
+        0
+    );
+    assert_eq!(
+        ok(&mut b, "admin.gc", json!({"min_age_secs": 0})).await["blocks_removed"],
+        0,
+        "the open file still holds its block"
+    );
+    a.close(None).await.unwrap();
+    drop(a);
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let resp = request(&mut b, "fs.getattr", json!({"ino": ino})).await;
+        if resp["error"]["data"]["errno"] == "ENOENT" {
+            break;
+        }
+        assert_eq!(resp["result"]["nlink"], 0, "{resp}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "closing the connection never released the file"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        ok(&mut b, "admin.gc", json!({"min_age_secs": 0})).await["blocks_removed"],
+        1
+    );
+    assert_eq!(
+        ok(&mut b, "block.has", json!({"hashes": [h.to_hex()]})).await["present"],
+        json!([false])
     );
     fx.finish().await;
 }

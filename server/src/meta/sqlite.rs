@@ -602,6 +602,9 @@ impl MetaStore for SqliteMeta {
             if a.kind == Kind::Dir {
                 return Err(Error::fs(Errno::EPERM, "cannot hard-link a directory"));
             }
+            if a.nlink == 0 {
+                return Err(Error::fs(Errno::ENOENT, "cannot link an unlinked file"));
+            }
             if a.nlink >= LINK_MAX {
                 return Err(Error::fs(Errno::EMLINK, "too many links"));
             }
@@ -724,11 +727,11 @@ impl MetaStore for SqliteMeta {
                 return touch_dir(tx, b, &mut new_dir, now);
             }
 
-            if dst_ino == Some(src_ino) {
-                return Ok(()); // two links to one inode: POSIX says do nothing
-            }
             if p.noreplace && dst_ino.is_some() {
                 return Err(Error::fs(Errno::EEXIST, format!("{:?} exists", p.new_name)));
+            }
+            if dst_ino == Some(src_ino) {
+                return Ok(()); // two links to one inode: POSIX says do nothing
             }
             if src.kind == Kind::Dir && within(tx, b, p.new_parent, src_ino)? {
                 return Err(Error::fs(
