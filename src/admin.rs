@@ -16,11 +16,7 @@ use std::time::Duration;
 const DEFAULT_SERVER: &str = "ws://127.0.0.1:7878";
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "restfs",
-    version,
-    about = "RestFS administration: buckets, maintenance, mounting"
-)]
+#[command(name = "restfs", version, about = "RestFS administration: buckets, maintenance, mounting")]
 pub struct Cli {
     /// Server to talk to.
     #[arg(long, short, env = "RESTFS_SERVER", default_value = DEFAULT_SERVER, global = true)]
@@ -87,17 +83,12 @@ enum Failure {
 }
 
 fn print_bucket(b: &BucketInfo) {
-    println!(
-        "{}\tblock_size={}\tobjects={}\tbytes={}",
-        b.name, b.block_size, b.objects, b.bytes
-    );
+    println!("{}\tblock_size={}\tobjects={}\tbytes={}", b.name, b.block_size, b.objects, b.bytes);
 }
 
 async fn connect(server: &str) -> Result<Link, Failure> {
     let url = ServerUrl::parse(server).map_err(Failure::Refused)?;
-    Link::connect(&url, Duration::from_secs(10))
-        .await
-        .map_err(Failure::Unreachable)
+    Link::connect(&url, Duration::from_secs(10)).await.map_err(Failure::Unreachable)
 }
 
 fn refused(e: RpcError) -> Failure {
@@ -110,58 +101,28 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let link = connect(&cli.server).await?;
             match action {
                 BucketAction::Create { name, block_size } => {
-                    let b = link
-                        .call::<BucketCreate>(BucketCreateParams {
-                            name,
-                            block_size,
-                            segment_blocks: None,
-                        })
-                        .await
-                        .map_err(refused)?;
+                    let b =
+                        link.call::<BucketCreate>(BucketCreateParams { name, block_size, segment_blocks: None }).await.map_err(refused)?;
                     print_bucket(&b);
                 }
                 BucketAction::List => {
-                    for b in link
-                        .call::<BucketList>(Empty {})
-                        .await
-                        .map_err(refused)?
-                        .buckets
-                    {
+                    for b in link.call::<BucketList>(Empty {}).await.map_err(refused)?.buckets {
                         print_bucket(&b);
                     }
                 }
-                BucketAction::Stat { name } => print_bucket(
-                    &link
-                        .call::<BucketStat>(BucketName { name })
-                        .await
-                        .map_err(refused)?,
-                ),
+                BucketAction::Stat { name } => print_bucket(&link.call::<BucketStat>(BucketName { name }).await.map_err(refused)?),
                 BucketAction::Delete { name, force } => {
-                    link.call::<BucketDelete>(BucketDeleteParams { name, force })
-                        .await
-                        .map_err(refused)?;
+                    link.call::<BucketDelete>(BucketDeleteParams { name, force }).await.map_err(refused)?;
                 }
             }
         }
         Command_::Gc { min_age } => {
             let link = connect(&cli.server).await?;
-            let r = link
-                .call::<Gc>(GcParams {
-                    min_age_secs: Some(min_age),
-                })
-                .await
-                .map_err(refused)?;
-            println!(
-                "removed {} blocks ({} bytes)",
-                r.blocks_removed, r.bytes_removed
-            );
+            let r = link.call::<Gc>(GcParams { min_age_secs: Some(min_age) }).await.map_err(refused)?;
+            println!("removed {} blocks ({} bytes)", r.blocks_removed, r.bytes_removed);
         }
         Command_::Mount { .. } => unreachable!("handled before the runtime starts"),
-        Command_::Up {
-            mountpoint,
-            bucket,
-            options,
-        } => up(&cli.server, mountpoint, bucket, options).await?,
+        Command_::Up { mountpoint, bucket, options } => up(&cli.server, mountpoint, bucket, options).await?,
     }
     Ok(())
 }
@@ -171,20 +132,15 @@ fn spawn_server(server: &ServerUrl) -> Result<(), Failure> {
     let exe = std::env::current_exe().map_err(|e| Failure::Refused(e.to_string()))?;
     let restfsd = exe.with_file_name("restfsd");
     let data = restfs_server::default_data_dir();
-    std::fs::create_dir_all(&data)
-        .map_err(|e| Failure::Refused(format!("cannot create {}: {e}", data.display())))?;
-    let log = std::fs::File::create(data.join("restfsd.log"))
-        .map_err(|e| Failure::Refused(e.to_string()))?;
+    std::fs::create_dir_all(&data).map_err(|e| Failure::Refused(format!("cannot create {}: {e}", data.display())))?;
+    let log = std::fs::File::create(data.join("restfsd.log")).map_err(|e| Failure::Refused(e.to_string()))?;
     let mut cmd = Command::new(&restfsd);
     cmd.arg("--listen")
         .arg(&server.authority)
         .arg("--data")
         .arg(&data)
         .stdin(std::process::Stdio::null())
-        .stdout(
-            log.try_clone()
-                .map_err(|e| Failure::Refused(e.to_string()))?,
-        )
+        .stdout(log.try_clone().map_err(|e| Failure::Refused(e.to_string()))?)
         .stderr(log);
     // SAFETY: setsid in the child before exec detaches it from our session.
     unsafe {
@@ -193,23 +149,12 @@ fn spawn_server(server: &ServerUrl) -> Result<(), Failure> {
             Ok(())
         });
     }
-    cmd.spawn()
-        .map_err(|e| Failure::Refused(format!("cannot start {}: {e}", restfsd.display())))?;
-    eprintln!(
-        "started restfsd on {} (data in {}, log in {}/restfsd.log)",
-        server.authority,
-        data.display(),
-        data.display()
-    );
+    cmd.spawn().map_err(|e| Failure::Refused(format!("cannot start {}: {e}", restfsd.display())))?;
+    eprintln!("started restfsd on {} (data in {}, log in {}/restfsd.log)", server.authority, data.display(), data.display());
     Ok(())
 }
 
-async fn up(
-    server: &str,
-    mountpoint: PathBuf,
-    bucket: String,
-    options: Option<String>,
-) -> Result<(), Failure> {
+async fn up(server: &str, mountpoint: PathBuf, bucket: String, options: Option<String>) -> Result<(), Failure> {
     let url = ServerUrl::parse(server).map_err(Failure::Refused)?;
     let link = match Link::connect(&url, Duration::from_secs(2)).await {
         Ok(l) => l,
@@ -227,30 +172,19 @@ async fn up(
                     Err(e) => last = e,
                 }
             }
-            link.ok_or(Failure::Unreachable(format!(
-                "restfsd did not come up: {last}"
-            )))?
+            link.ok_or(Failure::Unreachable(format!("restfsd did not come up: {last}")))?
         }
     };
-    match link
-        .call::<BucketCreate>(BucketCreateParams {
-            name: bucket.clone(),
-            block_size: None,
-            segment_blocks: None,
-        })
-        .await
-    {
+    match link.call::<BucketCreate>(BucketCreateParams { name: bucket.clone(), block_size: None, segment_blocks: None }).await {
         Ok(_) => eprintln!("created bucket {bucket}"),
         Err(e) if e.as_errno() == restfs_proto::Errno::EEXIST => {}
         Err(e) => return Err(refused(e)),
     }
-    std::fs::create_dir_all(&mountpoint)
-        .map_err(|e| Failure::Refused(format!("cannot create {}: {e}", mountpoint.display())))?;
+    std::fs::create_dir_all(&mountpoint).map_err(|e| Failure::Refused(format!("cannot create {}: {e}", mountpoint.display())))?;
     let exe = std::env::current_exe().map_err(|e| Failure::Refused(e.to_string()))?;
     let mut cmd = Command::new(exe);
     std::os::unix::process::CommandExt::arg0(&mut cmd, "mount.restfs");
-    cmd.arg(format!("ws://{}/{bucket}", url.authority))
-        .arg(&mountpoint);
+    cmd.arg(format!("ws://{}/{bucket}", url.authority)).arg(&mountpoint);
     if let Some(o) = options {
         cmd.arg("-o").arg(o);
     }
@@ -258,11 +192,7 @@ async fn up(
     if !status.success() {
         return Err(Failure::Refused("mount failed".into()));
     }
-    eprintln!(
-        "mounted bucket {bucket} at {}; unmount with: umount {}",
-        mountpoint.display(),
-        mountpoint.display()
-    );
+    eprintln!("mounted bucket {bucket} at {}; unmount with: umount {}", mountpoint.display(), mountpoint.display());
     Ok(())
 }
 
@@ -272,10 +202,7 @@ pub fn main() -> i32 {
     if let Command_::Mount { args } = &cli.command {
         return crate::mount::main(args);
     }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     match rt.block_on(run(cli)) {
         Ok(()) => 0,
         Err(Failure::Refused(m)) => {

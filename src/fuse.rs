@@ -4,10 +4,9 @@
 
 use crate::fs::{Ctx, Fs, FsError, SetAttr};
 use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl,
-    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig,
+    LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use restfs_proto::methods::XattrMode;
 use restfs_proto::{Attr, Kind, SetTime, Timespec};
@@ -43,13 +42,61 @@ impl FuseAdapter {
     }
 }
 
-impl crate::fs::KernelCache for fuser::Notifier {
+/// The kernel's caches, invalidated through fuser's notifier. Queued
+/// invalidations run on a dedicated thread, never inside a request handler:
+/// an entry invalidation takes the directory's lock, which a handler may hold.
+pub struct KernelNotifier {
+    notifier: fuser::Notifier,
+    queue: std::sync::mpsc::Sender<Inval>,
+}
+
+enum Inval {
+    Inode(u64),
+    Entry(u64, Vec<u8>),
+}
+
+impl KernelNotifier {
+    pub fn new(notifier: fuser::Notifier) -> KernelNotifier {
+        let (queue, rx) = std::sync::mpsc::channel::<Inval>();
+        let worker = notifier.clone();
+        std::thread::Builder::new()
+            .name("restfs-inval".into())
+            .spawn(move || {
+                for inval in rx {
+                    let r = match &inval {
+                        Inval::Inode(ino) => worker.inval_inode(INodeNo(*ino), 0, 0),
+                        Inval::Entry(parent, name) => worker.inval_entry(INodeNo(*parent), OsStr::from_bytes(name)),
+                    };
+                    // ENOENT: the kernel does not have it cached, nothing to do.
+                    if let Err(e) = r
+                        && e.raw_os_error() != Some(libc::ENOENT)
+                    {
+                        tracing::debug!("kernel invalidation failed: {e}");
+                    }
+                }
+            })
+            .expect("spawn the invalidation thread");
+        KernelNotifier { notifier, queue }
+    }
+}
+
+impl crate::fs::KernelCache for KernelNotifier {
     fn invalidate_attrs(&self, ino: u64) {
         // A negative offset invalidates attributes only: no page lock is taken,
         // so this is safe while a request on the inode is in flight.
-        if let Err(e) = self.inval_inode(INodeNo(ino), -1, 0) {
+        if let Err(e) = self.notifier.inval_inode(INodeNo(ino), -1, 0)
+            && e.raw_os_error() != Some(libc::ENOENT)
+        {
             tracing::debug!("attribute invalidation of inode {ino}: {e}");
         }
+    }
+
+    fn invalidate_inode(&self, ino: u64) {
+        let _ = self.queue.send(Inval::Inode(ino));
+    }
+
+    fn invalidate_entry(&self, parent: u64, name: &[u8]) {
+        let _ = self.queue.send(Inval::Entry(parent, name.to_vec()));
     }
 }
 
@@ -102,10 +149,7 @@ macro_rules! reply_error {
 }
 
 fn ctx(req: &Request) -> Ctx {
-    Ctx {
-        uid: req.uid(),
-        gid: req.gid(),
-    }
+    Ctx { uid: req.uid(), gid: req.gid() }
 }
 
 fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
@@ -136,12 +180,9 @@ fn empty(reply: ReplyEmpty, r: crate::fs::Result<()>) {
 impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Capabilities one at a time: one unsupported bit would reject a set.
-        for cap in [
-            InitFlags::FUSE_DO_READDIRPLUS,
-            InitFlags::FUSE_READDIRPLUS_AUTO,
-            InitFlags::FUSE_PARALLEL_DIROPS,
-            InitFlags::FUSE_ASYNC_DIO,
-        ] {
+        for cap in
+            [InitFlags::FUSE_DO_READDIRPLUS, InitFlags::FUSE_READDIRPLUS_AUTO, InitFlags::FUSE_PARALLEL_DIROPS, InitFlags::FUSE_ASYNC_DIO]
+        {
             if let Err(missing) = config.add_capabilities(cap) {
                 tracing::debug!("kernel lacks {missing:?}");
             }
@@ -183,14 +224,7 @@ impl Filesystem for FuseAdapter {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let s = SetAttr {
-            mode,
-            uid,
-            gid,
-            size,
-            atime: set_time(atime),
-            mtime: set_time(mtime),
-        };
+        let s = SetAttr { mode, uid, gid, size, atime: set_time(atime), mtime: set_time(mtime) };
         self.run(|fs, bs| async move {
             match fs.setattr(ino.0, s).await {
                 Ok(a) => reply.attr(&TTL, &file_attr(&a, bs)),
@@ -208,35 +242,14 @@ impl Filesystem for FuseAdapter {
         });
     }
 
-    fn mknod(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        _umask: u32,
-        rdev: u32,
-        reply: ReplyEntry,
-    ) {
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, rdev: u32, reply: ReplyEntry) {
         let (c, name) = (ctx(req), bytes(name));
-        self.run(|fs, bs| async move {
-            entry(reply, fs.mknod(c, parent.0, &name, mode, rdev).await, bs)
-        });
+        self.run(|fs, bs| async move { entry(reply, fs.mknod(c, parent.0, &name, mode, rdev).await, bs) });
     }
 
-    fn mkdir(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        _umask: u32,
-        reply: ReplyEntry,
-    ) {
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
         let (c, name) = (ctx(req), bytes(name));
-        self.run(
-            |fs, bs| async move { entry(reply, fs.mkdir(c, parent.0, &name, mode).await, bs) },
-        );
+        self.run(|fs, bs| async move { entry(reply, fs.mkdir(c, parent.0, &name, mode).await, bs) });
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -249,18 +262,9 @@ impl Filesystem for FuseAdapter {
         self.run(|fs, _| async move { empty(reply, fs.rmdir(parent.0, &name).await) });
     }
 
-    fn symlink(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        link_name: &OsStr,
-        target: &Path,
-        reply: ReplyEntry,
-    ) {
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
         let (c, name, target) = (ctx(req), bytes(link_name), bytes(target.as_os_str()));
-        self.run(|fs, bs| async move {
-            entry(reply, fs.symlink(c, parent.0, &name, &target).await, bs)
-        });
+        self.run(|fs, bs| async move { entry(reply, fs.symlink(c, parent.0, &name, &target).await, bs) });
     }
 
     fn rename(
@@ -279,40 +283,18 @@ impl Filesystem for FuseAdapter {
         let (name, newname) = (bytes(name), bytes(newname));
         let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
         let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
-        self.run(|fs, _| async move {
-            empty(
-                reply,
-                fs.rename(parent.0, &name, newparent.0, &newname, noreplace, exchange)
-                    .await,
-            )
-        });
+        self.run(|fs, _| async move { empty(reply, fs.rename(parent.0, &name, newparent.0, &newname, noreplace, exchange).await) });
     }
 
-    fn link(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        newparent: INodeNo,
-        newname: &OsStr,
-        reply: ReplyEntry,
-    ) {
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
         let name = bytes(newname);
-        self.run(|fs, bs| async move {
-            entry(reply, fs.link_node(ino.0, newparent.0, &name).await, bs)
-        });
+        self.run(|fs, bs| async move { entry(reply, fs.link_node(ino.0, newparent.0, &name).await, bs) });
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.run(|fs, _| async move {
             match fs.open(ino.0).await {
-                Ok(o) => reply.opened(
-                    FileHandle(o.fh),
-                    if o.keep_cache {
-                        FopenFlags::FOPEN_KEEP_CACHE
-                    } else {
-                        FopenFlags::empty()
-                    },
-                ),
+                Ok(o) => reply.opened(FileHandle(o.fh), if o.keep_cache { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() }),
                 Err(e) => reply_error!(reply, e),
             }
         });
@@ -358,14 +340,7 @@ impl Filesystem for FuseAdapter {
         });
     }
 
-    fn flush(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _lock_owner: LockOwner,
-        reply: ReplyEmpty,
-    ) {
+    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
         self.run(|fs, _| async move { empty(reply, fs.flush(fh.0).await) });
     }
 
@@ -382,14 +357,7 @@ impl Filesystem for FuseAdapter {
         self.run(|fs, _| async move { empty(reply, fs.release(fh.0).await) });
     }
 
-    fn fsync(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _datasync: bool,
-        reply: ReplyEmpty,
-    ) {
+    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         self.run(|fs, _| async move { empty(reply, fs.fsync(fh.0).await) });
     }
 
@@ -402,27 +370,13 @@ impl Filesystem for FuseAdapter {
         });
     }
 
-    fn readdir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectory,
-    ) {
+    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         let dir = match self.fs.dir(fh.0) {
             Ok(d) => d,
             Err(e) => return reply_error!(reply, e),
         };
-        let dots = [
-            (dir.ino, FileType::Directory, &b"."[..]),
-            (dir.parent, FileType::Directory, &b".."[..]),
-        ];
-        let listing = dots.into_iter().chain(
-            dir.entries
-                .iter()
-                .map(|e| (e.attr.ino, file_type(e.attr.kind), e.name.as_bytes())),
-        );
+        let dots = [(dir.ino, FileType::Directory, &b"."[..]), (dir.parent, FileType::Directory, &b".."[..])];
+        let listing = dots.into_iter().chain(dir.entries.iter().map(|e| (e.attr.ino, file_type(e.attr.kind), e.name.as_bytes())));
         for (i, (ino, kind, name)) in listing.enumerate().skip(offset as usize) {
             if reply.add(INodeNo(ino), i as u64 + 1, kind, OsStr::from_bytes(name)) {
                 break;
@@ -431,14 +385,7 @@ impl Filesystem for FuseAdapter {
         reply.ok();
     }
 
-    fn readdirplus(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectoryPlus,
-    ) {
+    fn readdirplus(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
         let dir = match self.fs.dir(fh.0) {
             Ok(d) => d,
             Err(e) => return reply_error!(reply, e),
@@ -458,58 +405,25 @@ impl Filesystem for FuseAdapter {
             rdev: 0,
             version: 0,
         };
-        let dots = [
-            (dot(dir.ino), &b"."[..], Duration::ZERO),
-            (dot(dir.parent), &b".."[..], Duration::ZERO),
-        ];
-        let listing = dots.into_iter().chain(
-            dir.entries
-                .iter()
-                .map(|e| (e.attr.clone(), e.name.as_bytes(), TTL)),
-        );
+        let dots = [(dot(dir.ino), &b"."[..], Duration::ZERO), (dot(dir.parent), &b".."[..], Duration::ZERO)];
+        let listing = dots.into_iter().chain(dir.entries.iter().map(|e| (e.attr.clone(), e.name.as_bytes(), TTL)));
         for (i, (attr, name, ttl)) in listing.enumerate().skip(offset as usize) {
-            if reply.add(
-                INodeNo(attr.ino),
-                i as u64 + 1,
-                OsStr::from_bytes(name),
-                &ttl,
-                &file_attr(&attr, self.blksize),
-                Generation(0),
-            ) {
+            if reply.add(INodeNo(attr.ino), i as u64 + 1, OsStr::from_bytes(name), &ttl, &file_attr(&attr, self.blksize), Generation(0)) {
                 break;
             }
         }
         reply.ok();
     }
 
-    fn releasedir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        reply: ReplyEmpty,
-    ) {
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
         self.fs.releasedir(fh.0);
         reply.ok();
     }
 
-    fn fsyncdir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _datasync: bool,
-        reply: ReplyEmpty,
-    ) {
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         // Namespace changes are committed when made; this waits until they are on disk.
         self.run(|fs, _| async move {
-            let r = fs
-                .link()
-                .call::<restfs_proto::methods::Sync>(restfs_proto::methods::Empty {})
-                .await
-                .map(|_| ())
-                .map_err(FsError::from);
+            let r = fs.link().call::<restfs_proto::methods::Sync>(restfs_proto::methods::Empty {}).await.map(|_| ()).map_err(FsError::from);
             empty(reply, r)
         });
     }
@@ -517,24 +431,13 @@ impl Filesystem for FuseAdapter {
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         self.run(|fs, _| async move {
             match fs.statfs().await {
-                Ok(s) => reply.statfs(
-                    s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize,
-                ),
+                Ok(s) => reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize),
                 Err(e) => reply_error!(reply, e),
             }
         });
     }
 
-    fn setxattr(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        name: &OsStr,
-        value: &[u8],
-        flags: i32,
-        _position: u32,
-        reply: ReplyEmpty,
-    ) {
+    fn setxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, _position: u32, reply: ReplyEmpty) {
         let mode = match flags {
             0 => XattrMode::Any,
             libc::XATTR_CREATE => XattrMode::Create,
@@ -542,9 +445,7 @@ impl Filesystem for FuseAdapter {
             _ => return reply.error(Errno::EINVAL),
         };
         let (name, value) = (bytes(name), value.to_vec());
-        self.run(
-            |fs, _| async move { empty(reply, fs.setxattr(ino.0, &name, &value, mode).await) },
-        );
+        self.run(|fs, _| async move { empty(reply, fs.setxattr(ino.0, &name, &value, mode).await) });
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -591,32 +492,13 @@ impl Filesystem for FuseAdapter {
         reply.ok();
     }
 
-    fn create(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        _umask: u32,
-        _flags: i32,
-        reply: ReplyCreate,
-    ) {
+    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, _flags: i32, reply: ReplyCreate) {
         let (c, name) = (ctx(req), bytes(name));
         self.run(|fs, bs| async move {
             match fs.create(c, parent.0, &name, mode).await {
                 Ok((a, o)) => {
-                    let flags = if o.keep_cache {
-                        FopenFlags::FOPEN_KEEP_CACHE
-                    } else {
-                        FopenFlags::empty()
-                    };
-                    reply.created(
-                        &TTL,
-                        &file_attr(&a, bs),
-                        Generation(0),
-                        FileHandle(o.fh),
-                        flags,
-                    )
+                    let flags = if o.keep_cache { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
+                    reply.created(&TTL, &file_attr(&a, bs), Generation(0), FileHandle(o.fh), flags)
                 }
                 Err(e) => reply_error!(reply, e),
             }
@@ -637,18 +519,7 @@ impl Filesystem for FuseAdapter {
         reply.error(Errno::ENOTTY);
     }
 
-    fn fallocate(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        length: u64,
-        mode: i32,
-        reply: ReplyEmpty,
-    ) {
-        self.run(
-            |fs, _| async move { empty(reply, fs.fallocate(fh.0, offset, length, mode).await) },
-        );
+    fn fallocate(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+        self.run(|fs, _| async move { empty(reply, fs.fallocate(fh.0, offset, length, mode).await) });
     }
 }

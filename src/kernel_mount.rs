@@ -15,23 +15,15 @@ pub struct KernelMount<'a> {
 }
 
 fn cstring(bytes: &[u8]) -> io::Result<CString> {
-    CString::new(bytes)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in a mount argument"))
+    CString::new(bytes).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in a mount argument"))
 }
 
 /// Open /dev/fuse and mount it at `mountpoint`; returns the session descriptor.
 pub fn mount(m: &KernelMount<'_>, mountpoint: &Path) -> io::Result<OwnedFd> {
-    let dev: OwnedFd = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/fuse")?
-        .into();
+    let dev: OwnedFd = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse")?.into();
     // SAFETY: plain getters.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    let mut data = format!(
-        "fd={},rootmode=40000,user_id={uid},group_id={gid},default_permissions",
-        dev.as_raw_fd()
-    );
+    let mut data = format!("fd={},rootmode=40000,user_id={uid},group_id={gid},default_permissions", dev.as_raw_fd());
     if m.allow_other {
         data.push_str(",allow_other");
     }
@@ -44,15 +36,7 @@ pub fn mount(m: &KernelMount<'_>, mountpoint: &Path) -> io::Result<OwnedFd> {
     let fstype = cstring(format!("fuse.{}", m.subtype).as_bytes())?;
     let data = cstring(data.as_bytes())?;
     // SAFETY: all pointers are valid NUL-terminated strings for the call's duration.
-    let rc = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            flags,
-            data.as_ptr().cast(),
-        )
-    };
+    let rc = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), flags, data.as_ptr().cast()) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }

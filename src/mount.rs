@@ -34,13 +34,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Options {
-        Options {
-            cache_dir: None,
-            allow_other: false,
-            read_only: false,
-            debug: false,
-            mount_timeout: Duration::from_secs(30),
-        }
+        Options { cache_dir: None, allow_other: false, read_only: false, debug: false, mount_timeout: Duration::from_secs(30) }
     }
 }
 
@@ -78,26 +72,17 @@ impl Options {
                 Some((k, v)) => (k, Some(v)),
                 None => (opt, None),
             };
-            let need = || {
-                value
-                    .filter(|v| !v.is_empty())
-                    .ok_or_else(|| format!("option {key} needs a value ({key}=...)"))
-            };
+            let need = || value.filter(|v| !v.is_empty()).ok_or_else(|| format!("option {key} needs a value ({key}=...)"));
             match key {
                 "cache_dir" => self.cache_dir = Some(PathBuf::from(need()?)),
                 "allow_other" => self.allow_other = true,
                 "ro" => self.read_only = true,
                 "debug" => self.debug = true,
                 "mount_timeout" => {
-                    let secs: u64 = need()?.parse().map_err(|_| {
-                        format!("mount_timeout must be whole seconds, not {value:?}")
-                    })?;
+                    let secs: u64 = need()?.parse().map_err(|_| format!("mount_timeout must be whole seconds, not {value:?}"))?;
                     self.mount_timeout = Duration::from_secs(secs.max(1));
                 }
-                k if IGNORED.contains(&k)
-                    || k.starts_with("x-systemd.")
-                    || k.starts_with("x-")
-                    || k.starts_with("comment=") => {}
+                k if IGNORED.contains(&k) || k.starts_with("x-systemd.") || k.starts_with("x-") || k.starts_with("comment=") => {}
                 _ => return Err(format!("unknown mount option {opt:?}")),
             }
         }
@@ -115,8 +100,7 @@ pub struct MountArgs {
     pub foreground: bool,
 }
 
-pub const USAGE: &str =
-    "usage: mount.restfs ws://HOST:PORT/BUCKET MOUNTPOINT [-o OPTION[,OPTION...]] [-f]
+pub const USAGE: &str = "usage: mount.restfs ws://HOST:PORT/BUCKET MOUNTPOINT [-o OPTION[,OPTION...]] [-f]
 
   -f                 stay in the foreground until unmounted (logs to stderr)
   -o cache_dir=DIR   local cache directory (one per mount; default under ~/.cache/restfs)
@@ -148,56 +132,27 @@ pub fn parse_args(args: &[String]) -> Result<MountArgs, String> {
         return Err(format!("expected SOURCE and MOUNTPOINT\n{USAGE}"));
     };
     let source = ServerUrl::parse(source)?;
-    let bucket = source
-        .bucket
-        .clone()
-        .ok_or_else(|| format!("{source} names no bucket: use ws://HOST:PORT/BUCKET"))?;
-    let mountpoint = std::path::absolute(mountpoint)
-        .map_err(|e| format!("bad mountpoint {mountpoint:?}: {e}"))?;
-    Ok(MountArgs {
-        source,
-        bucket,
-        mountpoint,
-        options,
-        foreground,
-    })
+    let bucket = source.bucket.clone().ok_or_else(|| format!("{source} names no bucket: use ws://HOST:PORT/BUCKET"))?;
+    let mountpoint = std::path::absolute(mountpoint).map_err(|e| format!("bad mountpoint {mountpoint:?}: {e}"))?;
+    Ok(MountArgs { source, bucket, mountpoint, options, foreground })
 }
 
 fn default_cache_dir(args: &MountArgs) -> PathBuf {
-    let base = dirs::cache_dir()
-        .unwrap_or_else(std::env::temp_dir)
-        .join("restfs");
+    let base = dirs::cache_dir().unwrap_or_else(std::env::temp_dir).join("restfs");
     let tag: String = format!("{}_{}", args.source.authority, args.bucket)
         .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
+        .map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '_' })
         .collect();
     base.join(tag)
 }
 
 /// Hold an exclusive lock on the cache directory for the life of the mount.
 fn lock_cache_dir(dir: &Path) -> Result<File, String> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| format!("cannot create cache directory {}: {e}", dir.display()))?;
-    let lock = File::create(dir.join("lock"))
-        .map_err(|e| format!("cannot open {}/lock: {e}", dir.display()))?;
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create cache directory {}: {e}", dir.display()))?;
+    let lock = File::create(dir.join("lock")).map_err(|e| format!("cannot open {}/lock: {e}", dir.display()))?;
     // SAFETY: flock on a valid, owned descriptor.
-    if unsafe {
-        libc::flock(
-            std::os::fd::AsRawFd::as_raw_fd(&lock),
-            libc::LOCK_EX | libc::LOCK_NB,
-        )
-    } != 0
-    {
-        return Err(format!(
-            "cache directory {} is in use by another mount; give each mount its own -o cache_dir",
-            dir.display()
-        ));
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(format!("cache directory {} is in use by another mount; give each mount its own -o cache_dir", dir.display()));
     }
     Ok(lock)
 }
@@ -215,8 +170,7 @@ fn clear_stale_mount(path: &Path) {
 
 /// `umount2(path, MNT_DETACH)`.
 pub fn lazy_unmount(path: &Path) -> std::io::Result<()> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: valid C string.
     if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
         return Err(std::io::Error::last_os_error());
@@ -230,10 +184,7 @@ fn init_logging(args: &MountArgs, log_file: Option<File>) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},fuser=warn")));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     match log_file {
-        Some(f) => builder
-            .with_ansi(false)
-            .with_writer(std::sync::Mutex::new(f))
-            .init(),
+        Some(f) => builder.with_ansi(false).with_writer(std::sync::Mutex::new(f)).init(),
         None => builder.with_writer(std::io::stderr).init(),
     }
 }
@@ -269,8 +220,7 @@ fn daemonize(args: MountArgs) -> i32 {
         return 1;
     }
     // SAFETY: both descriptors were just created and are owned here only.
-    let (read_end, write_end) =
-        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     // SAFETY: no threads exist yet (no runtime was started), so fork is safe.
     match unsafe { libc::fork() } {
         -1 => {
@@ -281,17 +231,9 @@ fn daemonize(args: MountArgs) -> i32 {
             drop(read_end);
             // SAFETY: plain syscalls in the fresh child.
             unsafe { libc::setsid() };
-            let cache_dir = args
-                .options
-                .cache_dir
-                .clone()
-                .unwrap_or_else(|| default_cache_dir(&args));
+            let cache_dir = args.options.cache_dir.clone().unwrap_or_else(|| default_cache_dir(&args));
             let _ = std::fs::create_dir_all(&cache_dir);
-            let log = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(cache_dir.join("mount.log"))
-                .ok();
+            let log = std::fs::OpenOptions::new().create(true).append(true).open(cache_dir.join("mount.log")).ok();
             redirect_stdio();
             init_logging(&args, log);
             let mut ready = Some(File::from(write_end));
@@ -317,17 +259,11 @@ fn daemonize(args: MountArgs) -> i32 {
             // The child enforces mount_timeout itself; this is a backstop.
             let msg = match rx.recv_timeout(args.options.mount_timeout + Duration::from_secs(5)) {
                 Ok(msg) if msg == "OK" => return 0,
-                Ok(msg) => msg
-                    .strip_prefix("ERR ")
-                    .unwrap_or("the mount daemon exited without reporting")
-                    .to_string(),
+                Ok(msg) => msg.strip_prefix("ERR ").unwrap_or("the mount daemon exited without reporting").to_string(),
                 Err(_) => {
                     // SAFETY: signal our own child.
                     unsafe { libc::kill(child, libc::SIGKILL) };
-                    format!(
-                        "mount did not complete within {:?}",
-                        args.options.mount_timeout
-                    )
+                    format!("mount did not complete within {:?}", args.options.mount_timeout)
                 }
             };
             eprintln!("mount.restfs: {msg}");
@@ -340,11 +276,7 @@ fn daemonize(args: MountArgs) -> i32 {
 }
 
 fn redirect_stdio() {
-    if let Ok(null) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/null")
-    {
+    if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
         let fd = std::os::fd::AsRawFd::as_raw_fd(&null);
         // SAFETY: dup2 onto the standard descriptors.
         unsafe {
@@ -369,25 +301,21 @@ fn serve(args: &MountArgs, ready: &mut Option<File>) -> Result<(), String> {
             .await
             .map_err(|_| format!("server {} did not answer within {timeout:?}", args.source.authority))?
             .map_err(|e| match e.as_errno().0 {
-                libc::ENOENT => format!("bucket {:?} does not exist on {} (create it with: restfs --server ws://{} bucket create {})", args.bucket, args.source.authority, args.source.authority, args.bucket),
+                libc::ENOENT => format!(
+                    "bucket {:?} does not exist on {} (create it with: restfs --server ws://{} bucket create {})",
+                    args.bucket, args.source.authority, args.source.authority, args.bucket
+                ),
                 _ => format!("cannot mount bucket {:?}: {e}", args.bucket),
             })?;
         Ok::<_, String>((link, mounted))
     })?;
-    let cache_dir = args
-        .options
-        .cache_dir
-        .clone()
-        .unwrap_or_else(|| default_cache_dir(args));
+    let cache_dir = args.options.cache_dir.clone().unwrap_or_else(|| default_cache_dir(args));
     let _lock = lock_cache_dir(&cache_dir)?;
     clear_stale_mount(&args.mountpoint);
     match std::fs::metadata(&args.mountpoint) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => {
-            return Err(format!(
-                "mountpoint {} is not a directory",
-                args.mountpoint.display()
-            ));
+            return Err(format!("mountpoint {} is not a directory", args.mountpoint.display()));
         }
         Err(e) => return Err(format!("mountpoint {}: {e}", args.mountpoint.display())),
     }
@@ -401,20 +329,13 @@ fn serve(args: &MountArgs, ready: &mut Option<File>) -> Result<(), String> {
     let adapter = FuseAdapter::new(fs.clone(), rt.handle().clone());
     let source = args.source.to_string();
     let explain = |e: std::io::Error| match e.raw_os_error() {
-        Some(libc::EBUSY) => format!(
-            "mountpoint {} is busy (already mounted?)",
-            args.mountpoint.display()
-        ),
+        Some(libc::EBUSY) => format!("mountpoint {} is busy (already mounted?)", args.mountpoint.display()),
         _ => format!("cannot mount at {}: {e}", args.mountpoint.display()),
     };
     // SAFETY: plain getter.
     let session = if unsafe { libc::geteuid() } == 0 {
-        let km = KernelMount {
-            source: &source,
-            subtype: "restfs",
-            allow_other: args.options.allow_other,
-            read_only: args.options.read_only,
-        };
+        let km =
+            KernelMount { source: &source, subtype: "restfs", allow_other: args.options.allow_other, read_only: args.options.read_only };
         let fd = kernel_mount::mount(&km, &args.mountpoint).map_err(explain)?;
         fuser::Session::from_fd(adapter, fd, config.acl, config).map_err(explain)?
     } else {
@@ -429,7 +350,8 @@ fn serve(args: &MountArgs, ready: &mut Option<File>) -> Result<(), String> {
         }
         fuser::Session::new(adapter, &args.mountpoint, &config).map_err(explain)?
     };
-    fs.set_kernel_cache(Box::new(session.notifier()));
+    fs.set_kernel_cache(Box::new(crate::fuse::KernelNotifier::new(session.notifier())));
+    rt.block_on(fs.subscribe()).map_err(|e| format!("cannot subscribe to changes: {e}"))?;
     tracing::info!("mounted {} at {}", args.source, args.mountpoint.display());
     if let Some(mut ready) = ready.take() {
         let _ = ready.write_all(b"OK");
@@ -437,16 +359,12 @@ fn serve(args: &MountArgs, ready: &mut Option<File>) -> Result<(), String> {
 
     let (fs_sig, mountpoint) = (fs.clone(), args.mountpoint.clone());
     rt.spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("signal handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
-        tracing::info!(
-            "signal received: committing open files and unmounting {}",
-            mountpoint.display()
-        );
+        tracing::info!("signal received: committing open files and unmounting {}", mountpoint.display());
         if let Err(e) = fs_sig.flush_all().await {
             tracing::error!("commit before unmount failed: {e}");
         }
@@ -456,8 +374,7 @@ fn serve(args: &MountArgs, ready: &mut Option<File>) -> Result<(), String> {
         }
     });
     let served = session.run();
-    rt.block_on(fs.flush_all())
-        .map_err(|e| format!("commit at unmount failed: {e}"))?;
+    rt.block_on(fs.flush_all()).map_err(|e| format!("commit at unmount failed: {e}"))?;
     tracing::info!("unmounted {}", args.mountpoint.display());
     rt.shutdown_timeout(Duration::from_secs(2));
     served.map_err(|e| format!("FUSE session ended with an error: {e}"))
@@ -473,32 +390,13 @@ mod tests {
 
     #[test]
     fn mount8_argument_order_and_options() {
-        let a = args(&[
-            "ws://h:1/b",
-            "/mnt",
-            "-o",
-            "rw,_netdev,x-systemd.automount,cache_dir=/c,allow_other",
-            "-f",
-        ])
-        .unwrap();
+        let a = args(&["ws://h:1/b", "/mnt", "-o", "rw,_netdev,x-systemd.automount,cache_dir=/c,allow_other", "-f"]).unwrap();
         assert_eq!(a.bucket, "b");
         assert!(a.foreground && a.options.allow_other);
         assert_eq!(a.options.cache_dir.as_deref(), Some(Path::new("/c")));
-        assert!(
-            args(&["ws://h:1/b", "/mnt", "-o", "bogus"])
-                .unwrap_err()
-                .contains("unknown mount option")
-        );
-        assert!(
-            args(&["ws://h:1/b", "/mnt", "-ocache_dir="])
-                .unwrap_err()
-                .contains("needs a value")
-        );
-        assert!(
-            args(&["ws://h:1", "/mnt"])
-                .unwrap_err()
-                .contains("no bucket")
-        );
+        assert!(args(&["ws://h:1/b", "/mnt", "-o", "bogus"]).unwrap_err().contains("unknown mount option"));
+        assert!(args(&["ws://h:1/b", "/mnt", "-ocache_dir="]).unwrap_err().contains("needs a value"));
+        assert!(args(&["ws://h:1", "/mnt"]).unwrap_err().contains("no bucket"));
         assert!(args(&["ws://h:1/b"]).is_err());
     }
 }

@@ -11,29 +11,16 @@ use std::process::Command;
 
 /// The tree to copy: a crate's sources plus awkward cases.
 fn build_fixture(dir: &std::path::Path) {
-    run(Command::new("cp")
-        .arg("-a")
-        .arg(registry_crate_tree())
-        .arg(dir.join("crate")));
+    run(Command::new("cp").arg("-a").arg(registry_crate_tree()).arg(dir.join("crate")));
     let odd = dir.join("odd");
     std::fs::create_dir_all(&odd).unwrap();
-    let big: Vec<u8> = (0..5_000_003u32)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
+    let big: Vec<u8> = (0..5_000_003u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
     std::fs::write(odd.join("big.bin"), &big).unwrap();
     std::fs::write(odd.join("empty"), b"").unwrap();
-    std::fs::write(
-        odd.join(std::ffi::OsStr::from_bytes(&[b'n', 0xff, 0xfe, b'!'])),
-        b"non-UTF-8 name",
-    )
-    .unwrap();
+    std::fs::write(odd.join(std::ffi::OsStr::from_bytes(&[b'n', 0xff, 0xfe, b'!'])), b"non-UTF-8 name").unwrap();
     std::fs::write(odd.join("x".repeat(255)), b"longest name").unwrap();
     std::os::unix::fs::symlink("big.bin", odd.join("link")).unwrap();
-    std::fs::set_permissions(
-        odd.join("empty"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o4751),
-    )
-    .unwrap();
+    std::fs::set_permissions(odd.join("empty"), std::os::unix::fs::PermissionsExt::from_mode(0o4751)).unwrap();
 }
 
 #[test]
@@ -50,10 +37,7 @@ fn tree_copied_in_and_out_survives_remount_and_server_restart() {
 
     let m = Mount::new(&server, "tree", &mnt, &options);
     write_sparse(&mnt.join("sparse"));
-    run(Command::new("cp")
-        .arg("-a")
-        .arg(&fixture)
-        .arg(mnt.join("copy")));
+    run(Command::new("cp").arg("-a").arg(&fixture).arg(mnt.join("copy")));
     let entries = assert_same_tree(&fixture, &mnt.join("copy"));
     assert!(entries > 500, "only {entries} entries compared");
     let out = root.join("out");
@@ -94,12 +78,6 @@ fn check_sparse(path: &std::path::Path) {
     };
     assert_eq!(at(0, 8), b"head\0\0\0\0");
     assert_eq!(at(FAR - 4, 12), b"\0\0\0\0far data");
-    assert!(
-        at(3 << 30, 1 << 20).iter().all(|b| *b == 0),
-        "hole must read as zeros"
-    );
-    assert!(
-        at((6 << 30) - 4096, 4096).iter().all(|b| *b == 0),
-        "tail hole must read as zeros"
-    );
+    assert!(at(3 << 30, 1 << 20).iter().all(|b| *b == 0), "hole must read as zeros");
+    assert!(at((6 << 30) - 4096, 4096).iter().all(|b| *b == 0), "tail hole must read as zeros");
 }

@@ -13,18 +13,8 @@ fn close_on_one_mount_then_open_on_the_other_sees_the_data() {
     let server = Server::start(&root.join("data"));
     server.create_bucket("shared");
     let (pa, pb) = (root.join("a"), root.join("b"));
-    let a = Mount::new(
-        &server,
-        "shared",
-        &pa,
-        &format!("cache_dir={}", root.join("cache-a").display()),
-    );
-    let b = Mount::new(
-        &server,
-        "shared",
-        &pb,
-        &format!("cache_dir={}", root.join("cache-b").display()),
-    );
+    let a = Mount::new(&server, "shared", &pa, &format!("cache_dir={}", root.join("cache-a").display()));
+    let b = Mount::new(&server, "shared", &pb, &format!("cache_dir={}", root.join("cache-b").display()));
 
     // Sizes that grow, shrink and cross block boundaries.
     let sizes = [10usize, 5000, 3, 1 << 20, (1 << 20) + 7, 2_500_000, 0, 77];
@@ -46,12 +36,7 @@ fn close_on_one_mount_then_open_on_the_other_sees_the_data() {
     std::fs::rename(pa.join("new"), pa.join("dir/moved")).unwrap();
     assert_eq!(std::fs::read(pb.join("dir/moved")).unwrap(), b"fresh");
     std::fs::remove_file(pa.join("dir/moved")).unwrap();
-    assert_eq!(
-        std::fs::File::open(pb.join("dir/moved"))
-            .unwrap_err()
-            .kind(),
-        std::io::ErrorKind::NotFound
-    );
+    assert_eq!(std::fs::File::open(pb.join("dir/moved")).unwrap_err().kind(), std::io::ErrorKind::NotFound);
 
     // And the other way round.
     std::fs::write(pb.join("from-b"), b"hello from b").unwrap();

@@ -21,7 +21,8 @@ fn pjdfstest_binary() -> String {
 
 /// Numbers from pjdfstest's `Summary:` line: (failed, skipped, passed, expected failures).
 fn summary(output: &str) -> (u64, u64, u64, u64) {
-    let line = output.lines().rev().find(|l| l.starts_with("Summary:")).unwrap_or_else(|| panic!("no summary in pjdfstest output:\n{output}"));
+    let line =
+        output.lines().rev().find(|l| l.starts_with("Summary:")).unwrap_or_else(|| panic!("no summary in pjdfstest output:\n{output}"));
     let number_before = |word: &str| -> u64 {
         let words: Vec<&str> = line.split(|c: char| c == ',' || c.is_whitespace()).filter(|w| !w.is_empty()).collect();
         let i = words.iter().position(|w| *w == word).unwrap_or_else(|| panic!("no {word:?} in {line:?}"));
@@ -41,7 +42,8 @@ fn pjdfstest_passes_on_a_mount() {
     std::fs::set_permissions(&mnt, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
 
     let config = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/pjdfstest/pjdfstest.toml");
-    let out = Command::new(pjdfstest_binary()).args(["-c", config, "-p"]).arg(&mnt).current_dir(&mnt).env("NO_COLOR", "1").output().unwrap();
+    let out =
+        Command::new(pjdfstest_binary()).args(["-c", config, "-p"]).arg(&mnt).current_dir(&mnt).env("NO_COLOR", "1").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     for line in text.lines().filter(|l| l.contains("FAILED") || l.contains("PASSED UNEXPECTEDLY") || l.starts_with('\t')) {
         println!("{line}");
@@ -49,7 +51,9 @@ fn pjdfstest_passes_on_a_mount() {
     let (failed, skipped, passed, expected) = summary(&text);
     let ran = failed + passed + expected;
     let rate = 100.0 * passed as f64 / ran as f64;
-    println!("pjdfstest on RestFS: {passed} passed of {ran} non-skipped ({rate:.1}%), {skipped} skipped, {expected} expected failures, {failed} unexpected failures");
+    println!(
+        "pjdfstest on RestFS: {passed} passed of {ran} non-skipped ({rate:.1}%), {skipped} skipped, {expected} expected failures, {failed} unexpected failures"
+    );
     m.unmount();
     let _ = std::fs::remove_dir(&mnt);
     assert_eq!(failed, 0, "failures not listed in expected_failures (see above)");

@@ -17,22 +17,11 @@ struct Inner {
 impl BlockCache {
     /// A cache holding at most `capacity` bytes of block data.
     pub fn new(capacity: usize) -> BlockCache {
-        BlockCache {
-            inner: Mutex::new(Inner {
-                lru: LruCache::unbounded(),
-                bytes: 0,
-                capacity,
-            }),
-        }
+        BlockCache { inner: Mutex::new(Inner { lru: LruCache::unbounded(), bytes: 0, capacity }) }
     }
 
     pub fn get(&self, hash: &Hash) -> Option<Arc<Vec<u8>>> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .lru
-            .get(hash)
-            .cloned()
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).lru.get(hash).cloned()
     }
 
     pub fn insert(&self, hash: Hash, data: Arc<Vec<u8>>) {

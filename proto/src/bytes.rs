@@ -85,11 +85,7 @@ impl From<&[u8]> for Name {
 
 impl Serialize for Bytes {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        if s.is_human_readable() {
-            s.serialize_str(&B64.encode(&self.0))
-        } else {
-            s.serialize_bytes(&self.0)
-        }
+        if s.is_human_readable() { s.serialize_str(&B64.encode(&self.0)) } else { s.serialize_bytes(&self.0) }
     }
 }
 
@@ -140,34 +136,23 @@ impl<'de> Visitor<'de> for ByteVisitor {
 
 impl<'de> Deserialize<'de> for Bytes {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let v = ByteVisitor {
-            what: "bytes (binary or base64 string)",
-            from_str: |s| B64.decode(s).ok(),
-        };
+        let v = ByteVisitor { what: "bytes (binary or base64 string)", from_str: |s| B64.decode(s).ok() };
         d.deserialize_any(v).map(Bytes)
     }
 }
 
 impl<'de> Deserialize<'de> for Name {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let v = ByteVisitor {
-            what: "a name (string, binary or byte array)",
-            from_str: |s| Some(s.as_bytes().to_vec()),
-        };
+        let v = ByteVisitor { what: "a name (string, binary or byte array)", from_str: |s| Some(s.as_bytes().to_vec()) };
         d.deserialize_any(v).map(Name)
     }
 }
 
 impl<'de> Deserialize<'de> for Hash {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let v = ByteVisitor {
-            what: "a SHA-256 hash (64 hex digits)",
-            from_str: |s| Hash::from_hex(s).map(|h| h.0.to_vec()),
-        };
+        let v = ByteVisitor { what: "a SHA-256 hash (64 hex digits)", from_str: |s| Hash::from_hex(s).map(|h| h.0.to_vec()) };
         let bytes = d.deserialize_any(v)?;
-        let arr: [u8; 32] = bytes
-            .try_into()
-            .map_err(|_| de::Error::custom("a hash has 32 bytes"))?;
+        let arr: [u8; 32] = bytes.try_into().map_err(|_| de::Error::custom("a hash has 32 bytes"))?;
         Ok(Hash(arr))
     }
 }
@@ -185,12 +170,7 @@ mod tests {
     }
 
     fn sample() -> Sample {
-        Sample {
-            data: Bytes(vec![0, 1, 2, 255]),
-            name: Name::from("hello"),
-            odd: Name(vec![0xff, b'a', 0x80]),
-            hash: Hash::of(b"abc"),
-        }
+        Sample { data: Bytes(vec![0, 1, 2, 255]), name: Name::from("hello"), odd: Name(vec![0xff, b'a', 0x80]), hash: Hash::of(b"abc") }
     }
 
     #[test]
@@ -207,18 +187,12 @@ mod tests {
         let s = sample();
         let bytes = bson::serialize_to_vec(&s).unwrap();
         let doc = bson::RawDocument::from_bytes(&bytes).unwrap();
-        assert!(matches!(
-            doc.get("data").unwrap(),
-            Some(bson::RawBsonRef::Binary(_))
-        ));
+        assert!(matches!(doc.get("data").unwrap(), Some(bson::RawBsonRef::Binary(_))));
         assert_eq!(bson::deserialize_from_slice::<Sample>(&bytes).unwrap(), s);
     }
 
     #[test]
     fn hash_is_sha256() {
-        assert_eq!(
-            Hash::of(b"abc").to_hex(),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        assert_eq!(Hash::of(b"abc").to_hex(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
 }

@@ -89,18 +89,12 @@ impl Errno {
 
     /// The symbolic name, or `None` for a number outside the table.
     pub fn name(self) -> Option<&'static str> {
-        ERRNO_TABLE
-            .iter()
-            .find(|(_, n)| *n == self.0)
-            .map(|(s, _)| *s)
+        ERRNO_TABLE.iter().find(|(_, n)| *n == self.0).map(|(s, _)| *s)
     }
 
     /// The local errno for a symbolic name.
     pub fn from_name(name: &str) -> Option<Errno> {
-        ERRNO_TABLE
-            .iter()
-            .find(|(s, _)| *s == name)
-            .map(|(_, n)| Errno(*n))
+        ERRNO_TABLE.iter().find(|(s, _)| *s == name).map(|(_, n)| Errno(*n))
     }
 }
 

@@ -67,6 +67,8 @@ methods! {
     BlockPut = "block.put" (BlockPutParams) -> Empty;
     BlockGet = "block.get" (BlockGetParams) -> BlockGetResult;
     Gc = "admin.gc" (GcParams) -> GcResult;
+    Subscribe = "bucket.subscribe" (SubscribeParams) -> SubscribeResult;
+    PushChanges = "push.changes" (PushParams) -> Empty;
 }
 
 /// No parameters, or no result.
@@ -362,4 +364,42 @@ pub struct GcParams {
 pub struct GcResult {
     pub blocks_removed: u64,
     pub bytes_removed: u64,
+}
+
+/// Ask for change pushes on the mounted bucket, starting after `since`
+/// (the last sequence number the client applied), or from now.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SubscribeParams {
+    #[serde(default)]
+    pub since: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SubscribeResult {
+    /// The bucket's latest sequence number now.
+    pub seq: u64,
+    /// `since` is older than the change log reaches: the client must
+    /// revalidate everything it caches.
+    pub reset: bool,
+}
+
+/// Server-to-client notification (no id): what changed, through `through`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PushParams {
+    /// Every change up to this sequence number is included (or covered by `reset`).
+    pub through: u64,
+    /// Changes were lost (the log was trimmed): revalidate everything.
+    #[serde(default)]
+    pub reset: bool,
+    pub changes: Vec<Change>,
+}
+
+/// One change, with the state it left behind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Change {
+    /// An inode's attributes or content changed; `attr` is `None` once it is gone.
+    Attr { seq: u64, ino: Ino, attr: Option<Attr> },
+    /// A directory entry changed; `ino` is what it names now, if anything.
+    Entry { seq: u64, parent: Ino, name: Name, ino: Option<Ino> },
 }

@@ -53,29 +53,19 @@ pub struct ErrorData {
 
 impl RpcError {
     pub fn new(code: i64, message: impl Into<String>) -> RpcError {
-        RpcError {
-            code,
-            message: message.into(),
-            data: None,
-        }
+        RpcError { code, message: message.into(), data: None }
     }
 
     /// A filesystem error carrying `errno`.
     pub fn errno(errno: Errno, message: impl Into<String>) -> RpcError {
-        RpcError {
-            code: code::FS_ERROR,
-            message: message.into(),
-            data: Some(ErrorData { errno }),
-        }
+        RpcError { code: code::FS_ERROR, message: message.into(), data: Some(ErrorData { errno }) }
     }
 
     pub fn invalid_params(message: impl fmt::Display) -> RpcError {
         RpcError {
             code: code::INVALID_PARAMS,
             message: format!("invalid params: {message}"),
-            data: Some(ErrorData {
-                errno: Errno::EINVAL,
-            }),
+            data: Some(ErrorData { errno: Errno::EINVAL }),
         }
     }
 
@@ -150,9 +140,7 @@ impl<'de> Deserialize<'de> for IdField {
                 Ok(IdField::Valid(Id::Num(v.into())))
             }
             fn visit_u64<E>(self, v: u64) -> Result<IdField, E> {
-                Ok(i64::try_from(v)
-                    .map(|v| IdField::Valid(Id::Num(v)))
-                    .unwrap_or(IdField::Invalid))
+                Ok(i64::try_from(v).map(|v| IdField::Valid(Id::Num(v))).unwrap_or(IdField::Invalid))
             }
             fn visit_str<E>(self, v: &str) -> Result<IdField, E> {
                 Ok(IdField::Valid(Id::Str(v.to_owned())))
@@ -227,12 +215,11 @@ impl RawMessage {
     /// Read the envelope.
     pub fn head(&self) -> Result<Head, RpcError> {
         let head: Head = match self.encoding {
-            Encoding::Json => serde_json::from_slice(&self.bytes).map_err(|e| {
-                RpcError::new(code::INVALID_REQUEST, format!("invalid request: {e}"))
-            })?,
-            Encoding::Bson => bson::deserialize_from_slice(&self.bytes).map_err(|e| {
-                RpcError::new(code::INVALID_REQUEST, format!("invalid request: {e}"))
-            })?,
+            Encoding::Json => {
+                serde_json::from_slice(&self.bytes).map_err(|e| RpcError::new(code::INVALID_REQUEST, format!("invalid request: {e}")))?
+            }
+            Encoding::Bson => bson::deserialize_from_slice(&self.bytes)
+                .map_err(|e| RpcError::new(code::INVALID_REQUEST, format!("invalid request: {e}")))?,
         };
         Ok(head)
     }
@@ -240,40 +227,29 @@ impl RawMessage {
     /// Decode `params` as `P`; absent params decode as an empty object.
     pub fn params<P: DeserializeOwned>(&self) -> Result<P, RpcError> {
         let found: Option<P> = match self.encoding {
-            Encoding::Json => {
-                serde_json::from_slice::<ParamsOnly<P>>(&self.bytes)
-                    .map_err(RpcError::invalid_params)?
-                    .params
-            }
-            Encoding::Bson => {
-                bson::deserialize_from_slice::<ParamsOnly<P>>(&self.bytes)
-                    .map_err(RpcError::invalid_params)?
-                    .params
-            }
+            Encoding::Json => serde_json::from_slice::<ParamsOnly<P>>(&self.bytes).map_err(RpcError::invalid_params)?.params,
+            Encoding::Bson => bson::deserialize_from_slice::<ParamsOnly<P>>(&self.bytes).map_err(RpcError::invalid_params)?.params,
         };
         match found {
             Some(p) => Ok(p),
-            None => {
-                serde_json::from_str("{}").map_err(|_| RpcError::invalid_params("params missing"))
-            }
+            None => serde_json::from_str("{}").map_err(|_| RpcError::invalid_params("params missing")),
         }
     }
 
     /// Decode a response: its result as `R`, or its error.
     pub fn result<R: DeserializeOwned>(&self) -> Result<R, RpcError> {
         let got: ResultOnly<R> = match self.encoding {
-            Encoding::Json => serde_json::from_slice(&self.bytes)
-                .map_err(|e| RpcError::new(code::PARSE_ERROR, format!("bad response: {e}")))?,
-            Encoding::Bson => bson::deserialize_from_slice(&self.bytes)
-                .map_err(|e| RpcError::new(code::PARSE_ERROR, format!("bad response: {e}")))?,
+            Encoding::Json => {
+                serde_json::from_slice(&self.bytes).map_err(|e| RpcError::new(code::PARSE_ERROR, format!("bad response: {e}")))?
+            }
+            Encoding::Bson => {
+                bson::deserialize_from_slice(&self.bytes).map_err(|e| RpcError::new(code::PARSE_ERROR, format!("bad response: {e}")))?
+            }
         };
         match (got.result, got.error) {
             (_, Some(e)) => Err(e),
             (Some(r), None) => Ok(r),
-            (None, None) => Err(RpcError::new(
-                code::PARSE_ERROR,
-                "response has neither result nor error",
-            )),
+            (None, None) => Err(RpcError::new(code::PARSE_ERROR, "response has neither result nor error")),
         }
     }
 }
@@ -281,30 +257,18 @@ impl RawMessage {
 /// Cut a frame into messages. A frame that is not valid JSON/BSON is a
 /// parse error; an empty batch is an invalid request.
 pub fn split_frame(encoding: Encoding, frame: &[u8]) -> Result<SplitFrame, RpcError> {
-    let parse =
-        |e: &dyn fmt::Display| RpcError::new(code::PARSE_ERROR, format!("parse error: {e}"));
+    let parse = |e: &dyn fmt::Display| RpcError::new(code::PARSE_ERROR, format!("parse error: {e}"));
     let messages = match encoding {
         Encoding::Json => {
             let text = std::str::from_utf8(frame).map_err(|e| parse(&e))?;
             let first = text.trim_start().as_bytes().first().copied();
             if first == Some(b'[') {
-                let items: Vec<&serde_json::value::RawValue> =
-                    serde_json::from_str(text).map_err(|e| parse(&e))?;
-                let msgs: Vec<RawMessage> = items
-                    .iter()
-                    .map(|r| RawMessage {
-                        encoding,
-                        bytes: r.get().as_bytes().to_vec(),
-                    })
-                    .collect();
+                let items: Vec<&serde_json::value::RawValue> = serde_json::from_str(text).map_err(|e| parse(&e))?;
+                let msgs: Vec<RawMessage> = items.iter().map(|r| RawMessage { encoding, bytes: r.get().as_bytes().to_vec() }).collect();
                 return batch(encoding, msgs);
             }
-            let _: &serde_json::value::RawValue =
-                serde_json::from_str(text).map_err(|e| parse(&e))?;
-            vec![RawMessage {
-                encoding,
-                bytes: frame.to_vec(),
-            }]
+            let _: &serde_json::value::RawValue = serde_json::from_str(text).map_err(|e| parse(&e))?;
+            vec![RawMessage { encoding, bytes: frame.to_vec() }]
         }
         Encoding::Bson => {
             let doc = bson::RawDocument::from_bytes(frame).map_err(|e| parse(&e))?;
@@ -318,41 +282,22 @@ pub fn split_frame(encoding: Encoding, frame: &[u8]) -> Result<SplitFrame, RpcEr
                     nested.push(d.as_bytes().to_vec());
                 }
             }
-            let is_batch = !keys.is_empty()
-                && keys.iter().enumerate().all(|(i, k)| *k == i.to_string())
-                && nested.len() == keys.len();
+            let is_batch = !keys.is_empty() && keys.iter().enumerate().all(|(i, k)| *k == i.to_string()) && nested.len() == keys.len();
             if is_batch {
-                let msgs = nested
-                    .into_iter()
-                    .map(|bytes| RawMessage { encoding, bytes })
-                    .collect();
+                let msgs = nested.into_iter().map(|bytes| RawMessage { encoding, bytes }).collect();
                 return batch(encoding, msgs);
             }
-            vec![RawMessage {
-                encoding,
-                bytes: frame.to_vec(),
-            }]
+            vec![RawMessage { encoding, bytes: frame.to_vec() }]
         }
     };
-    Ok(SplitFrame {
-        encoding,
-        batch: false,
-        messages,
-    })
+    Ok(SplitFrame { encoding, batch: false, messages })
 }
 
 fn batch(encoding: Encoding, messages: Vec<RawMessage>) -> Result<SplitFrame, RpcError> {
     if messages.is_empty() {
-        return Err(RpcError::new(
-            code::INVALID_REQUEST,
-            "invalid request: empty batch",
-        ));
+        return Err(RpcError::new(code::INVALID_REQUEST, "invalid request: empty batch"));
     }
-    Ok(SplitFrame {
-        encoding,
-        batch: true,
-        messages,
-    })
+    Ok(SplitFrame { encoding, batch: true, messages })
 }
 
 #[derive(Serialize)]
@@ -376,61 +321,31 @@ struct ResponseOut<'a, R> {
 
 fn encode<T: Serialize>(encoding: Encoding, value: &T) -> Vec<u8> {
     match encoding {
-        Encoding::Json => {
-            serde_json::to_vec(value).expect("JSON encoding of wire types cannot fail")
-        }
+        Encoding::Json => serde_json::to_vec(value).expect("JSON encoding of wire types cannot fail"),
         // Only integers above i64::MAX fail in BSON; wire types never hold one.
-        Encoding::Bson => {
-            bson::serialize_to_vec(value).expect("BSON encoding of wire types cannot fail")
-        }
+        Encoding::Bson => bson::serialize_to_vec(value).expect("BSON encoding of wire types cannot fail"),
     }
 }
 
 /// Encode a request (a notification when `id` is `None`).
-pub fn encode_request<P: Serialize>(
-    encoding: Encoding,
-    id: Option<&Id>,
-    method: &str,
-    params: &P,
-) -> Vec<u8> {
-    encode(
-        encoding,
-        &RequestOut {
-            jsonrpc: JSONRPC_VERSION,
-            id,
-            method,
-            params,
-        },
-    )
+pub fn encode_request<P: Serialize>(encoding: Encoding, id: Option<&Id>, method: &str, params: &P) -> Vec<u8> {
+    encode(encoding, &RequestOut { jsonrpc: JSONRPC_VERSION, id, method, params })
 }
 
 /// Encode a response to request `id` (`None` is null).
-pub fn encode_response<R: Serialize>(
-    encoding: Encoding,
-    id: Option<&Id>,
-    outcome: &Result<R, RpcError>,
-) -> Vec<u8> {
+pub fn encode_response<R: Serialize>(encoding: Encoding, id: Option<&Id>, outcome: &Result<R, RpcError>) -> Vec<u8> {
     let (result, error) = match outcome {
         Ok(r) => (Some(r), None),
         Err(e) => (None, Some(e)),
     };
-    encode(
-        encoding,
-        &ResponseOut {
-            jsonrpc: JSONRPC_VERSION,
-            id,
-            result,
-            error,
-        },
-    )
+    encode(encoding, &ResponseOut { jsonrpc: JSONRPC_VERSION, id, result, error })
 }
 
 /// Join encoded messages into one batch frame.
 pub fn encode_batch(encoding: Encoding, messages: &[Vec<u8>]) -> Vec<u8> {
     match encoding {
         Encoding::Json => {
-            let mut out =
-                Vec::with_capacity(messages.iter().map(|m| m.len() + 1).sum::<usize>() + 2);
+            let mut out = Vec::with_capacity(messages.iter().map(|m| m.len() + 1).sum::<usize>() + 2);
             out.push(b'[');
             for (i, m) in messages.iter().enumerate() {
                 if i > 0 {
@@ -468,29 +383,13 @@ mod tests {
 
     fn attr() -> Attr {
         let t = Timespec { sec: 1, nsec: 2 };
-        Attr {
-            ino: 7,
-            kind: Kind::File,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            nlink: 1,
-            size: 3,
-            atime: t,
-            mtime: t,
-            ctime: t,
-            rdev: 0,
-            version: 1,
-        }
+        Attr { ino: 7, kind: Kind::File, mode: 0o644, uid: 0, gid: 0, nlink: 1, size: 3, atime: t, mtime: t, ctime: t, rdev: 0, version: 1 }
     }
 
     #[test]
     fn request_round_trip_both_encodings() {
         for enc in [Encoding::Json, Encoding::Bson] {
-            let p = EntryParams {
-                parent: 1,
-                name: Name(vec![0xfe, b'x']),
-            };
+            let p = EntryParams { parent: 1, name: Name(vec![0xfe, b'x']) };
             let bytes = encode_request(enc, Some(&Id::Num(5)), crate::methods::Lookup::NAME, &p);
             let frame = split_frame(enc, &bytes).unwrap();
             assert!(!frame.batch);
@@ -506,69 +405,35 @@ mod tests {
     fn batch_round_trip_both_encodings() {
         for enc in [Encoding::Json, Encoding::Bson] {
             let a = encode_response(enc, Some(&Id::Num(1)), &Ok::<_, RpcError>(attr()));
-            let b = encode_response::<Attr>(
-                enc,
-                Some(&Id::Str("x".into())),
-                &Err(Errno::ENOENT.into()),
-            );
+            let b = encode_response::<Attr>(enc, Some(&Id::Str("x".into())), &Err(Errno::ENOENT.into()));
             let frame = split_frame(enc, &encode_batch(enc, &[a, b])).unwrap();
             assert!(frame.batch);
             assert_eq!(frame.messages.len(), 2);
             assert_eq!(frame.messages[0].result::<Attr>().unwrap(), attr());
-            assert_eq!(
-                frame.messages[1].result::<Attr>().unwrap_err().as_errno(),
-                Errno::ENOENT
-            );
-            assert_eq!(
-                frame.messages[1].head().unwrap().id,
-                IdField::Valid(Id::Str("x".into()))
-            );
+            assert_eq!(frame.messages[1].result::<Attr>().unwrap_err().as_errno(), Errno::ENOENT);
+            assert_eq!(frame.messages[1].head().unwrap().id, IdField::Valid(Id::Str("x".into())));
         }
     }
 
     #[test]
     fn bad_frames() {
-        assert_eq!(
-            split_frame(Encoding::Json, b"{nope").unwrap_err().code,
-            code::PARSE_ERROR
-        );
-        assert_eq!(
-            split_frame(Encoding::Json, b"[]").unwrap_err().code,
-            code::INVALID_REQUEST
-        );
-        assert_eq!(
-            split_frame(Encoding::Bson, b"\x05\x00\x00")
-                .unwrap_err()
-                .code,
-            code::PARSE_ERROR
-        );
-        let m = RawMessage {
-            encoding: Encoding::Json,
-            bytes: br#"{"jsonrpc":"2.0","id":1.5,"method":"x"}"#.to_vec(),
-        };
+        assert_eq!(split_frame(Encoding::Json, b"{nope").unwrap_err().code, code::PARSE_ERROR);
+        assert_eq!(split_frame(Encoding::Json, b"[]").unwrap_err().code, code::INVALID_REQUEST);
+        assert_eq!(split_frame(Encoding::Bson, b"\x05\x00\x00").unwrap_err().code, code::PARSE_ERROR);
+        let m = RawMessage { encoding: Encoding::Json, bytes: br#"{"jsonrpc":"2.0","id":1.5,"method":"x"}"#.to_vec() };
         assert_eq!(m.head().unwrap().id, IdField::Invalid);
-        let m = RawMessage {
-            encoding: Encoding::Json,
-            bytes: br#"{"jsonrpc":"2.0","method":"x"}"#.to_vec(),
-        };
+        let m = RawMessage { encoding: Encoding::Json, bytes: br#"{"jsonrpc":"2.0","method":"x"}"#.to_vec() };
         assert_eq!(m.head().unwrap().id, IdField::Missing);
         let m = RawMessage {
             encoding: Encoding::Json,
-            bytes: br#"{"jsonrpc":"2.0","id":1,"method":"fs.lookup","params":{"parent":"x"}}"#
-                .to_vec(),
+            bytes: br#"{"jsonrpc":"2.0","id":1,"method":"fs.lookup","params":{"parent":"x"}}"#.to_vec(),
         };
-        assert_eq!(
-            m.params::<EntryParams>().unwrap_err().code,
-            code::INVALID_PARAMS
-        );
+        assert_eq!(m.params::<EntryParams>().unwrap_err().code, code::INVALID_PARAMS);
     }
 
     #[test]
     fn missing_params_decode_as_empty() {
-        let m = RawMessage {
-            encoding: Encoding::Json,
-            bytes: br#"{"jsonrpc":"2.0","id":1,"method":"bucket.list"}"#.to_vec(),
-        };
+        let m = RawMessage { encoding: Encoding::Json, bytes: br#"{"jsonrpc":"2.0","id":1,"method":"bucket.list"}"#.to_vec() };
         let _: crate::methods::Empty = m.params().unwrap();
     }
 }

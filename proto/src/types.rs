@@ -9,9 +9,7 @@ pub type Ino = u64;
 pub const ROOT_INO: Ino = 1;
 
 /// Seconds and nanoseconds since the Unix epoch (may be negative).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
 pub struct Timespec {
     pub sec: i64,
     pub nsec: u32,
@@ -26,8 +24,7 @@ impl Timespec {
         if self.sec >= 0 {
             UNIX_EPOCH + Duration::new(self.sec as u64, self.nsec)
         } else {
-            UNIX_EPOCH - Duration::from_secs(self.sec.unsigned_abs())
-                + Duration::from_nanos(self.nsec as u64)
+            UNIX_EPOCH - Duration::from_secs(self.sec.unsigned_abs()) + Duration::from_nanos(self.nsec as u64)
         }
     }
 }
@@ -35,21 +32,11 @@ impl Timespec {
 impl From<SystemTime> for Timespec {
     fn from(t: SystemTime) -> Timespec {
         match t.duration_since(UNIX_EPOCH) {
-            Ok(d) => Timespec {
-                sec: d.as_secs() as i64,
-                nsec: d.subsec_nanos(),
-            },
+            Ok(d) => Timespec { sec: d.as_secs() as i64, nsec: d.subsec_nanos() },
             Err(e) => {
                 let d = e.duration();
                 let (sec, nsec) = (d.as_secs() as i64, d.subsec_nanos());
-                if nsec == 0 {
-                    Timespec { sec: -sec, nsec: 0 }
-                } else {
-                    Timespec {
-                        sec: -sec - 1,
-                        nsec: 1_000_000_000 - nsec,
-                    }
-                }
+                if nsec == 0 { Timespec { sec: -sec, nsec: 0 } } else { Timespec { sec: -sec - 1, nsec: 1_000_000_000 - nsec } }
             }
         }
     }
@@ -175,8 +162,7 @@ pub fn check_name(name: &[u8]) -> Result<(), crate::Errno> {
     if name.len() > NAME_MAX {
         return Err(crate::Errno::ENAMETOOLONG);
     }
-    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
-    {
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
         return Err(crate::Errno::EINVAL);
     }
     Ok(())
@@ -188,14 +174,7 @@ mod tests {
 
     #[test]
     fn timespec_round_trips_negative_times() {
-        for t in [
-            Timespec { sec: -1, nsec: 5 },
-            Timespec { sec: 0, nsec: 0 },
-            Timespec {
-                sec: 1_700_000_000,
-                nsec: 999,
-            },
-        ] {
+        for t in [Timespec { sec: -1, nsec: 5 }, Timespec { sec: 0, nsec: 0 }, Timespec { sec: 1_700_000_000, nsec: 999 }] {
             assert_eq!(Timespec::from(t.to_system_time()), t);
         }
     }

@@ -7,11 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "restfsd",
-    version,
-    about = "RestFS server: serves buckets over WebSocket JSON-RPC"
-)]
+#[command(name = "restfsd", version, about = "RestFS server: serves buckets over WebSocket JSON-RPC")]
 pub struct Args {
     /// Address to listen on.
     #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], restfs_proto::DEFAULT_PORT)))]
@@ -26,10 +22,7 @@ pub struct Args {
 
 pub fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(&args.log)).with_writer(std::io::stderr).init();
     let data = args.data.unwrap_or_else(default_data_dir);
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     rt.block_on(async move {
@@ -40,13 +33,8 @@ pub fn main() -> std::process::ExitCode {
                 return std::process::ExitCode::FAILURE;
             }
         };
-        tracing::info!(
-            "restfsd listening on ws://{} (data in {})",
-            server.addr,
-            data.display()
-        );
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("signal handler");
+        tracing::info!("restfsd listening on ws://{} (data in {})", server.addr, data.display());
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}

@@ -12,8 +12,8 @@ use crate::service::{GC_MIN_AGE_SECS, Service};
 use restfs_proto::methods::*;
 use restfs_proto::rpc::{IdField, RawMessage, code, encode_response};
 use restfs_proto::{
-    Attr, BucketInfo, Bytes, DEFAULT_BLOCK_SIZE, DEFAULT_SEGMENT_BLOCKS, Errno, Ino, Kind,
-    MAX_BLOCK_SIZE, MAX_FRAME, Method, Name, PATH_MAX, PROTOCOL_VERSION, RpcError,
+    Attr, BucketInfo, Bytes, DEFAULT_BLOCK_SIZE, DEFAULT_SEGMENT_BLOCKS, Encoding, Errno, Ino, Kind, MAX_BLOCK_SIZE, MAX_FRAME, Method,
+    Name, PATH_MAX, PROTOCOL_VERSION, RpcError,
 };
 use std::collections::HashMap;
 use std::future::Future;
@@ -21,20 +21,28 @@ use std::sync::{Arc, Mutex};
 
 type Outcome<T> = Result<T, RpcError>;
 
+/// Frames a session sends on its own (pushes), in the connection's encoding.
+pub type Outbox = tokio::sync::mpsc::Sender<(Encoding, Vec<u8>)>;
+
+/// Bucket id for mutations no subscriber watches (bucket create/delete).
+const NO_BUCKET: BucketId = -1;
+
+/// Most change-log sequence numbers sent in one push.
+const PUSH_PAGE: u64 = 1000;
+
 pub struct Session {
     service: Arc<Service>,
     bucket: Mutex<Option<(BucketId, BucketInfo)>>,
     /// Opens held by this connection, per inode.
     opens: Mutex<HashMap<(BucketId, Ino), u32>>,
+    outbox: Outbox,
+    /// Encoding negotiated by `hello` (pushes use it).
+    encoding: Mutex<Encoding>,
+    pusher: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// Run `f` on the decoded params of `msg` and encode its outcome.
-async fn run<M, F, Fut>(
-    s: Arc<Session>,
-    msg: &RawMessage,
-    id: Option<restfs_proto::Id>,
-    f: F,
-) -> Vec<u8>
+async fn run<M, F, Fut>(s: Arc<Session>, msg: &RawMessage, id: Option<restfs_proto::Id>, f: F) -> Vec<u8>
 where
     M: Method,
     F: FnOnce(Arc<Session>, M::Params) -> Fut,
@@ -50,40 +58,30 @@ where
 fn bucket_name_ok(name: &str) -> Outcome<()> {
     let ok = (1..=63).contains(&name.len())
         && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
+        && name.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
     if ok {
         Ok(())
     } else {
-        Err(RpcError::errno(
-            Errno::EINVAL,
-            format!(
-                "invalid bucket name {name:?}: use 1-63 of [A-Za-z0-9._-], not starting with '.'"
-            ),
-        ))
+        Err(RpcError::errno(Errno::EINVAL, format!("invalid bucket name {name:?}: use 1-63 of [A-Za-z0-9._-], not starting with '.'")))
     }
 }
 
 impl Session {
-    pub fn new(service: Arc<Service>) -> Arc<Session> {
+    pub fn new(service: Arc<Service>, outbox: Outbox) -> Arc<Session> {
         Arc::new(Session {
             service,
             bucket: Mutex::new(None),
             opens: Mutex::new(HashMap::new()),
+            outbox,
+            encoding: Mutex::new(Encoding::Json),
+            pusher: Mutex::new(None),
         })
     }
 
     /// Answer one message; `None` for a notification.
     pub async fn handle(self: Arc<Self>, msg: RawMessage) -> Option<Vec<u8>> {
         let enc = msg.encoding;
-        let invalid = |m: String| {
-            Some(encode_response::<()>(
-                enc,
-                None,
-                &Err(RpcError::new(code::INVALID_REQUEST, m)),
-            ))
-        };
+        let invalid = |m: String| Some(encode_response::<()>(enc, None, &Err(RpcError::new(code::INVALID_REQUEST, m))));
         let head = match msg.head() {
             Ok(h) => h,
             Err(e) => return Some(encode_response::<()>(enc, None, &Err(e))),
@@ -145,18 +143,18 @@ impl Session {
             BlockPut => block_put,
             BlockGet => block_get,
             Gc => gc,
+            Subscribe => subscribe,
+            PushChanges => push_changes,
         };
         if notification { None } else { Some(response) }
     }
 
-    /// Release everything this connection held open.
+    /// Stop pushing and release everything this connection held open.
     pub async fn close(&self) {
-        let opens: Vec<_> = self
-            .opens
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain()
-            .collect();
+        if let Some(p) = self.pusher.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            p.abort();
+        }
+        let opens: Vec<_> = self.opens.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
         for ((b, ino), n) in opens {
             for _ in 0..n {
                 if let Err(e) = self.service.release(b, ino).await {
@@ -169,18 +167,13 @@ impl Session {
     fn bucket_id(&self) -> Outcome<BucketId> {
         match &*self.bucket.lock().unwrap_or_else(|p| p.into_inner()) {
             Some((id, _)) => Ok(*id),
-            None => Err(RpcError::errno(
-                Errno::ENOTCONN,
-                "no bucket mounted on this connection: call bucket.mount first",
-            )),
+            None => Err(RpcError::errno(Errno::ENOTCONN, "no bucket mounted on this connection: call bucket.mount first")),
         }
     }
 
     async fn read<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&dyn crate::meta::MetaStore, BucketId) -> crate::error::Result<T>
-        + Send
-        + 'static,
+        f: impl FnOnce(&dyn crate::meta::MetaStore, BucketId) -> crate::error::Result<T> + Send + 'static,
     ) -> Outcome<T> {
         let b = self.bucket_id()?;
         Ok(self.service.meta(move |m| f(m, b)).await?)
@@ -188,22 +181,15 @@ impl Session {
 
     async fn write<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&dyn crate::meta::MetaStore, BucketId) -> crate::error::Result<T>
-        + Send
-        + 'static,
+        f: impl FnOnce(&dyn crate::meta::MetaStore, BucketId) -> crate::error::Result<T> + Send + 'static,
     ) -> Outcome<T> {
         let b = self.bucket_id()?;
-        Ok(self.service.mutate(move |m| f(m, b)).await?)
+        Ok(self.service.mutate(b, move |m| f(m, b)).await?)
     }
 
     fn note_open(&self, b: BucketId, ino: Ino) {
         self.service.register_open(b, ino);
-        *self
-            .opens
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry((b, ino))
-            .or_insert(0) += 1;
+        *self.opens.lock().unwrap_or_else(|p| p.into_inner()).entry((b, ino)).or_insert(0) += 1;
     }
 
     fn is_open_fn(&self) -> impl Fn(Ino) -> bool + Send + 'static {
@@ -218,17 +204,15 @@ impl Session {
         if !p.versions.contains(&PROTOCOL_VERSION) {
             return Err(RpcError::errno(
                 Errno::EPROTO,
-                format!(
-                    "no common protocol version: client speaks {:?}, server {PROTOCOL_VERSION}",
-                    p.versions
-                ),
+                format!("no common protocol version: client speaks {:?}, server {PROTOCOL_VERSION}", p.versions),
             ));
         }
         let encoding = p.encodings.first().copied().unwrap_or(Encoding::Json);
+        *self.encoding.lock().unwrap_or_else(|p| p.into_inner()) = encoding;
         Ok(HelloResult {
             version: PROTOCOL_VERSION,
             encoding,
-            capabilities: vec![],
+            capabilities: p.capabilities.into_iter().filter(|c| c == restfs_proto::CAP_PUSH).collect(),
             server: format!("restfsd {}", env!("CARGO_PKG_VERSION")),
             max_frame: MAX_FRAME as u64,
         })
@@ -238,28 +222,17 @@ impl Session {
         bucket_name_ok(&p.name)?;
         let block_size = p.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
         if !block_size.is_power_of_two() || !(4096..=MAX_BLOCK_SIZE).contains(&block_size) {
-            return Err(RpcError::errno(
-                Errno::EINVAL,
-                format!("block size must be a power of two from 4096 to {MAX_BLOCK_SIZE}"),
-            ));
+            return Err(RpcError::errno(Errno::EINVAL, format!("block size must be a power of two from 4096 to {MAX_BLOCK_SIZE}")));
         }
         let segment_blocks = p.segment_blocks.unwrap_or(DEFAULT_SEGMENT_BLOCKS);
         if !(1..=1024).contains(&segment_blocks) {
-            return Err(RpcError::errno(
-                Errno::EINVAL,
-                "segment_blocks must be from 1 to 1024",
-            ));
+            return Err(RpcError::errno(Errno::EINVAL, "segment_blocks must be from 1 to 1024"));
         }
-        Ok(self
-            .service
-            .mutate(move |m| m.create_bucket(&p.name, block_size, segment_blocks))
-            .await?)
+        Ok(self.service.mutate(NO_BUCKET, move |m| m.create_bucket(&p.name, block_size, segment_blocks)).await?)
     }
 
     async fn bucket_list(self: Arc<Self>, _: Empty) -> Outcome<BucketListResult> {
-        Ok(BucketListResult {
-            buckets: self.service.meta(|m| m.list_buckets()).await?,
-        })
+        Ok(BucketListResult { buckets: self.service.meta(|m| m.list_buckets()).await? })
     }
 
     async fn bucket_stat(self: Arc<Self>, p: BucketName) -> Outcome<BucketInfo> {
@@ -267,18 +240,13 @@ impl Session {
     }
 
     async fn bucket_delete(self: Arc<Self>, p: BucketDeleteParams) -> Outcome<Empty> {
-        self.service
-            .mutate(move |m| m.delete_bucket(&p.name, p.force))
-            .await?;
+        self.service.mutate(NO_BUCKET, move |m| m.delete_bucket(&p.name, p.force)).await?;
         Ok(Empty {})
     }
 
     async fn bucket_mount(self: Arc<Self>, p: BucketName) -> Outcome<MountResult> {
         let (id, info) = self.service.meta(move |m| m.bucket(&p.name)).await?;
-        let root = self
-            .service
-            .meta(move |m| m.getattr(id, restfs_proto::ROOT_INO))
-            .await?;
+        let root = self.service.meta(move |m| m.getattr(id, restfs_proto::ROOT_INO)).await?;
         *self.bucket.lock().unwrap_or_else(|p| p.into_inner()) = Some((id, info.clone()));
         Ok(MountResult { bucket: info, root })
     }
@@ -286,8 +254,7 @@ impl Session {
     // --- namespace ---
 
     async fn lookup(self: Arc<Self>, p: EntryParams) -> Outcome<Attr> {
-        self.read(move |m, b| m.lookup(b, p.parent, p.name.as_bytes()))
-            .await
+        self.read(move |m, b| m.lookup(b, p.parent, p.name.as_bytes())).await
     }
 
     async fn getattr(self: Arc<Self>, p: InoParams) -> Outcome<Attr> {
@@ -300,10 +267,7 @@ impl Session {
 
     async fn mknod(self: Arc<Self>, p: NewNodeParams) -> Outcome<Attr> {
         if matches!(p.kind, Kind::Dir | Kind::Symlink) {
-            return Err(RpcError::errno(
-                Errno::EINVAL,
-                "use fs.mkdir or fs.symlink for directories and symlinks",
-            ));
+            return Err(RpcError::errno(Errno::EINVAL, "use fs.mkdir or fs.symlink for directories and symlinks"));
         }
         self.write(move |m, b| m.mknod(b, &p, None)).await
     }
@@ -314,15 +278,7 @@ impl Session {
     }
 
     async fn create(self: Arc<Self>, p: CreateParams) -> Outcome<Attr> {
-        let node = NewNodeParams {
-            parent: p.parent,
-            name: p.name,
-            kind: Kind::File,
-            mode: p.mode,
-            uid: p.uid,
-            gid: p.gid,
-            rdev: 0,
-        };
+        let node = NewNodeParams { parent: p.parent, name: p.name, kind: Kind::File, mode: p.mode, uid: p.uid, gid: p.gid, rdev: 0 };
         let attr = self.write(move |m, b| m.mknod(b, &node, None)).await?;
         self.note_open(self.bucket_id()?, attr.ino);
         Ok(attr)
@@ -331,48 +287,30 @@ impl Session {
     async fn symlink(self: Arc<Self>, p: SymlinkParams) -> Outcome<Attr> {
         if p.target.0.is_empty() || p.target.0.len() > PATH_MAX || p.target.0.contains(&0) {
             return Err(RpcError::errno(
-                if p.target.0.len() > PATH_MAX {
-                    Errno::ENAMETOOLONG
-                } else {
-                    Errno::EINVAL
-                },
+                if p.target.0.len() > PATH_MAX { Errno::ENAMETOOLONG } else { Errno::EINVAL },
                 "invalid symlink target",
             ));
         }
-        let node = NewNodeParams {
-            parent: p.parent,
-            name: p.name,
-            kind: Kind::Symlink,
-            mode: 0o777,
-            uid: p.uid,
-            gid: p.gid,
-            rdev: 0,
-        };
-        self.write(move |m, b| m.mknod(b, &node, Some(&p.target.0)))
-            .await
+        let node = NewNodeParams { parent: p.parent, name: p.name, kind: Kind::Symlink, mode: 0o777, uid: p.uid, gid: p.gid, rdev: 0 };
+        self.write(move |m, b| m.mknod(b, &node, Some(&p.target.0))).await
     }
 
     async fn readlink(self: Arc<Self>, p: InoParams) -> Outcome<ReadlinkResult> {
-        Ok(ReadlinkResult {
-            target: Name(self.read(move |m, b| m.readlink(b, p.ino)).await?),
-        })
+        Ok(ReadlinkResult { target: Name(self.read(move |m, b| m.readlink(b, p.ino)).await?) })
     }
 
     async fn link(self: Arc<Self>, p: LinkParams) -> Outcome<Attr> {
-        self.write(move |m, b| m.link(b, p.ino, p.parent, p.name.as_bytes()))
-            .await
+        self.write(move |m, b| m.link(b, p.ino, p.parent, p.name.as_bytes())).await
     }
 
     async fn unlink(self: Arc<Self>, p: EntryParams) -> Outcome<Empty> {
         let is_open = self.is_open_fn();
-        self.write(move |m, b| m.unlink(b, p.parent, p.name.as_bytes(), &is_open))
-            .await?;
+        self.write(move |m, b| m.unlink(b, p.parent, p.name.as_bytes(), &is_open)).await?;
         Ok(Empty {})
     }
 
     async fn rmdir(self: Arc<Self>, p: EntryParams) -> Outcome<Empty> {
-        self.write(move |m, b| m.rmdir(b, p.parent, p.name.as_bytes()))
-            .await?;
+        self.write(move |m, b| m.rmdir(b, p.parent, p.name.as_bytes())).await?;
         Ok(Empty {})
     }
 
@@ -383,14 +321,8 @@ impl Session {
     }
 
     async fn readdir(self: Arc<Self>, p: ReaddirParams) -> Outcome<ReaddirResult> {
-        let l = self
-            .read(move |m, b| m.readdir(b, p.ino, p.after.as_ref().map(|n| n.as_bytes()), p.limit))
-            .await?;
-        Ok(ReaddirResult {
-            parent: l.parent,
-            entries: l.entries,
-            more: l.more,
-        })
+        let l = self.read(move |m, b| m.readdir(b, p.ino, p.after.as_ref().map(|n| n.as_bytes()), p.limit)).await?;
+        Ok(ReaddirResult { parent: l.parent, entries: l.entries, more: l.more })
     }
 
     async fn open(self: Arc<Self>, p: InoParams) -> Outcome<Attr> {
@@ -415,10 +347,7 @@ impl Session {
             }
         };
         if !held {
-            return Err(RpcError::errno(
-                Errno::EBADF,
-                format!("inode {} is not open on this connection", p.ino),
-            ));
+            return Err(RpcError::errno(Errno::EBADF, format!("inode {} is not open on this connection", p.ino)));
         }
         self.service.release(b, p.ino).await?;
         Ok(Empty {})
@@ -427,34 +356,20 @@ impl Session {
     // --- xattrs, statfs, sync ---
 
     async fn setxattr(self: Arc<Self>, p: SetXattrParams) -> Outcome<Empty> {
-        self.write(move |m, b| m.setxattr(b, p.ino, p.name.as_bytes(), &p.value.0, p.mode))
-            .await?;
+        self.write(move |m, b| m.setxattr(b, p.ino, p.name.as_bytes(), &p.value.0, p.mode)).await?;
         Ok(Empty {})
     }
 
     async fn getxattr(self: Arc<Self>, p: XattrParams) -> Outcome<XattrValue> {
-        Ok(XattrValue {
-            value: Bytes(
-                self.read(move |m, b| m.getxattr(b, p.ino, p.name.as_bytes()))
-                    .await?,
-            ),
-        })
+        Ok(XattrValue { value: Bytes(self.read(move |m, b| m.getxattr(b, p.ino, p.name.as_bytes())).await?) })
     }
 
     async fn listxattr(self: Arc<Self>, p: InoParams) -> Outcome<XattrNames> {
-        Ok(XattrNames {
-            names: self
-                .read(move |m, b| m.listxattr(b, p.ino))
-                .await?
-                .into_iter()
-                .map(Name)
-                .collect(),
-        })
+        Ok(XattrNames { names: self.read(move |m, b| m.listxattr(b, p.ino)).await?.into_iter().map(Name).collect() })
     }
 
     async fn removexattr(self: Arc<Self>, p: XattrParams) -> Outcome<Empty> {
-        self.write(move |m, b| m.removexattr(b, p.ino, p.name.as_bytes()))
-            .await?;
+        self.write(move |m, b| m.removexattr(b, p.ino, p.name.as_bytes())).await?;
         Ok(Empty {})
     }
 
@@ -484,52 +399,119 @@ impl Session {
 
     async fn segment_get(self: Arc<Self>, p: SegmentGetParams) -> Outcome<SegmentGetResult> {
         let b = self.bucket_id()?;
-        let per = self
-            .bucket
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|(_, i)| i.segment_blocks as u64)
-            .unwrap_or(1);
-        let (version, blocks) = self
-            .service
-            .meta(move |m| m.block_map(b, p.ino, p.segment.saturating_mul(per), per))
-            .await?;
+        let per = self.bucket.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|(_, i)| i.segment_blocks as u64).unwrap_or(1);
+        let (version, blocks) = self.service.meta(move |m| m.block_map(b, p.ino, p.segment.saturating_mul(per), per)).await?;
         Ok(SegmentGetResult { version, blocks })
     }
 
     async fn segment_commit(self: Arc<Self>, p: SegmentCommitParams) -> Outcome<Attr> {
-        self.write(move |m, b| m.commit(b, p.ino, p.size, &p.slots, p.mtime))
-            .await
+        self.write(move |m, b| m.commit(b, p.ino, p.size, &p.slots, p.mtime)).await
     }
 
     async fn block_has(self: Arc<Self>, p: BlockHasParams) -> Outcome<BlockHasResult> {
-        Ok(BlockHasResult {
-            present: self.service.meta(move |m| m.has_blocks(&p.hashes)).await?,
-        })
+        Ok(BlockHasResult { present: self.service.meta(move |m| m.has_blocks(&p.hashes)).await? })
     }
 
     async fn block_put(self: Arc<Self>, p: BlockPutParams) -> Outcome<Empty> {
-        self.service
-            .put_blocks(p.blocks.into_iter().map(|b| (b.hash, b.data.0)).collect())
-            .await?;
+        self.service.put_blocks(p.blocks.into_iter().map(|b| (b.hash, b.data.0)).collect()).await?;
         Ok(Empty {})
     }
 
     async fn block_get(self: Arc<Self>, p: BlockGetParams) -> Outcome<BlockGetResult> {
-        Ok(BlockGetResult {
-            data: Bytes(self.service.get_block(p.hash).await?),
-        })
+        Ok(BlockGetResult { data: Bytes(self.service.get_block(p.hash).await?) })
     }
 
     async fn gc(self: Arc<Self>, p: GcParams) -> Outcome<GcResult> {
-        let (blocks_removed, bytes_removed) = self
-            .service
-            .collect_garbage(p.min_age_secs.unwrap_or(GC_MIN_AGE_SECS))
-            .await?;
-        Ok(GcResult {
-            blocks_removed,
-            bytes_removed,
-        })
+        let (blocks_removed, bytes_removed) = self.service.collect_garbage(p.min_age_secs.unwrap_or(GC_MIN_AGE_SECS)).await?;
+        Ok(GcResult { blocks_removed, bytes_removed })
+    }
+}
+
+/// Turn logged changes into pushes carrying the state they left behind.
+fn enrich(m: &dyn crate::meta::MetaStore, b: BucketId, log: &crate::meta::ChangeLog) -> crate::error::Result<Vec<Change>> {
+    use crate::meta::Changed;
+    // Only the newest change per subject matters: the push carries current state.
+    let mut latest: HashMap<&Changed, u64> = HashMap::new();
+    for (seq, what) in &log.changes {
+        latest.insert(what, *seq);
+    }
+    let mut subjects: Vec<(&Changed, u64)> = latest.into_iter().collect();
+    subjects.sort_by_key(|(_, seq)| *seq);
+    let gone = |e: &crate::error::Error| e.errno() == Errno::ENOENT || e.errno() == Errno::ENOTDIR;
+    let mut out = Vec::with_capacity(subjects.len());
+    for (what, seq) in subjects {
+        out.push(match what {
+            Changed::Attr(ino) => match m.getattr(b, *ino) {
+                Ok(a) => Change::Attr { seq, ino: *ino, attr: Some(a) },
+                Err(e) if gone(&e) => Change::Attr { seq, ino: *ino, attr: None },
+                Err(e) => return Err(e),
+            },
+            Changed::Entry(parent, name) => match m.lookup(b, *parent, name) {
+                Ok(a) => Change::Entry { seq, parent: *parent, name: Name(name.clone()), ino: Some(a.ino) },
+                Err(e) if gone(&e) => Change::Entry { seq, parent: *parent, name: Name(name.clone()), ino: None },
+                Err(e) => return Err(e),
+            },
+        });
+    }
+    Ok(out)
+}
+
+impl Session {
+    async fn subscribe(self: Arc<Self>, p: SubscribeParams) -> Outcome<SubscribeResult> {
+        let b = self.bucket_id()?;
+        let log = self.service.meta(move |m| m.changes_since(b, 0, 0)).await?;
+        let reset = p.since.is_some_and(|s| s < log.log_start || s > log.seq);
+        let cursor = match p.since {
+            Some(s) if !reset => s,
+            _ => log.seq,
+        };
+        let me = self.clone();
+        let bump = self.service.watch(b);
+        let task = tokio::spawn(async move { me.push_loop(b, cursor, bump).await });
+        if let Some(old) = self.pusher.lock().unwrap_or_else(|p| p.into_inner()).replace(task) {
+            old.abort();
+        }
+        Ok(SubscribeResult { seq: log.seq, reset })
+    }
+
+    /// Send every change after `cursor`, then every new one, until the connection ends.
+    async fn push_loop(self: Arc<Self>, b: BucketId, mut cursor: u64, mut bump: tokio::sync::watch::Receiver<u64>) {
+        loop {
+            bump.mark_unchanged();
+            let page = self
+                .service
+                .meta(move |m| {
+                    let log = m.changes_since(b, cursor, PUSH_PAGE)?;
+                    let changes = if cursor < log.log_start { Vec::new() } else { enrich(m, b, &log)? };
+                    Ok((log, changes))
+                })
+                .await;
+            let (log, changes) = match page {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!("change push stopped: {e}");
+                    return;
+                }
+            };
+            let reset = cursor < log.log_start;
+            let through = if reset { log.seq } else { log.through };
+            if through > cursor || reset {
+                let enc = *self.encoding.lock().unwrap_or_else(|p| p.into_inner());
+                let push = PushParams { through, reset, changes };
+                let frame = restfs_proto::rpc::encode_request(enc, None, PushChanges::NAME, &push);
+                if self.outbox.send((enc, frame)).await.is_err() {
+                    return;
+                }
+                cursor = through;
+                continue;
+            }
+            if bump.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn push_changes(self: Arc<Self>, _: PushParams) -> Outcome<Empty> {
+        Err(RpcError::errno(Errno::EINVAL, "push.changes is sent by the server, not to it"))
     }
 }

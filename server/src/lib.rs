@@ -23,9 +23,7 @@ pub use service::Service;
 
 /// `$XDG_DATA_HOME/restfs` (`~/.local/share/restfs`), or `./restfs-data`.
 pub fn default_data_dir() -> PathBuf {
-    dirs::data_dir()
-        .map(|d| d.join("restfs"))
-        .unwrap_or_else(|| PathBuf::from("restfs-data"))
+    dirs::data_dir().map(|d| d.join("restfs")).unwrap_or_else(|| PathBuf::from("restfs-data"))
 }
 
 /// A running server with the embedded defaults (SQLite + block directory).
@@ -38,28 +36,20 @@ pub struct Server {
 impl Server {
     /// Open the stores under `data` and listen on `listen` (port 0 picks one).
     pub async fn start(listen: SocketAddr, data: &Path) -> std::result::Result<Server, String> {
-        std::fs::create_dir_all(data)
-            .map_err(|e| format!("cannot create data directory {}: {e}", data.display()))?;
+        std::fs::create_dir_all(data).map_err(|e| format!("cannot create data directory {}: {e}", data.display()))?;
         let meta = meta::sqlite::SqliteMeta::open(&data.join("meta.db"))
             .map_err(|e| format!("cannot open metadata in {}: {e}", data.display()))?;
         let orphans = meta::MetaStore::purge_all(&meta).map_err(|e| e.to_string())?;
         if orphans > 0 {
             tracing::info!("removed {orphans} unlinked inodes left open at the last shutdown");
         }
-        let blocks = blocks::dir::DirBlocks::open(data)
-            .map_err(|e| format!("cannot open block store in {}: {e}", data.display()))?;
+        let blocks = blocks::dir::DirBlocks::open(data).map_err(|e| format!("cannot open block store in {}: {e}", data.display()))?;
         let service = Service::new(Arc::new(meta), Arc::new(blocks));
         service.spawn_background();
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         let task = tokio::spawn(ws::serve(listener, service.clone()));
-        Ok(Server {
-            addr,
-            service,
-            task,
-        })
+        Ok(Server { addr, service, task })
     }
 
     /// Stop accepting and make everything durable.

@@ -28,6 +28,10 @@ pub const GC_MIN_AGE_SECS: u64 = 600;
 /// How often the server collects garbage on its own.
 pub const GC_INTERVAL: Duration = Duration::from_secs(600);
 
+/// Sequence numbers of change log kept per bucket. A client reconnecting
+/// from further back is told to revalidate everything.
+pub const CHANGE_LOG_KEEP: u64 = 100_000;
+
 pub struct Service {
     meta: Arc<dyn MetaStore>,
     blocks: Arc<dyn BlockStore>,
@@ -38,6 +42,8 @@ pub struct Service {
     /// Held shared by puts, exclusively by GC, so GC never deletes a block
     /// a concurrent put has just re-registered.
     gc_lock: tokio::sync::RwLock<()>,
+    /// Bumped after every mutation of a bucket; change pushers wait on it.
+    bumps: Mutex<HashMap<BucketId, tokio::sync::watch::Sender<u64>>>,
 }
 
 impl Service {
@@ -48,28 +54,34 @@ impl Service {
             opens: Mutex::new(HashMap::new()),
             dirty: AtomicBool::new(false),
             gc_lock: tokio::sync::RwLock::new(()),
+            bumps: Mutex::new(HashMap::new()),
         })
     }
 
     /// Run a metadata call on the blocking pool.
-    pub async fn meta<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&dyn MetaStore) -> Result<T> + Send + 'static,
-    ) -> Result<T> {
+    pub async fn meta<T: Send + 'static>(&self, f: impl FnOnce(&dyn MetaStore) -> Result<T> + Send + 'static) -> Result<T> {
         let meta = self.meta.clone();
-        tokio::task::spawn_blocking(move || f(meta.as_ref()))
-            .await
-            .map_err(|e| Error::Corrupt(format!("task failed: {e}")))?
+        tokio::task::spawn_blocking(move || f(meta.as_ref())).await.map_err(|e| Error::Corrupt(format!("task failed: {e}")))?
     }
 
-    /// Run a mutation and note that a sync is due.
-    pub async fn mutate<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&dyn MetaStore) -> Result<T> + Send + 'static,
-    ) -> Result<T> {
+    /// Run a mutation of bucket `b`: a sync is due and subscribers are woken.
+    pub async fn mutate<T: Send + 'static>(&self, b: BucketId, f: impl FnOnce(&dyn MetaStore) -> Result<T> + Send + 'static) -> Result<T> {
         let out = self.meta(f).await;
         self.dirty.store(true, Ordering::Release);
+        self.bump(b);
         out
+    }
+
+    fn bump(&self, b: BucketId) {
+        if let Some(tx) = self.bumps.lock().unwrap_or_else(|p| p.into_inner()).get(&b) {
+            tx.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// A receiver woken after every mutation of bucket `b`.
+    pub fn watch(&self, b: BucketId) -> tokio::sync::watch::Receiver<u64> {
+        let mut bumps = self.bumps.lock().unwrap_or_else(|p| p.into_inner());
+        bumps.entry(b).or_insert_with(|| tokio::sync::watch::channel(0).0).subscribe()
     }
 
     async fn blocking<T: Send + 'static>(
@@ -88,19 +100,10 @@ impl Service {
         self.blocking(move |store, meta| {
             for (hash, data) in blocks {
                 if data.len() > MAX_BLOCK_SIZE as usize {
-                    return Err(Error::fs(
-                        Errno::EFBIG,
-                        format!(
-                            "block of {} bytes exceeds the {MAX_BLOCK_SIZE}-byte limit",
-                            data.len()
-                        ),
-                    ));
+                    return Err(Error::fs(Errno::EFBIG, format!("block of {} bytes exceeds the {MAX_BLOCK_SIZE}-byte limit", data.len())));
                 }
                 if Hash::of(&data) != hash {
-                    return Err(Error::fs(
-                        Errno::EINVAL,
-                        format!("block content does not match its hash {hash}"),
-                    ));
+                    return Err(Error::fs(Errno::EINVAL, format!("block content does not match its hash {hash}")));
                 }
                 if data.len() <= INLINE_MAX {
                     meta.add_block(&hash, data.len() as u32, Some(&data))?;
@@ -122,9 +125,7 @@ impl Service {
                 BlockLocation::External => store.get(&hash)?,
             };
             if Hash::of(&data) != hash {
-                return Err(Error::Corrupt(format!(
-                    "block {hash} is corrupt on the server's disk"
-                )));
+                return Err(Error::Corrupt(format!("block {hash} is corrupt on the server's disk")));
             }
             Ok(data)
         })
@@ -155,19 +156,11 @@ impl Service {
     }
 
     pub fn is_open(&self, bucket: BucketId, ino: Ino) -> bool {
-        self.opens
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(&(bucket, ino))
+        self.opens.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&(bucket, ino))
     }
 
     pub fn register_open(&self, bucket: BucketId, ino: Ino) {
-        *self
-            .opens
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry((bucket, ino))
-            .or_insert(0) += 1;
+        *self.opens.lock().unwrap_or_else(|p| p.into_inner()).entry((bucket, ino)).or_insert(0) += 1;
     }
 
     /// Drop one open; purge the inode if that was the last and it is unlinked.
@@ -187,7 +180,7 @@ impl Service {
             }
         };
         if last {
-            self.mutate(move |m| m.purge(bucket, ino)).await?;
+            self.mutate(bucket, move |m| m.purge(bucket, ino)).await?;
         }
         Ok(())
     }
@@ -203,6 +196,16 @@ impl Service {
                     if let Err(e) = me.sync().await {
                         tracing::error!("group sync failed: {e}");
                     }
+                }
+            }
+        });
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                if let Err(e) = me.meta(|m| m.trim_changes(CHANGE_LOG_KEEP)).await {
+                    tracing::error!("change log trim failed: {e}");
                 }
             }
         });

@@ -42,47 +42,42 @@ pub async fn serve(listener: TcpListener, service: Arc<Service>) {
 }
 
 fn ws_config() -> WebSocketConfig {
-    WebSocketConfig::default()
-        .max_message_size(Some(MAX_FRAME))
-        .max_frame_size(Some(MAX_FRAME))
+    WebSocketConfig::default().max_message_size(Some(MAX_FRAME)).max_frame_size(Some(MAX_FRAME))
 }
 
 fn check_path(req: &Request, resp: Response) -> Result<Response, ErrorResponse> {
     if req.uri().path() == "/" {
         return Ok(resp);
     }
-    let mut err = ErrorResponse::new(Some(format!(
-        "restfsd serves WebSocket on / only, not {}\n",
-        req.uri().path()
-    )));
+    let mut err = ErrorResponse::new(Some(format!("restfsd serves WebSocket on / only, not {}\n", req.uri().path())));
     *err.status_mut() = tokio_tungstenite::tungstenite::http::StatusCode::NOT_FOUND;
     Err(err)
 }
 
 fn frame(encoding: Encoding, bytes: Vec<u8>) -> Message {
     match encoding {
-        Encoding::Json => {
-            Message::text(String::from_utf8(bytes).expect("JSON encoder writes UTF-8"))
-        }
+        Encoding::Json => Message::text(String::from_utf8(bytes).expect("JSON encoder writes UTF-8")),
         Encoding::Bson => Message::binary(bytes),
     }
 }
 
 async fn connection(stream: TcpStream, service: Arc<Service>) -> Result<(), WsError> {
-    let ws = tokio_tungstenite::accept_hdr_async_with_config(stream, check_path, Some(ws_config()))
-        .await?;
+    let ws = tokio_tungstenite::accept_hdr_async_with_config(stream, check_path, Some(ws_config())).await?;
     let (mut sink, mut source) = ws.split();
-    let (tx, mut rx) = mpsc::channel::<Message>(1024);
+    let (tx, mut rx) = mpsc::channel::<(Encoding, Vec<u8>)>(1024);
+    let close_with: Arc<std::sync::Mutex<Option<CloseFrame>>> = Arc::default();
+    let close_frame = close_with.clone();
     let writer = tokio::spawn(async move {
-        while let Some(m) = rx.recv().await {
-            let closing = matches!(m, Message::Close(_));
-            if sink.send(m).await.is_err() || closing {
-                break;
+        while let Some((encoding, bytes)) = rx.recv().await {
+            if sink.send(frame(encoding, bytes)).await.is_err() {
+                return;
             }
         }
+        let close = close_frame.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let _ = sink.send(Message::Close(close)).await;
         let _ = sink.close().await;
     });
-    let session = Session::new(service);
+    let session = Session::new(service, tx.clone());
     let result = loop {
         let (encoding, bytes) = match source.next().await {
             Some(Ok(Message::Text(t))) => (Encoding::Json, t.as_bytes().to_vec()),
@@ -90,21 +85,10 @@ async fn connection(stream: TcpStream, service: Arc<Service>) -> Result<(), WsEr
             Some(Ok(Message::Close(_))) | None => break Ok(()),
             Some(Ok(_)) => continue, // ping/pong are answered by tungstenite
             Some(Err(WsError::Capacity(e))) => {
-                let err = RpcError::new(
-                    code::FRAME_TOO_LARGE,
-                    format!("frame too large ({e}); the limit is {MAX_FRAME} bytes"),
-                );
-                let _ = tx
-                    .send(frame(
-                        Encoding::Json,
-                        encode_response::<()>(Encoding::Json, None, &Err(err)),
-                    ))
-                    .await;
-                let close = CloseFrame {
-                    code: CloseCode::Size,
-                    reason: "frame too large".into(),
-                };
-                let _ = tx.send(Message::Close(Some(close))).await;
+                let err = RpcError::new(code::FRAME_TOO_LARGE, format!("frame too large ({e}); the limit is {MAX_FRAME} bytes"));
+                let _ = tx.send((Encoding::Json, encode_response::<()>(Encoding::Json, None, &Err(err)))).await;
+                *close_with.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(CloseFrame { code: CloseCode::Size, reason: "frame too large".into() });
                 break Ok(());
             }
             Some(Err(e)) => break Err(e),
@@ -112,45 +96,31 @@ async fn connection(stream: TcpStream, service: Arc<Service>) -> Result<(), WsEr
         let split = match split_frame(encoding, &bytes) {
             Ok(s) => s,
             Err(e) => {
-                let _ = tx
-                    .send(frame(
-                        encoding,
-                        encode_response::<()>(encoding, None, &Err(e)),
-                    ))
-                    .await;
+                let _ = tx.send((encoding, encode_response::<()>(encoding, None, &Err(e)))).await;
                 continue;
             }
         };
         let (session, tx) = (session.clone(), tx.clone());
         tokio::spawn(async move {
             if split.batch {
-                let replies = futures_util::future::join_all(
-                    split
-                        .messages
-                        .into_iter()
-                        .map(|m| session.clone().handle(m)),
-                )
-                .await;
+                let replies = futures_util::future::join_all(split.messages.into_iter().map(|m| session.clone().handle(m))).await;
                 let replies: Vec<Vec<u8>> = replies.into_iter().flatten().collect();
                 if !replies.is_empty() {
-                    let _ = tx
-                        .send(frame(
-                            split.encoding,
-                            encode_batch(split.encoding, &replies),
-                        ))
-                        .await;
+                    let _ = tx.send((split.encoding, encode_batch(split.encoding, &replies))).await;
                 }
             } else {
                 for m in split.messages {
                     if let Some(reply) = session.clone().handle(m).await {
-                        let _ = tx.send(frame(split.encoding, reply)).await;
+                        let _ = tx.send((split.encoding, reply)).await;
                     }
                 }
             }
         });
     };
     session.close().await;
+    drop(session);
     drop(tx);
+    // The writer ends once in-flight handlers have sent their replies.
     let _ = writer.await;
     result
 }

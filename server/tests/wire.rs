@@ -43,16 +43,10 @@ struct Fixture {
 impl Fixture {
     async fn start() -> Fixture {
         let data = tempfile::tempdir().unwrap();
-        let server = Server::start("127.0.0.1:0".parse().unwrap(), data.path())
-            .await
-            .expect("server starts");
+        let server = Server::start("127.0.0.1:0".parse().unwrap(), data.path()).await.expect("server starts");
         let mut bystander = connect(server.addr).await;
         ok(&mut bystander, "bucket.list", json!({})).await;
-        Fixture {
-            server,
-            data,
-            bystander,
-        }
+        Fixture { server, data, bystander }
     }
 
     async fn connect(&self) -> Ws {
@@ -72,9 +66,7 @@ impl Fixture {
 }
 
 async fn connect(addr: SocketAddr) -> Ws {
-    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
-        .await
-        .expect("WebSocket upgrade on /");
+    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/")).await.expect("WebSocket upgrade on /");
     ws
 }
 
@@ -83,11 +75,8 @@ async fn connect(addr: SocketAddr) -> Ws {
 /// The next data or close frame on `ws` (pings and pongs skipped).
 async fn next_frame(ws: &mut Ws) -> Message {
     loop {
-        let m = tokio::time::timeout(TIMEOUT, ws.next())
-            .await
-            .expect("no frame in time")
-            .expect("connection ended")
-            .expect("WebSocket error");
+        let m =
+            tokio::time::timeout(TIMEOUT, ws.next()).await.expect("no frame in time").expect("connection ended").expect("WebSocket error");
         if !matches!(m, Message::Ping(_) | Message::Pong(_)) {
             return m;
         }
@@ -123,11 +112,7 @@ async fn assert_silent(ws: &mut Ws) {
 /// Call `method` with a fresh id; the whole response, whose id is checked.
 async fn request(ws: &mut Ws, method: &str, params: Value) -> Value {
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-    let resp = raw(
-        ws,
-        &json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string(),
-    )
-    .await;
+    let resp = raw(ws, &json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string()).await;
     assert_eq!(resp["jsonrpc"], "2.0", "{resp}");
     assert_eq!(resp["id"], id, "the answer must name its request: {resp}");
     resp
@@ -137,9 +122,7 @@ async fn request(ws: &mut Ws, method: &str, params: Value) -> Value {
 async fn ok(ws: &mut Ws, method: &str, params: Value) -> Value {
     let resp = request(ws, method, params).await;
     assert!(resp.get("error").is_none(), "{method} failed: {resp}");
-    resp.get("result")
-        .unwrap_or_else(|| panic!("{method}: no result in {resp}"))
-        .clone()
+    resp.get("result").unwrap_or_else(|| panic!("{method}: no result in {resp}")).clone()
 }
 
 /// Call `method`, which must fail with a filesystem error; its errno name.
@@ -147,10 +130,7 @@ async fn fs_error(ws: &mut Ws, method: &str, params: Value) -> String {
     let resp = request(ws, method, params).await;
     assert_eq!(resp["error"]["code"], code::FS_ERROR, "{method}: {resp}");
     assert!(resp.get("result").is_none(), "{resp}");
-    resp["error"]["data"]["errno"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{method}: no errno in {resp}"))
-        .to_string()
+    resp["error"]["data"]["errno"].as_str().unwrap_or_else(|| panic!("{method}: no errno in {resp}")).to_string()
 }
 
 /// `resp` is a JSON-RPC error with `code`, answering id `id`.
@@ -175,12 +155,7 @@ async fn mount_new(ws: &mut Ws, name: &str) {
 async fn root_names(ws: &mut Ws) -> Vec<Value> {
     let l = ok(ws, "fs.readdir", json!({"ino": 1, "limit": 1000})).await;
     assert_eq!(l["more"], false);
-    l["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["name"].clone())
-        .collect()
+    l["entries"].as_array().unwrap().iter().map(|e| e["name"].clone()).collect()
 }
 
 fn b64(data: &[u8]) -> Value {
@@ -188,27 +163,20 @@ fn b64(data: &[u8]) -> Value {
 }
 
 fn unb64(v: &Value) -> Vec<u8> {
-    serde_json::from_value::<Bytes>(v.clone())
-        .expect("base64 bytes")
-        .0
+    serde_json::from_value::<Bytes>(v.clone()).expect("base64 bytes").0
 }
 
 /// Where the directory block store keeps a block.
 fn block_path(data: &Path, h: &Hash) -> PathBuf {
     let hex = h.to_hex();
-    data.join("blocks")
-        .join(&hex[0..2])
-        .join(&hex[2..4])
-        .join(hex)
+    data.join("blocks").join(&hex[0..2]).join(&hex[2..4]).join(hex)
 }
 
 // --- BSON ---
 
 /// Send `doc` as a binary frame; the binary answer, decoded.
 async fn bson_call(ws: &mut Ws, doc: &Document) -> Document {
-    ws.send(Message::binary(bson::serialize_to_vec(doc).unwrap()))
-        .await
-        .unwrap();
+    ws.send(Message::binary(bson::serialize_to_vec(doc).unwrap())).await.unwrap();
     bson_answer(ws).await
 }
 
@@ -228,11 +196,7 @@ fn bson_int(d: &Document, key: &str) -> i64 {
 }
 
 fn bson_error_code(d: &Document) -> i64 {
-    bson_int(
-        d.get_document("error")
-            .unwrap_or_else(|_| panic!("no error in {d}")),
-        "code",
-    )
+    bson_int(d.get_document("error").unwrap_or_else(|_| panic!("no error in {d}")), "code")
 }
 
 // --- envelopes ---
@@ -241,13 +205,7 @@ fn bson_error_code(d: &Document) -> i64 {
 async fn malformed_json_is_a_parse_error() {
     let fx = Fixture::start().await;
     let mut ws = fx.connect().await;
-    for bad in [
-        "{nope",
-        r#"{"jsonrpc":"2.0","id":1,"method":"bucket.list""#,
-        "",
-        "[1,",
-        "}",
-    ] {
+    for bad in ["{nope", r#"{"jsonrpc":"2.0","id":1,"method":"bucket.list""#, "", "[1,", "}"] {
         let resp = raw(&mut ws, bad).await;
         assert_error(&resp, code::PARSE_ERROR, Value::Null);
     }
@@ -260,17 +218,9 @@ async fn malformed_json_is_a_parse_error() {
 async fn unknown_method_echoes_the_id() {
     let fx = Fixture::start().await;
     let mut ws = fx.connect().await;
-    let resp = raw(
-        &mut ws,
-        r#"{"jsonrpc":"2.0","id":42,"method":"no.such.method","params":{}}"#,
-    )
-    .await;
+    let resp = raw(&mut ws, r#"{"jsonrpc":"2.0","id":42,"method":"no.such.method","params":{}}"#).await;
     assert_error(&resp, code::METHOD_NOT_FOUND, json!(42));
-    let resp = raw(
-        &mut ws,
-        r#"{"jsonrpc":"2.0","id":"abc","method":"fs.nope"}"#,
-    )
-    .await;
+    let resp = raw(&mut ws, r#"{"jsonrpc":"2.0","id":"abc","method":"fs.nope"}"#).await;
     assert_error(&resp, code::METHOD_NOT_FOUND, json!("abc"));
     let resp = raw(&mut ws, r#"{"jsonrpc":"2.0","id":-7,"method":""}"#).await;
     assert_error(&resp, code::METHOD_NOT_FOUND, json!(-7));
@@ -282,42 +232,15 @@ async fn wrong_param_types_are_invalid_params() {
     let fx = Fixture::start().await;
     let mut ws = fx.connect().await;
     let cases = [
-        (
-            1,
-            r#"{"jsonrpc":"2.0","id":1,"method":"bucket.create","params":{"name":5}}"#,
-        ),
-        (
-            2,
-            r#"{"jsonrpc":"2.0","id":2,"method":"fs.lookup","params":{"parent":"x","name":"a"}}"#,
-        ),
-        (
-            3,
-            r#"{"jsonrpc":"2.0","id":3,"method":"hello","params":{"versions":"1","encodings":["json"]}}"#,
-        ),
-        (
-            4,
-            r#"{"jsonrpc":"2.0","id":4,"method":"bucket.stat","params":[1,2]}"#,
-        ),
-        (
-            5,
-            r#"{"jsonrpc":"2.0","id":5,"method":"bucket.stat","params":{}}"#,
-        ),
-        (
-            6,
-            r#"{"jsonrpc":"2.0","id":6,"method":"block.get","params":{"hash":"not hex"}}"#,
-        ),
-        (
-            7,
-            r#"{"jsonrpc":"2.0","id":7,"method":"fs.getattr","params":{"ino":-1}}"#,
-        ),
-        (
-            8,
-            r#"{"jsonrpc":"2.0","id":8,"method":"bucket.list","params":{"unexpected":true}}"#,
-        ),
-        (
-            9,
-            r#"{"jsonrpc":"2.0","id":9,"method":"bucket.list","params":"x"}"#,
-        ),
+        (1, r#"{"jsonrpc":"2.0","id":1,"method":"bucket.create","params":{"name":5}}"#),
+        (2, r#"{"jsonrpc":"2.0","id":2,"method":"fs.lookup","params":{"parent":"x","name":"a"}}"#),
+        (3, r#"{"jsonrpc":"2.0","id":3,"method":"hello","params":{"versions":"1","encodings":["json"]}}"#),
+        (4, r#"{"jsonrpc":"2.0","id":4,"method":"bucket.stat","params":[1,2]}"#),
+        (5, r#"{"jsonrpc":"2.0","id":5,"method":"bucket.stat","params":{}}"#),
+        (6, r#"{"jsonrpc":"2.0","id":6,"method":"block.get","params":{"hash":"not hex"}}"#),
+        (7, r#"{"jsonrpc":"2.0","id":7,"method":"fs.getattr","params":{"ino":-1}}"#),
+        (8, r#"{"jsonrpc":"2.0","id":8,"method":"bucket.list","params":{"unexpected":true}}"#),
+        (9, r#"{"jsonrpc":"2.0","id":9,"method":"bucket.list","params":"x"}"#),
     ];
     for (id, text) in cases {
         let resp = raw(&mut ws, text).await;
@@ -333,11 +256,7 @@ async fn invalid_requests() {
     let mut ws = fx.connect().await;
     // Ids must be strings or integers; an invalid id is answered with null.
     for id in ["1.5", r#"{"a":1}"#, "true", "[1]", "18446744073709551615"] {
-        let resp = raw(
-            &mut ws,
-            &format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"bucket.list"}}"#),
-        )
-        .await;
+        let resp = raw(&mut ws, &format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"bucket.list"}}"#)).await;
         assert_error(&resp, code::INVALID_REQUEST, Value::Null);
     }
     // A request without "jsonrpc", with the wrong version, without a method,
@@ -353,23 +272,12 @@ async fn invalid_requests() {
         "null",
     ] {
         let resp = raw(&mut ws, text).await;
-        assert_eq!(
-            resp["error"]["code"],
-            code::INVALID_REQUEST,
-            "{text}: {resp}"
-        );
-        assert!(
-            resp["id"] == json!(3) || resp["id"].is_null(),
-            "{text}: {resp}"
-        );
+        assert_eq!(resp["error"]["code"], code::INVALID_REQUEST, "{text}: {resp}");
+        assert!(resp["id"] == json!(3) || resp["id"].is_null(), "{text}: {resp}");
         assert!(resp.get("result").is_none());
     }
     // A null id is allowed (if discouraged) and echoed.
-    let resp = raw(
-        &mut ws,
-        r#"{"jsonrpc":"2.0","id":null,"method":"bucket.list"}"#,
-    )
-    .await;
+    let resp = raw(&mut ws, r#"{"jsonrpc":"2.0","id":null,"method":"bucket.list"}"#).await;
     assert_eq!(resp.get("id"), Some(&Value::Null), "{resp}");
     assert!(resp["result"]["buckets"].is_array(), "{resp}");
     ok(&mut ws, "bucket.list", json!({})).await;
@@ -380,54 +288,26 @@ async fn invalid_requests() {
 async fn notifications_get_no_answer() {
     let fx = Fixture::start().await;
     let mut ws = fx.connect().await;
-    send_text(
-        &mut ws,
-        r#"{"jsonrpc":"2.0","method":"bucket.list","params":{}}"#,
-    )
-    .await;
+    send_text(&mut ws, r#"{"jsonrpc":"2.0","method":"bucket.list","params":{}}"#).await;
     send_text(&mut ws, r#"{"jsonrpc":"2.0","method":"no.such.method"}"#).await;
-    send_text(
-        &mut ws,
-        r#"{"jsonrpc":"2.0","method":"bucket.stat","params":{"name":5}}"#,
-    )
-    .await;
-    send_text(
-        &mut ws,
-        r#"{"jsonrpc":"2.0","method":"fs.getattr","params":{"ino":1}}"#,
-    )
-    .await;
-    let resp = raw(
-        &mut ws,
-        r#"{"jsonrpc":"2.0","id":9,"method":"bucket.list"}"#,
-    )
-    .await;
+    send_text(&mut ws, r#"{"jsonrpc":"2.0","method":"bucket.stat","params":{"name":5}}"#).await;
+    send_text(&mut ws, r#"{"jsonrpc":"2.0","method":"fs.getattr","params":{"ino":1}}"#).await;
+    let resp = raw(&mut ws, r#"{"jsonrpc":"2.0","id":9,"method":"bucket.list"}"#).await;
     assert_eq!(resp["id"], 9, "the first answer is the request's: {resp}");
     assert!(resp["result"]["buckets"].is_array());
     assert_silent(&mut ws).await;
 
     // A notification is still carried out (frames run concurrently, so wait for it).
-    send_text(
-        &mut ws,
-        r#"{"jsonrpc":"2.0","method":"bucket.create","params":{"name":"made-by-notification"}}"#,
-    )
-    .await;
+    send_text(&mut ws, r#"{"jsonrpc":"2.0","method":"bucket.create","params":{"name":"made-by-notification"}}"#).await;
     assert_silent(&mut ws).await;
     let deadline = tokio::time::Instant::now() + TIMEOUT;
     loop {
-        let resp = request(
-            &mut ws,
-            "bucket.stat",
-            json!({"name": "made-by-notification"}),
-        )
-        .await;
+        let resp = request(&mut ws, "bucket.stat", json!({"name": "made-by-notification"})).await;
         if resp["result"]["name"] == "made-by-notification" {
             break;
         }
         assert_eq!(resp["error"]["data"]["errno"], "ENOENT", "{resp}");
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the notification was never carried out"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "the notification was never carried out");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     fx.finish().await;
@@ -447,16 +327,9 @@ async fn batches() {
         {"jsonrpc":"2.0","id":1.5,"method":"bucket.list"}
     ]"#;
     let resp = raw(&mut ws, batch).await;
-    let answers = resp
-        .as_array()
-        .unwrap_or_else(|| panic!("a batch gets an array: {resp}"));
+    let answers = resp.as_array().unwrap_or_else(|| panic!("a batch gets an array: {resp}"));
     assert_eq!(answers.len(), 6, "one answer per non-notification: {resp}");
-    let by_id = |id: Value| {
-        answers
-            .iter()
-            .find(|a| a["id"] == id)
-            .unwrap_or_else(|| panic!("no answer for {id}: {resp}"))
-    };
+    let by_id = |id: Value| answers.iter().find(|a| a["id"] == id).unwrap_or_else(|| panic!("no answer for {id}: {resp}"));
     assert!(by_id(json!(1))["result"]["buckets"].is_array());
     assert_eq!(by_id(json!("two"))["error"]["code"], code::METHOD_NOT_FOUND);
     assert_eq!(by_id(json!(3))["error"]["code"], code::INVALID_PARAMS);
@@ -464,24 +337,11 @@ async fn batches() {
     assert_eq!(by_id(json!(4))["error"]["data"]["errno"], "ENOENT");
     let nulls: Vec<&Value> = answers.iter().filter(|a| a["id"].is_null()).collect();
     assert_eq!(nulls.len(), 2, "{resp}");
-    assert!(
-        nulls
-            .iter()
-            .all(|a| a["error"]["code"] == code::INVALID_REQUEST),
-        "{resp}"
-    );
+    assert!(nulls.iter().all(|a| a["error"]["code"] == code::INVALID_REQUEST), "{resp}");
 
     // A batch of notifications only gets no answer at all.
-    send_text(
-        &mut ws,
-        r#"[{"jsonrpc":"2.0","method":"bucket.list"},{"jsonrpc":"2.0","method":"nope"}]"#,
-    )
-    .await;
-    let resp = raw(
-        &mut ws,
-        r#"{"jsonrpc":"2.0","id":11,"method":"bucket.list"}"#,
-    )
-    .await;
+    send_text(&mut ws, r#"[{"jsonrpc":"2.0","method":"bucket.list"},{"jsonrpc":"2.0","method":"nope"}]"#).await;
+    let resp = raw(&mut ws, r#"{"jsonrpc":"2.0","id":11,"method":"bucket.list"}"#).await;
     assert_eq!(resp["id"], 11, "{resp}");
     assert_silent(&mut ws).await;
 
@@ -493,11 +353,7 @@ async fn batches() {
     assert_error(&resp, code::INVALID_REQUEST, Value::Null);
 
     // A batch of one is still a batch.
-    let resp = raw(
-        &mut ws,
-        r#"[{"jsonrpc":"2.0","id":12,"method":"bucket.list"}]"#,
-    )
-    .await;
+    let resp = raw(&mut ws, r#"[{"jsonrpc":"2.0","id":12,"method":"bucket.list"}]"#).await;
     assert_eq!(resp.as_array().map(|a| a.len()), Some(1), "{resp}");
     assert_eq!(resp[0]["id"], 12);
     fx.finish().await;
@@ -507,53 +363,22 @@ async fn batches() {
 async fn bson_frames() {
     let fx = Fixture::start().await;
     let mut ws = fx.connect().await;
-    let resp = bson_call(
-        &mut ws,
-        &doc! {"jsonrpc": "2.0", "id": 7_i64, "method": "bucket.list", "params": {}},
-    )
-    .await;
+    let resp = bson_call(&mut ws, &doc! {"jsonrpc": "2.0", "id": 7_i64, "method": "bucket.list", "params": {}}).await;
     assert_eq!(resp.get_str("jsonrpc").unwrap(), "2.0");
     assert_eq!(bson_int(&resp, "id"), 7);
-    assert!(
-        resp.get_document("result")
-            .unwrap()
-            .get_array("buckets")
-            .is_ok(),
-        "{resp}"
-    );
+    assert!(resp.get_document("result").unwrap().get_array("buckets").is_ok(), "{resp}");
 
     let hello = doc! {"jsonrpc": "2.0", "id": "h", "method": "hello", "params": {"versions": [1], "encodings": ["bson", "json"]}};
     let resp = bson_call(&mut ws, &hello).await;
     assert_eq!(resp.get_str("id").unwrap(), "h");
-    assert_eq!(
-        resp.get_document("result")
-            .unwrap()
-            .get_str("encoding")
-            .unwrap(),
-        "bson"
-    );
+    assert_eq!(resp.get_document("result").unwrap().get_str("encoding").unwrap(), "bson");
 
     // Errors come back in BSON too.
-    let resp = bson_call(
-        &mut ws,
-        &doc! {"jsonrpc": "2.0", "id": 8_i32, "method": "nope"},
-    )
-    .await;
-    assert_eq!(
-        (bson_error_code(&resp), bson_int(&resp, "id")),
-        (code::METHOD_NOT_FOUND, 8)
-    );
-    let resp = bson_call(
-        &mut ws,
-        &doc! {"jsonrpc": "2.0", "id": 9_i32, "method": "bucket.stat", "params": {"name": 1_i32}},
-    )
-    .await;
+    let resp = bson_call(&mut ws, &doc! {"jsonrpc": "2.0", "id": 8_i32, "method": "nope"}).await;
+    assert_eq!((bson_error_code(&resp), bson_int(&resp, "id")), (code::METHOD_NOT_FOUND, 8));
+    let resp = bson_call(&mut ws, &doc! {"jsonrpc": "2.0", "id": 9_i32, "method": "bucket.stat", "params": {"name": 1_i32}}).await;
     assert_eq!(bson_error_code(&resp), code::INVALID_PARAMS);
-    let resp = bson_call(
-        &mut ws,
-        &doc! {"jsonrpc": "2.0", "id": 1.5_f64, "method": "bucket.list"},
-    )
-    .await;
+    let resp = bson_call(&mut ws, &doc! {"jsonrpc": "2.0", "id": 1.5_f64, "method": "bucket.list"}).await;
     assert_eq!(bson_error_code(&resp), code::INVALID_REQUEST);
     assert_eq!(resp.get("id"), Some(&Bson::Null));
 
@@ -566,13 +391,7 @@ async fn bson_frames() {
     let resp = bson_call(&mut ws, &put).await;
     assert!(resp.get("error").is_none(), "{resp}");
     let resp = bson_call(&mut ws, &doc! {"jsonrpc": "2.0", "id": 11_i32, "method": "block.get", "params": {"hash": h.to_hex()}}).await;
-    assert_eq!(
-        resp.get_document("result")
-            .unwrap()
-            .get_binary_generic("data")
-            .unwrap(),
-        &data
-    );
+    assert_eq!(resp.get_document("result").unwrap().get_binary_generic("data").unwrap(), &data);
 
     // A BSON batch: a document keyed "0", "1", …
     let batch = doc! {
@@ -580,10 +399,7 @@ async fn bson_frames() {
         "1": {"jsonrpc": "2.0", "id": 21_i32, "method": "nope"},
     };
     let resp = bson_call(&mut ws, &batch).await;
-    let answers: Vec<&Document> = resp
-        .values()
-        .map(|v| v.as_document().expect("batch answers are documents"))
-        .collect();
+    let answers: Vec<&Document> = resp.values().map(|v| v.as_document().expect("batch answers are documents")).collect();
     assert_eq!(answers.len(), 2, "{resp}");
     let ok20 = answers.iter().find(|a| bson_int(a, "id") == 20).unwrap();
     assert!(ok20.get_document("result").is_ok());
@@ -591,12 +407,7 @@ async fn bson_frames() {
     assert_eq!(bson_error_code(err21), code::METHOD_NOT_FOUND);
 
     // Garbage in a binary frame is a parse error, answered in BSON.
-    for garbage in [
-        &b"\x05\x00\x00"[..],
-        b"not bson at all",
-        &[0xff; 64],
-        b"\x10\x00\x00\x00\x02a\x00\xff\xff\xff\x7fxx\x00",
-    ] {
+    for garbage in [&b"\x05\x00\x00"[..], b"not bson at all", &[0xff; 64], b"\x10\x00\x00\x00\x02a\x00\xff\xff\xff\x7fxx\x00"] {
         ws.send(Message::binary(garbage.to_vec())).await.unwrap();
         let resp = bson_answer(&mut ws).await;
         assert_eq!(bson_error_code(&resp), code::PARSE_ERROR, "{garbage:?}");
@@ -605,11 +416,7 @@ async fn bson_frames() {
 
     // Text and binary mix on one connection.
     ok(&mut ws, "bucket.list", json!({})).await;
-    let resp = bson_call(
-        &mut ws,
-        &doc! {"jsonrpc": "2.0", "id": 30_i32, "method": "bucket.list"},
-    )
-    .await;
+    let resp = bson_call(&mut ws, &doc! {"jsonrpc": "2.0", "id": 30_i32, "method": "bucket.list"}).await;
     assert_eq!(bson_int(&resp, "id"), 30);
     fx.finish().await;
 }
@@ -638,19 +445,13 @@ async fn oversized_frame_closes_only_that_connection() {
         // The server stops reading after the frame header: this send may fail.
         let _ = sink.send(Message::text(text)).await;
     });
-    let resp = match tokio::time::timeout(TIMEOUT, stream.next())
-        .await
-        .expect("an answer in time")
-    {
+    let resp = match tokio::time::timeout(TIMEOUT, stream.next()).await.expect("an answer in time") {
         Some(Ok(Message::Text(t))) => serde_json::from_str::<Value>(t.as_str()).unwrap(),
         other => panic!("expected the FRAME_TOO_LARGE answer, got {other:?}"),
     };
     assert_error(&resp, code::FRAME_TOO_LARGE, Value::Null);
     loop {
-        match tokio::time::timeout(TIMEOUT, stream.next())
-            .await
-            .expect("the connection closes in time")
-        {
+        match tokio::time::timeout(TIMEOUT, stream.next()).await.expect("the connection closes in time") {
             Some(Ok(Message::Close(Some(frame)))) => {
                 assert_eq!(frame.code, CloseCode::Size);
                 break;
@@ -660,15 +461,8 @@ async fn oversized_frame_closes_only_that_connection() {
         }
     }
     // Whatever the client still had to say, the stream is finished.
-    let _ = tokio::time::timeout(TIMEOUT, sender)
-        .await
-        .expect("the sender gives up");
-    assert!(matches!(
-        tokio::time::timeout(TIMEOUT, stream.next())
-            .await
-            .expect("closed"),
-        None | Some(Err(_))
-    ));
+    let _ = tokio::time::timeout(TIMEOUT, sender).await.expect("the sender gives up");
+    assert!(matches!(tokio::time::timeout(TIMEOUT, stream.next()).await.expect("closed"), None | Some(Err(_))));
 
     // Other connections, old and new, carry on.
     ok(&mut other, "bucket.list", json!({})).await;
@@ -699,12 +493,7 @@ async fn invalid_names_are_refused() {
     let fx = Fixture::start().await;
     let mut ws = fx.connect().await;
     mount_new(&mut ws, "names").await;
-    let src = ok(
-        &mut ws,
-        "fs.create",
-        json!({"parent": 1, "name": "src", "mode": 0o644, "uid": 0, "gid": 0}),
-    )
-    .await;
+    let src = ok(&mut ws, "fs.create", json!({"parent": 1, "name": "src", "mode": 0o644, "uid": 0, "gid": 0})).await;
     let src_ino = src["ino"].as_u64().unwrap();
 
     let long = "a".repeat(256);
@@ -722,44 +511,19 @@ async fn invalid_names_are_refused() {
     ];
     for (name, want) in &cases {
         let calls = [
-            (
-                "fs.mkdir",
-                json!({"parent": 1, "name": name, "kind": "dir", "mode": 0o755, "uid": 0, "gid": 0}),
-            ),
-            (
-                "fs.create",
-                json!({"parent": 1, "name": name, "mode": 0o644, "uid": 0, "gid": 0}),
-            ),
-            (
-                "fs.mknod",
-                json!({"parent": 1, "name": name, "kind": "fifo", "mode": 0o644, "uid": 0, "gid": 0}),
-            ),
-            (
-                "fs.symlink",
-                json!({"parent": 1, "name": name, "target": "src", "uid": 0, "gid": 0}),
-            ),
-            (
-                "fs.link",
-                json!({"ino": src_ino, "parent": 1, "name": name}),
-            ),
+            ("fs.mkdir", json!({"parent": 1, "name": name, "kind": "dir", "mode": 0o755, "uid": 0, "gid": 0})),
+            ("fs.create", json!({"parent": 1, "name": name, "mode": 0o644, "uid": 0, "gid": 0})),
+            ("fs.mknod", json!({"parent": 1, "name": name, "kind": "fifo", "mode": 0o644, "uid": 0, "gid": 0})),
+            ("fs.symlink", json!({"parent": 1, "name": name, "target": "src", "uid": 0, "gid": 0})),
+            ("fs.link", json!({"ino": src_ino, "parent": 1, "name": name})),
             ("fs.lookup", json!({"parent": 1, "name": name})),
             ("fs.unlink", json!({"parent": 1, "name": name})),
             ("fs.rmdir", json!({"parent": 1, "name": name})),
-            (
-                "fs.rename",
-                json!({"parent": 1, "name": "src", "new_parent": 1, "new_name": name}),
-            ),
-            (
-                "fs.rename",
-                json!({"parent": 1, "name": name, "new_parent": 1, "new_name": "dst"}),
-            ),
+            ("fs.rename", json!({"parent": 1, "name": "src", "new_parent": 1, "new_name": name})),
+            ("fs.rename", json!({"parent": 1, "name": name, "new_parent": 1, "new_name": "dst"})),
         ];
         for (method, params) in calls {
-            assert_eq!(
-                fs_error(&mut ws, method, params).await,
-                *want,
-                "{method} with name {name}"
-            );
+            assert_eq!(fs_error(&mut ws, method, params).await, *want, "{method} with name {name}");
         }
     }
     // Nothing was half-created, and the source is where it was.
@@ -767,35 +531,14 @@ async fn invalid_names_are_refused() {
     let root = ok(&mut ws, "fs.getattr", json!({"ino": 1})).await;
     assert_eq!(root["nlink"], 2, "{root}");
     let src = ok(&mut ws, "fs.lookup", json!({"parent": 1, "name": "src"})).await;
-    assert_eq!(
-        (src["ino"].as_u64(), src["nlink"].as_u64()),
-        (Some(src_ino), Some(1))
-    );
+    assert_eq!((src["ino"].as_u64(), src["nlink"].as_u64()), (Some(src_ino), Some(1)));
 
     // 255 bytes are fine, and names need not be UTF-8.
     let max = "b".repeat(255);
-    ok(
-        &mut ws,
-        "fs.mkdir",
-        json!({"parent": 1, "name": max, "kind": "dir", "mode": 0o755, "uid": 0, "gid": 0}),
-    )
-    .await;
-    ok(
-        &mut ws,
-        "fs.create",
-        json!({"parent": 1, "name": [0xff, 0xfe], "mode": 0o644, "uid": 0, "gid": 0}),
-    )
-    .await;
-    ok(
-        &mut ws,
-        "fs.lookup",
-        json!({"parent": 1, "name": [0xff, 0xfe]}),
-    )
-    .await;
-    assert_eq!(
-        root_names(&mut ws).await,
-        vec![json!(max), json!("src"), json!([0xff, 0xfe])]
-    );
+    ok(&mut ws, "fs.mkdir", json!({"parent": 1, "name": max, "kind": "dir", "mode": 0o755, "uid": 0, "gid": 0})).await;
+    ok(&mut ws, "fs.create", json!({"parent": 1, "name": [0xff, 0xfe], "mode": 0o644, "uid": 0, "gid": 0})).await;
+    ok(&mut ws, "fs.lookup", json!({"parent": 1, "name": [0xff, 0xfe]})).await;
+    assert_eq!(root_names(&mut ws).await, vec![json!(max), json!("src"), json!([0xff, 0xfe])]);
     fx.finish().await;
 }
 
@@ -803,54 +546,29 @@ async fn invalid_names_are_refused() {
 async fn fs_calls_need_a_mount() {
     let fx = Fixture::start().await;
     let mut ws = fx.connect().await;
-    ok(
-        &mut ws,
-        "hello",
-        json!({"versions": [1], "encodings": ["json"]}),
-    )
-    .await;
+    ok(&mut ws, "hello", json!({"versions": [1], "encodings": ["json"]})).await;
     ok(&mut ws, "bucket.create", json!({"name": "unmounted"})).await;
     let calls = [
         ("fs.getattr", json!({"ino": 1})),
         ("fs.lookup", json!({"parent": 1, "name": "x"})),
         ("fs.readdir", json!({"ino": 1, "limit": 10})),
-        (
-            "fs.create",
-            json!({"parent": 1, "name": "x", "mode": 0o644, "uid": 0, "gid": 0}),
-        ),
-        (
-            "fs.mkdir",
-            json!({"parent": 1, "name": "x", "kind": "dir", "mode": 0o755, "uid": 0, "gid": 0}),
-        ),
+        ("fs.create", json!({"parent": 1, "name": "x", "mode": 0o644, "uid": 0, "gid": 0})),
+        ("fs.mkdir", json!({"parent": 1, "name": "x", "kind": "dir", "mode": 0o755, "uid": 0, "gid": 0})),
         ("fs.open", json!({"ino": 1})),
         ("fs.statfs", json!({})),
         ("seg.get", json!({"ino": 1, "segment": 0})),
         ("seg.commit", json!({"ino": 1, "size": 0, "slots": []})),
     ];
     for (method, params) in calls {
-        assert_eq!(
-            fs_error(&mut ws, method, params).await,
-            "ENOTCONN",
-            "{method}"
-        );
+        assert_eq!(fs_error(&mut ws, method, params).await, "ENOTCONN", "{method}");
     }
-    assert_eq!(
-        fs_error(&mut ws, "bucket.mount", json!({"name": "no-such-bucket"})).await,
-        "ENOENT"
-    );
-    assert_eq!(
-        fs_error(&mut ws, "fs.getattr", json!({"ino": 1})).await,
-        "ENOTCONN",
-        "a failed mount mounts nothing"
-    );
+    assert_eq!(fs_error(&mut ws, "bucket.mount", json!({"name": "no-such-bucket"})).await, "ENOENT");
+    assert_eq!(fs_error(&mut ws, "fs.getattr", json!({"ino": 1})).await, "ENOTCONN", "a failed mount mounts nothing");
     // A mount on one connection is not a mount on another.
     ok(&mut ws, "bucket.mount", json!({"name": "unmounted"})).await;
     ok(&mut ws, "fs.getattr", json!({"ino": 1})).await;
     let mut other = fx.connect().await;
-    assert_eq!(
-        fs_error(&mut other, "fs.getattr", json!({"ino": 1})).await,
-        "ENOTCONN"
-    );
+    assert_eq!(fs_error(&mut other, "fs.getattr", json!({"ino": 1})).await, "ENOTCONN");
     fx.finish().await;
 }
 
@@ -862,37 +580,15 @@ async fn block_put_checks_the_hash() {
     let claimed = Hash::of(b"something else");
     let put = json!({"blocks": [{"hash": claimed.to_hex(), "data": b64(&data)}]});
     assert_eq!(fs_error(&mut ws, "block.put", put).await, "EINVAL");
-    let has = ok(
-        &mut ws,
-        "block.has",
-        json!({"hashes": [claimed.to_hex(), Hash::of(&data).to_hex()]}),
-    )
-    .await;
-    assert_eq!(
-        has["present"],
-        json!([false, false]),
-        "a refused block is stored under no name"
-    );
-    assert_eq!(
-        fs_error(&mut ws, "block.get", json!({"hash": claimed.to_hex()})).await,
-        "ENOENT"
-    );
+    let has = ok(&mut ws, "block.has", json!({"hashes": [claimed.to_hex(), Hash::of(&data).to_hex()]})).await;
+    assert_eq!(has["present"], json!([false, false]), "a refused block is stored under no name");
+    assert_eq!(fs_error(&mut ws, "block.get", json!({"hash": claimed.to_hex()})).await, "ENOENT");
 
     // A large mismatching block leaves nothing in the block store either.
     let big = vec![3u8; 100 << 10];
     let wrong = Hash::of(&big[1..]);
-    assert_eq!(
-        fs_error(
-            &mut ws,
-            "block.put",
-            json!({"blocks": [{"hash": wrong.to_hex(), "data": b64(&big)}]})
-        )
-        .await,
-        "EINVAL"
-    );
-    assert!(
-        !block_path(fx.data(), &wrong).exists() && !block_path(fx.data(), &Hash::of(&big)).exists()
-    );
+    assert_eq!(fs_error(&mut ws, "block.put", json!({"blocks": [{"hash": wrong.to_hex(), "data": b64(&big)}]})).await, "EINVAL");
+    assert!(!block_path(fx.data(), &wrong).exists() && !block_path(fx.data(), &Hash::of(&big)).exists());
 
     // One bad block in a put: the good one before it may land, the bad one never.
     let good = b"good".to_vec();
@@ -909,89 +605,37 @@ async fn block_put_checks_the_hash() {
 async fn happy_path() {
     let fx = Fixture::start().await;
     let mut ws = fx.connect().await;
-    let hello = ok(
-        &mut ws,
-        "hello",
-        json!({"versions": [1], "encodings": ["json"], "client": "wire test"}),
-    )
-    .await;
+    let hello = ok(&mut ws, "hello", json!({"versions": [1], "encodings": ["json"], "client": "wire test"})).await;
     assert_eq!(hello["version"], 1);
     assert_eq!(hello["encoding"], "json");
     assert_eq!(hello["max_frame"], MAX_FRAME as u64);
-    assert_eq!(
-        fs_error(
-            &mut ws,
-            "hello",
-            json!({"versions": [99], "encodings": ["json"]})
-        )
-        .await,
-        "EPROTO"
-    );
+    assert_eq!(fs_error(&mut ws, "hello", json!({"versions": [99], "encodings": ["json"]})).await, "EPROTO");
 
     let info = ok(&mut ws, "bucket.create", json!({"name": "happy"})).await;
     assert_eq!(info["name"], "happy");
     let block_size = info["block_size"].as_u64().unwrap();
-    assert_eq!(
-        fs_error(&mut ws, "bucket.create", json!({"name": "happy"})).await,
-        "EEXIST"
-    );
+    assert_eq!(fs_error(&mut ws, "bucket.create", json!({"name": "happy"})).await, "EEXIST");
     let listed = ok(&mut ws, "bucket.list", json!({})).await;
-    assert!(
-        listed["buckets"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|b| b["name"] == "happy")
-    );
+    assert!(listed["buckets"].as_array().unwrap().iter().any(|b| b["name"] == "happy"));
     let mount = ok(&mut ws, "bucket.mount", json!({"name": "happy"})).await;
-    assert_eq!(
-        (
-            mount["bucket"]["name"].as_str(),
-            mount["root"]["kind"].as_str()
-        ),
-        (Some("happy"), Some("dir"))
-    );
+    assert_eq!((mount["bucket"]["name"].as_str(), mount["root"]["kind"].as_str()), (Some("happy"), Some("dir")));
 
-    let f = ok(
-        &mut ws,
-        "fs.create",
-        json!({"parent": 1, "name": "file", "mode": 0o644, "uid": 1000, "gid": 1000}),
-    )
-    .await;
+    let f = ok(&mut ws, "fs.create", json!({"parent": 1, "name": "file", "mode": 0o644, "uid": 1000, "gid": 1000})).await;
     let ino = f["ino"].as_u64().unwrap();
-    assert_eq!(
-        (f["kind"].as_str(), f["size"].as_u64(), f["nlink"].as_u64()),
-        (Some("file"), Some(0), Some(1))
-    );
+    assert_eq!((f["kind"].as_str(), f["size"].as_u64(), f["nlink"].as_u64()), (Some("file"), Some(0), Some(1)));
 
     // A 100 KiB block (block store) and a 10-byte one (inline).
     let big: Vec<u8> = (0..100u32 << 10).map(|i| (i % 251) as u8).collect();
     let small = b"ten bytes!".to_vec();
     let (hb, hs) = (Hash::of(&big), Hash::of(&small));
-    let has = ok(
-        &mut ws,
-        "block.has",
-        json!({"hashes": [hb.to_hex(), hs.to_hex()]}),
-    )
-    .await;
+    let has = ok(&mut ws, "block.has", json!({"hashes": [hb.to_hex(), hs.to_hex()]})).await;
     assert_eq!(has["present"], json!([false, false]));
     let put = json!({"blocks": [{"hash": hb.to_hex(), "data": b64(&big)}, {"hash": hs.to_hex(), "data": b64(&small)}]});
     ok(&mut ws, "block.put", put).await;
-    let has = ok(
-        &mut ws,
-        "block.has",
-        json!({"hashes": [hb.to_hex(), hs.to_hex()]}),
-    )
-    .await;
+    let has = ok(&mut ws, "block.has", json!({"hashes": [hb.to_hex(), hs.to_hex()]})).await;
     assert_eq!(has["present"], json!([true, true]));
-    assert!(
-        block_path(fx.data(), &hb).exists(),
-        "the big block lives in the block store"
-    );
-    assert!(
-        !block_path(fx.data(), &hs).exists(),
-        "the small block is kept inline"
-    );
+    assert!(block_path(fx.data(), &hb).exists(), "the big block lives in the block store");
+    assert!(!block_path(fx.data(), &hs).exists(), "the small block is kept inline");
 
     let size = block_size + small.len() as u64;
     let commit = json!({"ino": ino, "size": size, "slots": [
@@ -1011,19 +655,13 @@ async fn happy_path() {
             {"index": 1, "hash": hs.to_hex(), "len": small.len()},
         ])
     );
-    assert_eq!(
-        ok(&mut ws, "seg.get", json!({"ino": ino, "segment": 1})).await["blocks"],
-        json!([])
-    );
+    assert_eq!(ok(&mut ws, "seg.get", json!({"ino": ino, "segment": 1})).await["blocks"], json!([]));
     for (h, data) in [(hb, &big), (hs, &small)] {
         let got = ok(&mut ws, "block.get", json!({"hash": h.to_hex()})).await;
         assert_eq!(&unb64(&got["data"]), data, "block.get round trip");
     }
     let stat = ok(&mut ws, "bucket.stat", json!({"name": "happy"})).await;
-    assert_eq!(
-        (stat["objects"].as_u64(), stat["bytes"].as_u64()),
-        (Some(2), Some(size))
-    );
+    assert_eq!((stat["objects"].as_u64(), stat["bytes"].as_u64()), (Some(2), Some(size)));
     ok(&mut ws, "fs.sync", json!({})).await;
 
     // Referenced blocks survive garbage collection.
@@ -1032,56 +670,25 @@ async fn happy_path() {
 
     // Unlinked while open: still there until released.
     ok(&mut ws, "fs.unlink", json!({"parent": 1, "name": "file"})).await;
-    assert_eq!(
-        fs_error(&mut ws, "fs.lookup", json!({"parent": 1, "name": "file"})).await,
-        "ENOENT"
-    );
+    assert_eq!(fs_error(&mut ws, "fs.lookup", json!({"parent": 1, "name": "file"})).await, "ENOENT");
     let orphan = ok(&mut ws, "fs.getattr", json!({"ino": ino})).await;
     assert_eq!(orphan["nlink"], 0);
-    assert_eq!(
-        ok(&mut ws, "seg.get", json!({"ino": ino, "segment": 0})).await["blocks"]
-            .as_array()
-            .map(|b| b.len()),
-        Some(2)
-    );
+    assert_eq!(ok(&mut ws, "seg.get", json!({"ino": ino, "segment": 0})).await["blocks"].as_array().map(|b| b.len()), Some(2));
     ok(&mut ws, "fs.release", json!({"ino": ino})).await;
-    assert_eq!(
-        fs_error(&mut ws, "fs.getattr", json!({"ino": ino})).await,
-        "ENOENT"
-    );
-    assert_eq!(
-        fs_error(&mut ws, "fs.release", json!({"ino": ino})).await,
-        "EBADF"
-    );
+    assert_eq!(fs_error(&mut ws, "fs.getattr", json!({"ino": ino})).await, "ENOENT");
+    assert_eq!(fs_error(&mut ws, "fs.release", json!({"ino": ino})).await, "EBADF");
 
     let gc = ok(&mut ws, "admin.gc", json!({"min_age_secs": 0})).await;
     assert!(gc["blocks_removed"].as_u64().unwrap() >= 2, "{gc}");
-    assert!(
-        gc["bytes_removed"].as_u64().unwrap() >= (big.len() + small.len()) as u64,
-        "{gc}"
-    );
-    let has = ok(
-        &mut ws,
-        "block.has",
-        json!({"hashes": [hb.to_hex(), hs.to_hex()]}),
-    )
-    .await;
+    assert!(gc["bytes_removed"].as_u64().unwrap() >= (big.len() + small.len()) as u64, "{gc}");
+    let has = ok(&mut ws, "block.has", json!({"hashes": [hb.to_hex(), hs.to_hex()]})).await;
     assert_eq!(has["present"], json!([false, false]));
-    assert!(
-        !block_path(fx.data(), &hb).exists(),
-        "collected blocks leave the block store"
-    );
-    assert_eq!(
-        fs_error(&mut ws, "block.get", json!({"hash": hb.to_hex()})).await,
-        "ENOENT"
-    );
+    assert!(!block_path(fx.data(), &hb).exists(), "collected blocks leave the block store");
+    assert_eq!(fs_error(&mut ws, "block.get", json!({"hash": hb.to_hex()})).await, "ENOENT");
 
     assert!(root_names(&mut ws).await.is_empty());
     ok(&mut ws, "bucket.delete", json!({"name": "happy"})).await;
-    assert_eq!(
-        fs_error(&mut ws, "bucket.stat", json!({"name": "happy"})).await,
-        "ENOENT"
-    );
+    assert_eq!(fs_error(&mut ws, "bucket.stat", json!({"name": "happy"})).await, "ENOENT");
     fx.finish().await;
 }
 
@@ -1090,73 +697,26 @@ async fn bucket_arguments_are_checked() {
     let fx = Fixture::start().await;
     let mut ws = fx.connect().await;
     for name in ["", ".hidden", "a/b", "a b", "snow\u{2603}", &"x".repeat(64)] {
-        assert_eq!(
-            fs_error(&mut ws, "bucket.create", json!({"name": name})).await,
-            "EINVAL",
-            "bucket name {name:?}"
-        );
+        assert_eq!(fs_error(&mut ws, "bucket.create", json!({"name": name})).await, "EINVAL", "bucket name {name:?}");
     }
     for block_size in [0, 1000, 4095, 2048, 3 << 20, 16 << 20] {
         assert_eq!(
-            fs_error(
-                &mut ws,
-                "bucket.create",
-                json!({"name": "b", "block_size": block_size})
-            )
-            .await,
+            fs_error(&mut ws, "bucket.create", json!({"name": "b", "block_size": block_size})).await,
             "EINVAL",
             "block size {block_size}"
         );
     }
     for segment_blocks in [0, 1025] {
-        assert_eq!(
-            fs_error(
-                &mut ws,
-                "bucket.create",
-                json!({"name": "b", "segment_blocks": segment_blocks})
-            )
-            .await,
-            "EINVAL"
-        );
+        assert_eq!(fs_error(&mut ws, "bucket.create", json!({"name": "b", "segment_blocks": segment_blocks})).await, "EINVAL");
     }
-    assert!(
-        ok(&mut ws, "bucket.list", json!({})).await["buckets"]
-            .as_array()
-            .unwrap()
-            .is_empty(),
-        "nothing was created"
-    );
-    let info = ok(
-        &mut ws,
-        "bucket.create",
-        json!({"name": "Ok_name-1.x", "block_size": 4096, "segment_blocks": 1024}),
-    )
-    .await;
-    assert_eq!(
-        (info["block_size"].as_u64(), info["segment_blocks"].as_u64()),
-        (Some(4096), Some(1024))
-    );
+    assert!(ok(&mut ws, "bucket.list", json!({})).await["buckets"].as_array().unwrap().is_empty(), "nothing was created");
+    let info = ok(&mut ws, "bucket.create", json!({"name": "Ok_name-1.x", "block_size": 4096, "segment_blocks": 1024})).await;
+    assert_eq!((info["block_size"].as_u64(), info["segment_blocks"].as_u64()), (Some(4096), Some(1024)));
     ok(&mut ws, "bucket.mount", json!({"name": "Ok_name-1.x"})).await;
-    ok(
-        &mut ws,
-        "fs.create",
-        json!({"parent": 1, "name": "f", "mode": 0o644, "uid": 0, "gid": 0}),
-    )
-    .await;
-    assert_eq!(
-        fs_error(&mut ws, "bucket.delete", json!({"name": "Ok_name-1.x"})).await,
-        "ENOTEMPTY"
-    );
-    ok(
-        &mut ws,
-        "bucket.delete",
-        json!({"name": "Ok_name-1.x", "force": true}),
-    )
-    .await;
-    assert_eq!(
-        fs_error(&mut ws, "bucket.delete", json!({"name": "Ok_name-1.x"})).await,
-        "ENOENT"
-    );
+    ok(&mut ws, "fs.create", json!({"parent": 1, "name": "f", "mode": 0o644, "uid": 0, "gid": 0})).await;
+    assert_eq!(fs_error(&mut ws, "bucket.delete", json!({"name": "Ok_name-1.x"})).await, "ENOTEMPTY");
+    ok(&mut ws, "bucket.delete", json!({"name": "Ok_name-1.x", "force": true})).await;
+    assert_eq!(fs_error(&mut ws, "bucket.delete", json!({"name": "Ok_name-1.x"})).await, "ENOENT");
     fx.finish().await;
 }
 
@@ -1168,45 +728,22 @@ async fn disconnect_releases_open_files() {
     let mut b = fx.connect().await;
     ok(&mut b, "bucket.mount", json!({"name": "opens"})).await;
 
-    let f = ok(
-        &mut a,
-        "fs.create",
-        json!({"parent": 1, "name": "f", "mode": 0o644, "uid": 0, "gid": 0}),
-    )
-    .await;
+    let f = ok(&mut a, "fs.create", json!({"parent": 1, "name": "f", "mode": 0o644, "uid": 0, "gid": 0})).await;
     let ino = f["ino"].as_u64().unwrap();
     let data = b"held open".to_vec();
     let h = Hash::of(&data);
-    ok(
-        &mut a,
-        "block.put",
-        json!({"blocks": [{"hash": h.to_hex(), "data": b64(&data)}]}),
-    )
-    .await;
+    ok(&mut a, "block.put", json!({"blocks": [{"hash": h.to_hex(), "data": b64(&data)}]})).await;
     ok(&mut a, "seg.commit", json!({"ino": ino, "size": data.len(), "slots": [{"index": 0, "block": [h.to_hex(), data.len()]}]})).await;
     // b opens it too, then a unlinks it: both opens keep it.
     ok(&mut b, "fs.open", json!({"ino": ino})).await;
     ok(&mut a, "fs.unlink", json!({"parent": 1, "name": "f"})).await;
-    assert_eq!(
-        ok(&mut b, "fs.getattr", json!({"ino": ino})).await["nlink"],
-        0
-    );
-    assert_eq!(
-        fs_error(&mut a, "fs.release", json!({"ino": 999})).await,
-        "EBADF"
-    );
+    assert_eq!(ok(&mut b, "fs.getattr", json!({"ino": ino})).await["nlink"], 0);
+    assert_eq!(fs_error(&mut a, "fs.release", json!({"ino": 999})).await, "EBADF");
 
     // b's release leaves a's open; a's disconnect drops the last one.
     ok(&mut b, "fs.release", json!({"ino": ino})).await;
-    assert_eq!(
-        ok(&mut b, "fs.getattr", json!({"ino": ino})).await["nlink"],
-        0
-    );
-    assert_eq!(
-        ok(&mut b, "admin.gc", json!({"min_age_secs": 0})).await["blocks_removed"],
-        0,
-        "the open file still holds its block"
-    );
+    assert_eq!(ok(&mut b, "fs.getattr", json!({"ino": ino})).await["nlink"], 0);
+    assert_eq!(ok(&mut b, "admin.gc", json!({"min_age_secs": 0})).await["blocks_removed"], 0, "the open file still holds its block");
     a.close(None).await.unwrap();
     drop(a);
     let deadline = tokio::time::Instant::now() + TIMEOUT;
@@ -1216,19 +753,10 @@ async fn disconnect_releases_open_files() {
             break;
         }
         assert_eq!(resp["result"]["nlink"], 0, "{resp}");
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "closing the connection never released the file"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "closing the connection never released the file");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(
-        ok(&mut b, "admin.gc", json!({"min_age_secs": 0})).await["blocks_removed"],
-        1
-    );
-    assert_eq!(
-        ok(&mut b, "block.has", json!({"hashes": [h.to_hex()]})).await["present"],
-        json!([false])
-    );
+    assert_eq!(ok(&mut b, "admin.gc", json!({"min_age_secs": 0})).await["blocks_removed"], 1);
+    assert_eq!(ok(&mut b, "block.has", json!({"hashes": [h.to_hex()]})).await["present"], json!([false]));
     fx.finish().await;
 }

@@ -8,7 +8,7 @@
 pub mod url;
 
 use futures_util::{SinkExt, StreamExt};
-use restfs_proto::methods::{Hello, HelloParams};
+use restfs_proto::methods::{Hello, HelloParams, PushChanges, PushParams};
 use restfs_proto::rpc::{IdField, RawMessage, encode_request, split_frame};
 use restfs_proto::{Encoding, Errno, Id, MAX_FRAME, Method, PROTOCOL_VERSION, RpcError};
 use std::collections::HashMap;
@@ -23,6 +23,9 @@ pub use url::ServerUrl;
 
 type Pending = Arc<Mutex<HashMap<i64, oneshot::Sender<RawMessage>>>>;
 
+/// Where change pushes from the server go, once someone listens.
+type PushSink = Arc<Mutex<Option<mpsc::UnboundedSender<PushParams>>>>;
+
 /// A connection to restfsd.
 pub struct Link {
     out: mpsc::Sender<Message>,
@@ -30,6 +33,7 @@ pub struct Link {
     next_id: AtomicI64,
     encoding: Encoding,
     alive: Arc<AtomicBool>,
+    pushes: PushSink,
     pub server: String,
 }
 
@@ -41,17 +45,11 @@ impl Link {
     /// Connect to `url` and negotiate with `hello`, within `timeout`.
     pub async fn connect(url: &ServerUrl, timeout: Duration) -> Result<Link, String> {
         let endpoint = url.endpoint();
-        let config = WebSocketConfig::default()
-            .max_message_size(Some(MAX_FRAME))
-            .max_frame_size(Some(MAX_FRAME));
-        let connecting =
-            tokio_tungstenite::connect_async_with_config(endpoint.as_str(), Some(config), true);
+        let config = WebSocketConfig::default().max_message_size(Some(MAX_FRAME)).max_frame_size(Some(MAX_FRAME));
+        let connecting = tokio_tungstenite::connect_async_with_config(endpoint.as_str(), Some(config), true);
         let (ws, _) = match tokio::time::timeout(timeout, connecting).await {
             Err(_) => {
-                return Err(format!(
-                    "server {} did not answer within {timeout:?}",
-                    url.authority
-                ));
+                return Err(format!("server {} did not answer within {timeout:?}", url.authority));
             }
             Ok(Err(e)) => return Err(format!("cannot connect to {}: {e}", url.authority)),
             Ok(Ok(ok)) => ok,
@@ -68,7 +66,8 @@ impl Link {
             }
             let _ = sink.close().await;
         });
-        let (reader_pending, reader_alive) = (pending.clone(), alive.clone());
+        let pushes: PushSink = Arc::default();
+        let (reader_pending, reader_alive, reader_pushes) = (pending.clone(), alive.clone(), pushes.clone());
         tokio::spawn(async move {
             while let Some(Ok(msg)) = source.next().await {
                 let (enc, bytes) = match msg {
@@ -85,16 +84,20 @@ impl Link {
                     let Ok(head) = m.head() else { continue };
                     match head.id {
                         IdField::Valid(Id::Num(id)) => {
-                            if let Some(tx) = reader_pending
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .remove(&id)
-                            {
+                            if let Some(tx) = reader_pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id) {
                                 let _ = tx.send(m);
                             }
                         }
                         _ => match head.error {
                             Some(e) => tracing::warn!("server error without id: {e}"),
+                            None if head.method.as_deref() == Some(PushChanges::NAME) => match m.params::<PushParams>() {
+                                Ok(push) => {
+                                    if let Some(tx) = reader_pushes.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                                        let _ = tx.send(push);
+                                    }
+                                }
+                                Err(e) => tracing::warn!("malformed push from the server: {e}"),
+                            },
                             None => tracing::debug!("notification {:?} ignored", head.method),
                         },
                     }
@@ -102,37 +105,29 @@ impl Link {
             }
             reader_alive.store(false, Ordering::Release);
             // Dropping the senders fails every pending call.
-            reader_pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clear();
+            reader_pending.lock().unwrap_or_else(|p| p.into_inner()).clear();
         });
-        let mut link = Link {
-            out,
-            pending,
-            next_id: AtomicI64::new(1),
-            encoding: Encoding::Json,
-            alive,
-            server: String::new(),
-        };
+        let mut link = Link { out, pending, next_id: AtomicI64::new(1), encoding: Encoding::Json, alive, pushes, server: String::new() };
         let hello = HelloParams {
             versions: vec![PROTOCOL_VERSION],
             encodings: vec![Encoding::Bson, Encoding::Json],
-            capabilities: vec![],
+            capabilities: vec![restfs_proto::CAP_PUSH.to_string()],
             client: format!("restfs {}", env!("CARGO_PKG_VERSION")),
         };
         let reply = tokio::time::timeout(timeout, link.call::<Hello>(hello))
             .await
-            .map_err(|_| {
-                format!(
-                    "server {} did not answer hello within {timeout:?}",
-                    url.authority
-                )
-            })?
+            .map_err(|_| format!("server {} did not answer hello within {timeout:?}", url.authority))?
             .map_err(|e| format!("handshake with {} failed: {e}", url.authority))?;
         link.encoding = reply.encoding;
         link.server = reply.server;
         Ok(link)
+    }
+
+    /// Receive the change pushes of subscriptions made on this link.
+    pub fn pushes(&self) -> mpsc::UnboundedReceiver<PushParams> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.pushes.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        rx
     }
 
     pub fn is_alive(&self) -> bool {
@@ -143,16 +138,10 @@ impl Link {
     pub async fn call<M: Method>(&self, params: M::Params) -> Result<M::Result, RpcError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, tx);
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx);
         let bytes = encode_request(self.encoding, Some(&Id::Num(id)), M::NAME, &params);
         if self.send(bytes).await.is_err() {
-            self.pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
+            self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
             return Err(lost());
         }
         let reply = rx.await.map_err(|_| lost())?;

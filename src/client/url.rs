@@ -23,11 +23,7 @@ impl ServerUrl {
         if authority.is_empty() {
             return Err(format!("{text:?} has no host"));
         }
-        let authority = if authority
-            .rsplit_once(':')
-            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-            && !authority.ends_with(']')
-        {
+        let authority = if authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) && !authority.ends_with(']') {
             authority.to_string()
         } else {
             format!("{authority}:{}", restfs_proto::DEFAULT_PORT)
@@ -36,10 +32,7 @@ impl ServerUrl {
         if bucket.contains('/') {
             return Err(format!("{text:?}: the path must be a single bucket name"));
         }
-        Ok(ServerUrl {
-            authority,
-            bucket: (!bucket.is_empty()).then(|| bucket.to_string()),
-        })
+        Ok(ServerUrl { authority, bucket: (!bucket.is_empty()).then(|| bucket.to_string()) })
     }
 
     /// The WebSocket endpoint (the bucket is chosen inside the protocol).
@@ -50,12 +43,7 @@ impl ServerUrl {
 
 impl fmt::Display for ServerUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "ws://{}/{}",
-            self.authority,
-            self.bucket.as_deref().unwrap_or("")
-        )
+        write!(f, "ws://{}/{}", self.authority, self.bucket.as_deref().unwrap_or(""))
     }
 }
 
@@ -66,16 +54,10 @@ mod tests {
     #[test]
     fn parses_sources() {
         let u = ServerUrl::parse("ws://10.0.0.1:9000/home").unwrap();
-        assert_eq!(
-            (u.authority.as_str(), u.bucket.as_deref()),
-            ("10.0.0.1:9000", Some("home"))
-        );
+        assert_eq!((u.authority.as_str(), u.bucket.as_deref()), ("10.0.0.1:9000", Some("home")));
         assert_eq!(u.endpoint(), "ws://10.0.0.1:9000/");
         let u = ServerUrl::parse("ws://server/b/").unwrap();
-        assert_eq!(
-            (u.authority.as_str(), u.bucket.as_deref()),
-            ("server:7878", Some("b"))
-        );
+        assert_eq!((u.authority.as_str(), u.bucket.as_deref()), ("server:7878", Some("b")));
         assert_eq!(ServerUrl::parse("ws://h:1").unwrap().bucket, None);
         assert!(ServerUrl::parse("http://h/b").is_err());
         assert!(ServerUrl::parse("ws://h/a/b").is_err());

@@ -22,23 +22,13 @@ impl DirSnapshot {
         let parent;
         loop {
             let after = entries.last().map(|e| e.name.clone());
-            let page = link
-                .call::<Readdir>(ReaddirParams {
-                    ino,
-                    after,
-                    limit: PAGE,
-                })
-                .await?;
+            let page = link.call::<Readdir>(ReaddirParams { ino, after, limit: PAGE }).await?;
             entries.extend(page.entries);
             if !page.more {
                 parent = page.parent;
                 break;
             }
         }
-        Ok(DirSnapshot {
-            ino,
-            parent,
-            entries,
-        })
+        Ok(DirSnapshot { ino, parent, entries })
     }
 }

@@ -13,10 +13,7 @@ pub type Result<T> = std::result::Result<T, FsError>;
 
 impl FsError {
     pub fn new(errno: Errno, context: impl Into<String>) -> FsError {
-        FsError {
-            errno,
-            context: context.into(),
-        }
+        FsError { errno, context: context.into() }
     }
 }
 
@@ -30,18 +27,12 @@ impl std::error::Error for FsError {}
 
 impl From<Errno> for FsError {
     fn from(errno: Errno) -> FsError {
-        FsError {
-            errno,
-            context: String::new(),
-        }
+        FsError { errno, context: String::new() }
     }
 }
 
 impl From<RpcError> for FsError {
     fn from(e: RpcError) -> FsError {
-        FsError {
-            errno: e.as_errno(),
-            context: e.message,
-        }
+        FsError { errno: e.as_errno(), context: e.message }
     }
 }

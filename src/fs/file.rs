@@ -147,9 +147,7 @@ impl FileData {
 
     pub async fn write(&mut self, r: &Remote, offset: u64, data: &[u8]) -> Result<()> {
         let bs = r.block_size;
-        let end = offset
-            .checked_add(data.len() as u64)
-            .ok_or_else(|| FsError::new(Errno::EFBIG, "write past the largest offset"))?;
+        let end = offset.checked_add(data.len() as u64).ok_or_else(|| FsError::new(Errno::EFBIG, "write past the largest offset"))?;
         if end > i64::MAX as u64 {
             return Err(FsError::new(Errno::EFBIG, "write past the largest offset"));
         }
@@ -160,11 +158,7 @@ impl FileData {
             let to = ((end - idx * bs).min(bs)) as usize;
             if !self.dirty.contains_key(&idx) {
                 let whole = from == 0 && to as u64 == bs;
-                let base = if whole {
-                    Vec::new()
-                } else {
-                    self.stored_block(r, idx).await?
-                };
+                let base = if whole { Vec::new() } else { self.stored_block(r, idx).await? };
                 self.dirty.insert(idx, base);
             }
             let buf = self.dirty.get_mut(&idx).expect("inserted above");
@@ -223,27 +217,13 @@ impl FileData {
             .pending
             .iter()
             .filter(|(idx, _)| **idx * r.block_size < size)
-            .map(|(idx, b)| BlockSlot {
-                index: *idx,
-                block: *b,
-            })
+            .map(|(idx, b)| BlockSlot { index: *idx, block: *b })
             .collect();
-        let params = SegmentCommitParams {
-            ino: self.attr.ino,
-            size,
-            slots,
-            mtime: Some(self.attr.mtime),
-        };
+        let params = SegmentCommitParams { ino: self.attr.ino, size, slots, mtime: Some(self.attr.mtime) };
         let before = self.attr.version;
         let fresh = r.link.call::<SegmentCommit>(params).await.map_err(|e| {
             if e.as_errno() == Errno::EAGAIN {
-                FsError::new(
-                    Errno::EIO,
-                    format!(
-                        "commit of inode {} lost blocks the server collected: {e}",
-                        self.attr.ino
-                    ),
-                )
+                FsError::new(Errno::EIO, format!("commit of inode {} lost blocks the server collected: {e}", self.attr.ino))
             } else {
                 e.into()
             }

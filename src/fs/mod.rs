@@ -52,8 +52,12 @@ pub struct Opened {
 
 /// The kernel's caches, as far as the core may invalidate them.
 pub trait KernelCache: Send + std::marker::Sync {
-    /// Forget cached attributes (size, times) of `ino`.
+    /// Forget cached attributes (size, times) of `ino`, at once.
     fn invalidate_attrs(&self, ino: Ino);
+    /// Forget cached attributes and pages of `ino` (queued; never blocks).
+    fn invalidate_inode(&self, ino: Ino);
+    /// Forget the cached entry `name` of directory `parent` (queued; never blocks).
+    fn invalidate_entry(&self, parent: Ino, name: &[u8]);
 }
 
 enum Handle {
@@ -131,23 +135,14 @@ impl Fs {
     fn file_handle(&self, fh: u64) -> Result<Arc<File>> {
         match lock(&self.handles).get(&fh) {
             Some(Handle::File(f)) => Ok(f.clone()),
-            _ => Err(FsError::new(
-                Errno::EBADF,
-                format!("no open file handle {fh}"),
-            )),
+            _ => Err(FsError::new(Errno::EBADF, format!("no open file handle {fh}"))),
         }
     }
 
     // --- namespace ---
 
     pub async fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Attr> {
-        let attr = self
-            .link()
-            .call::<Lookup>(EntryParams {
-                parent,
-                name: Name::from(name),
-            })
-            .await?;
+        let attr = self.link().call::<Lookup>(EntryParams { parent, name: Name::from(name) }).await?;
         Ok(self.overlay(attr).await)
     }
 
@@ -163,15 +158,7 @@ impl Fs {
     }
 
     pub async fn setattr(&self, ino: Ino, s: SetAttr) -> Result<Attr> {
-        let params = SetAttrParams {
-            ino,
-            mode: s.mode,
-            uid: s.uid,
-            gid: s.gid,
-            size: s.size,
-            atime: s.atime,
-            mtime: s.mtime,
-        };
+        let params = SetAttrParams { ino, mode: s.mode, uid: s.uid, gid: s.gid, size: s.size, atime: s.atime, mtime: s.mtime };
         match self.open_file(ino) {
             Some(f) => {
                 // Commit first so a later commit cannot undo this change.
@@ -189,115 +176,46 @@ impl Fs {
         }
     }
 
-    pub async fn mknod(
-        &self,
-        ctx: Ctx,
-        parent: Ino,
-        name: &[u8],
-        mode: u32,
-        rdev: u32,
-    ) -> Result<Attr> {
+    pub async fn mknod(&self, ctx: Ctx, parent: Ino, name: &[u8], mode: u32, rdev: u32) -> Result<Attr> {
         let kind = Kind::from_mode(mode).unwrap_or(Kind::File);
         if matches!(kind, Kind::Dir | Kind::Symlink) {
-            return Err(FsError::new(
-                Errno::EINVAL,
-                "mknod cannot make directories or symlinks",
-            ));
+            return Err(FsError::new(Errno::EINVAL, "mknod cannot make directories or symlinks"));
         }
-        let p = NewNodeParams {
-            parent,
-            name: Name::from(name),
-            kind,
-            mode: mode & 0o7777,
-            uid: ctx.uid,
-            gid: ctx.gid,
-            rdev,
-        };
+        let p = NewNodeParams { parent, name: Name::from(name), kind, mode: mode & 0o7777, uid: ctx.uid, gid: ctx.gid, rdev };
         Ok(self.link().call::<Mknod>(p).await?)
     }
 
     pub async fn mkdir(&self, ctx: Ctx, parent: Ino, name: &[u8], mode: u32) -> Result<Attr> {
-        let p = NewNodeParams {
-            parent,
-            name: Name::from(name),
-            kind: Kind::Dir,
-            mode: mode & 0o7777,
-            uid: ctx.uid,
-            gid: ctx.gid,
-            rdev: 0,
-        };
+        let p = NewNodeParams { parent, name: Name::from(name), kind: Kind::Dir, mode: mode & 0o7777, uid: ctx.uid, gid: ctx.gid, rdev: 0 };
         Ok(self.link().call::<Mkdir>(p).await?)
     }
 
     pub async fn symlink(&self, ctx: Ctx, parent: Ino, name: &[u8], target: &[u8]) -> Result<Attr> {
-        let p = SymlinkParams {
-            parent,
-            name: Name::from(name),
-            target: Name::from(target),
-            uid: ctx.uid,
-            gid: ctx.gid,
-        };
+        let p = SymlinkParams { parent, name: Name::from(name), target: Name::from(target), uid: ctx.uid, gid: ctx.gid };
         Ok(self.link().call::<Symlink>(p).await?)
     }
 
     pub async fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
-        Ok(self
-            .link()
-            .call::<Readlink>(InoParams { ino })
-            .await?
-            .target
-            .0)
+        Ok(self.link().call::<Readlink>(InoParams { ino }).await?.target.0)
     }
 
     pub async fn link_node(&self, ino: Ino, parent: Ino, name: &[u8]) -> Result<Attr> {
-        let attr = self
-            .link()
-            .call::<m::Link>(LinkParams {
-                ino,
-                parent,
-                name: Name::from(name),
-            })
-            .await?;
+        let attr = self.link().call::<m::Link>(LinkParams { ino, parent, name: Name::from(name) }).await?;
         Ok(self.overlay(attr).await)
     }
 
     pub async fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()> {
-        self.link()
-            .call::<Unlink>(EntryParams {
-                parent,
-                name: Name::from(name),
-            })
-            .await?;
+        self.link().call::<Unlink>(EntryParams { parent, name: Name::from(name) }).await?;
         Ok(())
     }
 
     pub async fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<()> {
-        self.link()
-            .call::<Rmdir>(EntryParams {
-                parent,
-                name: Name::from(name),
-            })
-            .await?;
+        self.link().call::<Rmdir>(EntryParams { parent, name: Name::from(name) }).await?;
         Ok(())
     }
 
-    pub async fn rename(
-        &self,
-        parent: Ino,
-        name: &[u8],
-        new_parent: Ino,
-        new_name: &[u8],
-        noreplace: bool,
-        exchange: bool,
-    ) -> Result<()> {
-        let p = RenameParams {
-            parent,
-            name: Name::from(name),
-            new_parent,
-            new_name: Name::from(new_name),
-            noreplace,
-            exchange,
-        };
+    pub async fn rename(&self, parent: Ino, name: &[u8], new_parent: Ino, new_name: &[u8], noreplace: bool, exchange: bool) -> Result<()> {
+        let p = RenameParams { parent, name: Name::from(name), new_parent, new_name: Name::from(new_name), noreplace, exchange };
         self.link().call::<Rename>(p).await?;
         Ok(())
     }
@@ -306,10 +224,7 @@ impl Fs {
 
     /// Track `attr` as open and make a handle for it.
     fn attach(&self, attr: Attr) -> (Arc<File>, u64) {
-        let file = lock(&self.files)
-            .entry(attr.ino)
-            .or_insert_with(|| Arc::new(File::new(attr)))
-            .clone();
+        let file = lock(&self.files).entry(attr.ino).or_insert_with(|| Arc::new(File::new(attr))).clone();
         file.handles.fetch_add(1, Ordering::AcqRel);
         let fh = self.new_handle(Handle::File(file.clone()));
         (file, fh)
@@ -320,20 +235,8 @@ impl Fs {
         lock(&self.page_versions).insert(attr.ino, attr.version) == Some(attr.version)
     }
 
-    pub async fn create(
-        &self,
-        ctx: Ctx,
-        parent: Ino,
-        name: &[u8],
-        mode: u32,
-    ) -> Result<(Attr, Opened)> {
-        let p = CreateParams {
-            parent,
-            name: Name::from(name),
-            mode: mode & 0o7777,
-            uid: ctx.uid,
-            gid: ctx.gid,
-        };
+    pub async fn create(&self, ctx: Ctx, parent: Ino, name: &[u8], mode: u32) -> Result<(Attr, Opened)> {
+        let p = CreateParams { parent, name: Name::from(name), mode: mode & 0o7777, uid: ctx.uid, gid: ctx.gid };
         let attr = self.link().call::<Create>(p).await?;
         let keep_cache = self.keep_cache(&attr);
         let (_, fh) = self.attach(attr.clone());
@@ -390,10 +293,7 @@ impl Fs {
     pub async fn release(&self, fh: u64) -> Result<()> {
         let handle = lock(&self.handles).remove(&fh);
         let Some(Handle::File(file)) = handle else {
-            return Err(FsError::new(
-                Errno::EBADF,
-                format!("no open file handle {fh}"),
-            ));
+            return Err(FsError::new(Errno::EBADF, format!("no open file handle {fh}")));
         };
         let flushed = {
             let mut st = file.state.lock().await;
@@ -405,16 +305,11 @@ impl Fs {
         };
         if file.handles.fetch_sub(1, Ordering::AcqRel) == 1 {
             let mut files = lock(&self.files);
-            if files
-                .get(&file.ino)
-                .is_some_and(|f| Arc::ptr_eq(f, &file) && f.handles.load(Ordering::Acquire) == 0)
-            {
+            if files.get(&file.ino).is_some_and(|f| Arc::ptr_eq(f, &file) && f.handles.load(Ordering::Acquire) == 0) {
                 files.remove(&file.ino);
             }
         }
-        self.link()
-            .notify::<Release>(InoParams { ino: file.ino })
-            .await?;
+        self.link().notify::<Release>(InoParams { ino: file.ino }).await?;
         flushed.map(|_| ())
     }
 
@@ -422,10 +317,7 @@ impl Fs {
     pub async fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
         let file = self.file_handle(fh)?;
         if mode & !libc::FALLOC_FL_KEEP_SIZE != 0 {
-            return Err(FsError::new(
-                Errno::EOPNOTSUPP,
-                format!("fallocate mode {mode:#x}"),
-            ));
+            return Err(FsError::new(Errno::EOPNOTSUPP, format!("fallocate mode {mode:#x}")));
         }
         let end = offset
             .checked_add(length)
@@ -448,6 +340,45 @@ impl Fs {
         Ok(())
     }
 
+    // --- server pushes ---
+
+    /// Subscribe to the bucket's changes and apply every push as it comes.
+    pub async fn subscribe(self: &Arc<Self>) -> Result<()> {
+        let mut pushes = self.link().pushes();
+        self.link().call::<Subscribe>(SubscribeParams { since: None }).await?;
+        let fs = self.clone();
+        tokio::spawn(async move {
+            while let Some(push) = pushes.recv().await {
+                fs.apply_push(push).await;
+            }
+        });
+        Ok(())
+    }
+
+    /// Bring local state and the kernel's caches in line with a push.
+    pub async fn apply_push(&self, push: PushParams) {
+        let Some(kernel) = self.kernel.get() else { return };
+        for change in push.changes {
+            match change {
+                Change::Attr { ino, attr, .. } => {
+                    if let (Some(f), Some(a)) = (self.open_file(ino), &attr) {
+                        f.state.lock().await.refresh(a.clone());
+                    }
+                    let cached = lock(&self.page_versions).get(&ino).copied();
+                    match attr {
+                        // Content this kernel holds is still current (often our own commit).
+                        Some(a) if cached == Some(a.version) => kernel.invalidate_attrs(ino),
+                        _ => {
+                            lock(&self.page_versions).remove(&ino);
+                            kernel.invalidate_inode(ino);
+                        }
+                    }
+                }
+                Change::Entry { parent, name, .. } => kernel.invalidate_entry(parent, name.as_bytes()),
+            }
+        }
+    }
+
     // --- directories ---
 
     pub async fn opendir(&self, ino: Ino) -> Result<u64> {
@@ -459,10 +390,7 @@ impl Fs {
     pub fn dir(&self, fh: u64) -> Result<Arc<DirSnapshot>> {
         match lock(&self.handles).get(&fh) {
             Some(Handle::Dir(d)) => Ok(d.clone()),
-            _ => Err(FsError::new(
-                Errno::EBADF,
-                format!("no open directory handle {fh}"),
-            )),
+            _ => Err(FsError::new(Errno::EBADF, format!("no open directory handle {fh}"))),
         }
     }
 
@@ -472,53 +400,22 @@ impl Fs {
 
     // --- xattrs, statfs ---
 
-    pub async fn setxattr(
-        &self,
-        ino: Ino,
-        name: &[u8],
-        value: &[u8],
-        mode: XattrMode,
-    ) -> Result<()> {
-        let p = SetXattrParams {
-            ino,
-            name: Name::from(name),
-            value: Bytes(value.to_vec()),
-            mode,
-        };
+    pub async fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], mode: XattrMode) -> Result<()> {
+        let p = SetXattrParams { ino, name: Name::from(name), value: Bytes(value.to_vec()), mode };
         self.link().call::<SetXattr>(p).await?;
         Ok(())
     }
 
     pub async fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
-        Ok(self
-            .link()
-            .call::<GetXattr>(XattrParams {
-                ino,
-                name: Name::from(name),
-            })
-            .await?
-            .value
-            .0)
+        Ok(self.link().call::<GetXattr>(XattrParams { ino, name: Name::from(name) }).await?.value.0)
     }
 
     pub async fn listxattr(&self, ino: Ino) -> Result<Vec<Vec<u8>>> {
-        Ok(self
-            .link()
-            .call::<ListXattr>(InoParams { ino })
-            .await?
-            .names
-            .into_iter()
-            .map(|n| n.0)
-            .collect())
+        Ok(self.link().call::<ListXattr>(InoParams { ino }).await?.names.into_iter().map(|n| n.0).collect())
     }
 
     pub async fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
-        self.link()
-            .call::<RemoveXattr>(XattrParams {
-                ino,
-                name: Name::from(name),
-            })
-            .await?;
+        self.link().call::<RemoveXattr>(XattrParams { ino, name: Name::from(name) }).await?;
         Ok(())
     }
 

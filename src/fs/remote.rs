@@ -5,8 +5,7 @@
 use super::error::{FsError, Result};
 use restfs_cache::BlockCache;
 use restfs_proto::methods::{
-    BlockData, BlockGet, BlockGetParams, BlockHas, BlockHasParams, BlockPut, BlockPutParams,
-    SegmentGet, SegmentGetParams,
+    BlockData, BlockGet, BlockGetParams, BlockHas, BlockHasParams, BlockPut, BlockPutParams, SegmentGet, SegmentGetParams,
 };
 use restfs_proto::{BlockRef, Bytes, Errno, Hash, Ino};
 use std::sync::Arc;
@@ -32,21 +31,11 @@ impl Remote {
         if let Some(data) = self.cache.get(&hash) {
             return Ok(data);
         }
-        let data = self
-            .link
-            .call::<BlockGet>(BlockGetParams { hash })
-            .await?
-            .data
-            .0;
+        let data = self.link.call::<BlockGet>(BlockGetParams { hash }).await?.data.0;
         let check = data.clone();
-        let ok = tokio::task::spawn_blocking(move || Hash::of(&check) == hash)
-            .await
-            .unwrap_or(false);
+        let ok = tokio::task::spawn_blocking(move || Hash::of(&check) == hash).await.unwrap_or(false);
         if !ok {
-            return Err(FsError::new(
-                Errno::EIO,
-                format!("block {hash} arrived corrupt"),
-            ));
+            return Err(FsError::new(Errno::EIO, format!("block {hash} arrived corrupt")));
         }
         let data = Arc::new(data);
         self.cache.insert(hash, data.clone());
@@ -55,10 +44,7 @@ impl Remote {
 
     /// The block map of one segment of a file, and the file's version.
     pub async fn segment(&self, ino: Ino, segment: u64) -> Result<(u64, Vec<BlockRef>)> {
-        let r = self
-            .link
-            .call::<SegmentGet>(SegmentGetParams { ino, segment })
-            .await?;
+        let r = self.link.call::<SegmentGet>(SegmentGetParams { ino, segment }).await?;
         Ok((r.version, r.blocks))
     }
 
@@ -67,26 +53,12 @@ impl Remote {
         if blocks.is_empty() {
             return Ok(Vec::new());
         }
-        let hashed = tokio::task::spawn_blocking(move || {
-            blocks
-                .into_iter()
-                .map(|(i, d)| (i, Hash::of(&d), d))
-                .collect::<Vec<_>>()
-        })
-        .await
-        .map_err(|e| FsError::new(Errno::EIO, format!("hashing failed: {e}")))?;
-        let present = self
-            .link
-            .call::<BlockHas>(BlockHasParams {
-                hashes: hashed.iter().map(|(_, h, _)| *h).collect(),
-            })
-            .await?
-            .present;
+        let hashed = tokio::task::spawn_blocking(move || blocks.into_iter().map(|(i, d)| (i, Hash::of(&d), d)).collect::<Vec<_>>())
+            .await
+            .map_err(|e| FsError::new(Errno::EIO, format!("hashing failed: {e}")))?;
+        let present = self.link.call::<BlockHas>(BlockHasParams { hashes: hashed.iter().map(|(_, h, _)| *h).collect() }).await?.present;
         if present.len() != hashed.len() {
-            return Err(FsError::new(
-                Errno::EIO,
-                "server answered block.has with the wrong count",
-            ));
+            return Err(FsError::new(Errno::EIO, "server answered block.has with the wrong count"));
         }
         let mut out = Vec::with_capacity(hashed.len());
         let mut batch: Vec<BlockData> = Vec::new();
@@ -99,23 +71,14 @@ impl Remote {
             let data = Arc::new(data);
             self.cache.insert(hash, data.clone());
             batch_bytes += data.len();
-            batch.push(BlockData {
-                hash,
-                data: Bytes(Arc::unwrap_or_clone(data)),
-            });
+            batch.push(BlockData { hash, data: Bytes(Arc::unwrap_or_clone(data)) });
             if batch_bytes >= PUT_BATCH_BYTES {
-                self.link
-                    .call::<BlockPut>(BlockPutParams {
-                        blocks: std::mem::take(&mut batch),
-                    })
-                    .await?;
+                self.link.call::<BlockPut>(BlockPutParams { blocks: std::mem::take(&mut batch) }).await?;
                 batch_bytes = 0;
             }
         }
         if !batch.is_empty() {
-            self.link
-                .call::<BlockPut>(BlockPutParams { blocks: batch })
-                .await?;
+            self.link.call::<BlockPut>(BlockPutParams { blocks: batch }).await?;
         }
         Ok(out)
     }

@@ -14,8 +14,7 @@ pub const RESTFS: &str = env!("CARGO_BIN_EXE_restfs");
 /// A scratch directory under the target dir (searchable by every user, so
 /// pjdfstest's unprivileged users can reach mounts inside it).
 pub fn scratch(name: &str) -> PathBuf {
-    let base =
-        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&base);
     std::fs::create_dir_all(&base).unwrap();
     for dir in base.ancestors() {
@@ -23,8 +22,7 @@ pub fn scratch(name: &str) -> PathBuf {
         if let Ok(meta) = std::fs::metadata(dir) {
             let mode = meta.permissions().mode();
             if mode & 0o001 == 0 && dir.starts_with(env!("CARGO_TARGET_TMPDIR")) {
-                let _ =
-                    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o755));
+                let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o755));
             }
         }
     }
@@ -32,11 +30,7 @@ pub fn scratch(name: &str) -> PathBuf {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 pub struct Server {
@@ -47,11 +41,7 @@ pub struct Server {
 
 impl Server {
     pub fn start(data: &Path) -> Server {
-        let mut s = Server {
-            data: data.to_path_buf(),
-            port: free_port(),
-            child: None,
-        };
+        let mut s = Server { data: data.to_path_buf(), port: free_port(), child: None };
         s.spawn();
         s
     }
@@ -68,11 +58,7 @@ impl Server {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "restfsd did not start listening on {}",
-                self.port
-            );
+            assert!(Instant::now() < deadline, "restfsd did not start listening on {}", self.port);
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -97,17 +83,8 @@ impl Server {
 
     /// Run `restfs --server URL ARGS...`; returns (exit code, stdout+stderr).
     pub fn admin(&self, args: &[&str]) -> (i32, String) {
-        let out = Command::new(RESTFS)
-            .arg("--server")
-            .arg(self.url())
-            .args(args)
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = Command::new(RESTFS).arg("--server").arg(self.url()).args(args).output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         (out.status.code().unwrap_or(-1), text)
     }
 
@@ -133,8 +110,7 @@ pub fn is_restfs_mount(path: &Path) -> bool {
     mounts.lines().any(|l| {
         let fields: Vec<&str> = l.split(' ').collect();
         let sep = fields.iter().position(|f| *f == "-");
-        fields.get(4) == Some(&target.as_ref())
-            && sep.and_then(|i| fields.get(i + 1)) == Some(&"fuse.restfs")
+        fields.get(4) == Some(&target.as_ref()) && sep.and_then(|i| fields.get(i + 1)) == Some(&"fuse.restfs")
     })
 }
 
@@ -158,22 +134,14 @@ impl Mount {
             .stderr(log)
             .spawn()
             .expect("start mount.restfs");
-        let mut m = Mount {
-            path: path.to_path_buf(),
-            child: Some(child),
-        };
+        let mut m = Mount { path: path.to_path_buf(), child: Some(child) };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !is_restfs_mount(path) {
             if let Some(status) = m.child.as_mut().unwrap().try_wait().unwrap() {
-                let log =
-                    std::fs::read_to_string(path.with_extension("mount.log")).unwrap_or_default();
+                let log = std::fs::read_to_string(path.with_extension("mount.log")).unwrap_or_default();
                 panic!("mount.restfs exited with {status}: {log}");
             }
-            assert!(
-                Instant::now() < deadline,
-                "mount at {} did not appear",
-                path.display()
-            );
+            assert!(Instant::now() < deadline, "mount at {} did not appear", path.display());
             std::thread::sleep(Duration::from_millis(20));
         }
         m
@@ -204,16 +172,8 @@ impl Mount {
             std::thread::sleep(Duration::from_millis(20));
         };
         if check {
-            assert!(
-                out.status.success(),
-                "umount failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            assert_eq!(
-                status.map(|s| s.code()),
-                Some(Some(0)),
-                "mount.restfs did not exit cleanly after umount"
-            );
+            assert!(out.status.success(), "umount failed: {}", String::from_utf8_lossy(&out.stderr));
+            assert_eq!(status.map(|s| s.code()), Some(Some(0)), "mount.restfs did not exit cleanly after umount");
             assert!(!is_restfs_mount(&self.path));
         }
     }
@@ -228,29 +188,17 @@ impl Drop for Mount {
 /// The source tree of a crate this workspace depends on (always present in
 /// the cargo registry after a build): tokio, a few hundred real files.
 pub fn registry_crate_tree() -> PathBuf {
-    let home = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| dirs::home_dir().unwrap().join(".cargo"));
+    let home = std::env::var_os("CARGO_HOME").map(PathBuf::from).unwrap_or_else(|| dirs::home_dir().unwrap().join(".cargo"));
     let src = home.join("registry").join("src");
     let mut found: Vec<PathBuf> = std::fs::read_dir(&src)
         .expect("cargo registry sources")
         .flatten()
-        .flat_map(|index| {
-            std::fs::read_dir(index.path())
-                .into_iter()
-                .flatten()
-                .flatten()
-        })
+        .flat_map(|index| std::fs::read_dir(index.path()).into_iter().flatten().flatten())
         .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("tokio-1."))
-        })
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("tokio-1.")))
         .collect();
     found.sort();
-    found
-        .pop()
-        .expect("a tokio-1.x source tree in the cargo registry")
+    found.pop().expect("a tokio-1.x source tree in the cargo registry")
 }
 
 /// Compare two trees entry by entry: type, permission bits, mtime (ns),
@@ -261,26 +209,16 @@ pub fn assert_same_tree(a: &Path, b: &Path) -> usize {
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         let (pa, pb) = (a.join(&rel), b.join(&rel));
-        let (ma, mb) = (
-            std::fs::symlink_metadata(&pa).unwrap(),
-            std::fs::symlink_metadata(&pb).unwrap_or_else(|e| panic!("{}: {e}", pb.display())),
-        );
+        let (ma, mb) =
+            (std::fs::symlink_metadata(&pa).unwrap(), std::fs::symlink_metadata(&pb).unwrap_or_else(|e| panic!("{}: {e}", pb.display())));
         assert_eq!(ma.mode(), mb.mode(), "mode of {}", rel.display());
         if !ma.is_dir() {
-            assert_eq!(
-                (ma.mtime(), ma.mtime_nsec()),
-                (mb.mtime(), mb.mtime_nsec()),
-                "mtime of {}",
-                rel.display()
-            );
+            assert_eq!((ma.mtime(), ma.mtime_nsec()), (mb.mtime(), mb.mtime_nsec()), "mtime of {}", rel.display());
         }
         count += 1;
         if ma.is_dir() {
             let names = |p: &Path| {
-                let mut v: Vec<_> = std::fs::read_dir(p)
-                    .unwrap()
-                    .map(|e| e.unwrap().file_name())
-                    .collect();
+                let mut v: Vec<_> = std::fs::read_dir(p).unwrap().map(|e| e.unwrap().file_name()).collect();
                 v.sort();
                 v
             };
@@ -288,12 +226,7 @@ pub fn assert_same_tree(a: &Path, b: &Path) -> usize {
             assert_eq!(na, nb, "entries of {}", rel.display());
             stack.extend(na.into_iter().map(|n| rel.join(n)));
         } else if ma.file_type().is_symlink() {
-            assert_eq!(
-                std::fs::read_link(&pa).unwrap(),
-                std::fs::read_link(&pb).unwrap(),
-                "target of {}",
-                rel.display()
-            );
+            assert_eq!(std::fs::read_link(&pa).unwrap(), std::fs::read_link(&pb).unwrap(), "target of {}", rel.display());
         } else {
             assert_eq!(ma.len(), mb.len(), "size of {}", rel.display());
             assert!(same_content(&pa, &pb), "content of {}", rel.display());
@@ -304,20 +237,13 @@ pub fn assert_same_tree(a: &Path, b: &Path) -> usize {
 
 pub fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// Stream-compare two files.
 pub fn same_content(a: &Path, b: &Path) -> bool {
     use std::io::Read;
-    let (mut fa, mut fb) = (
-        std::fs::File::open(a).unwrap(),
-        std::fs::File::open(b).unwrap(),
-    );
+    let (mut fa, mut fb) = (std::fs::File::open(a).unwrap(), std::fs::File::open(b).unwrap());
     let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
     loop {
         let n = fa.read(&mut ba).unwrap();

@@ -26,19 +26,12 @@ impl DirBlocks {
             fs::remove_dir_all(&tmp)?;
         }
         fs::create_dir_all(&tmp)?;
-        Ok(DirBlocks {
-            root: root.to_path_buf(),
-            tmp_seq: AtomicU64::new(0),
-        })
+        Ok(DirBlocks { root: root.to_path_buf(), tmp_seq: AtomicU64::new(0) })
     }
 
     fn path(&self, hash: &Hash) -> PathBuf {
         let hex = hash.to_hex();
-        self.root
-            .join("blocks")
-            .join(&hex[0..2])
-            .join(&hex[2..4])
-            .join(hex)
+        self.root.join("blocks").join(&hex[0..2]).join(&hex[2..4]).join(hex)
     }
 }
 
@@ -59,10 +52,7 @@ impl BlockStore for DirBlocks {
             fsync_dir(shard.parent().expect("shards have a parent"))?;
         }
         let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
-        let tmp =
-            self.root
-                .join("tmp")
-                .join(format!("{}.{}.{n}", hash.to_hex(), std::process::id()));
+        let tmp = self.root.join("tmp").join(format!("{}.{}.{n}", hash.to_hex(), std::process::id()));
         let mut f = File::create(&tmp)?;
         f.write_all(data)?;
         f.sync_data()?;
@@ -74,10 +64,9 @@ impl BlockStore for DirBlocks {
     fn get(&self, hash: &Hash) -> Result<Vec<u8>> {
         match fs::read(self.path(hash)) {
             Ok(data) => Ok(data),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::fs(
-                Errno::ENOENT,
-                format!("block {hash} missing from the block store"),
-            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(Error::fs(Errno::ENOENT, format!("block {hash} missing from the block store")))
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -94,8 +83,7 @@ impl BlockStore for DirBlocks {
     }
 
     fn space(&self) -> Result<(u64, u64)> {
-        let c = std::ffi::CString::new(self.root.as_os_str().as_encoded_bytes())
-            .map_err(|_| Error::Corrupt("NUL in data path".into()))?;
+        let c = std::ffi::CString::new(self.root.as_os_str().as_encoded_bytes()).map_err(|_| Error::Corrupt("NUL in data path".into()))?;
         let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
         // SAFETY: `c` is a valid C string and `st` a writable statvfs.
         if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {

@@ -43,8 +43,7 @@ pub struct Listing {
 
 pub trait MetaStore: Send + Sync {
     // Buckets.
-    fn create_bucket(&self, name: &str, block_size: u32, segment_blocks: u32)
-    -> Result<BucketInfo>;
+    fn create_bucket(&self, name: &str, block_size: u32, segment_blocks: u32) -> Result<BucketInfo>;
     fn list_buckets(&self) -> Result<Vec<BucketInfo>>;
     /// A bucket by name: ENOENT if there is none.
     fn bucket(&self, name: &str) -> Result<(BucketId, BucketInfo)>;
@@ -71,37 +70,17 @@ pub trait MetaStore: Send + Sync {
     fn purge_all(&self) -> Result<u64>;
 
     // Extended attributes.
-    fn setxattr(
-        &self,
-        b: BucketId,
-        ino: Ino,
-        name: &[u8],
-        value: &[u8],
-        mode: XattrMode,
-    ) -> Result<()>;
+    fn setxattr(&self, b: BucketId, ino: Ino, name: &[u8], value: &[u8], mode: XattrMode) -> Result<()>;
     fn getxattr(&self, b: BucketId, ino: Ino, name: &[u8]) -> Result<Vec<u8>>;
     fn listxattr(&self, b: BucketId, ino: Ino) -> Result<Vec<Vec<u8>>>;
     fn removexattr(&self, b: BucketId, ino: Ino, name: &[u8]) -> Result<()>;
 
     // Data.
     /// Block map entries `first .. first + count` of a file, and its version.
-    fn block_map(
-        &self,
-        b: BucketId,
-        ino: Ino,
-        first: u64,
-        count: u64,
-    ) -> Result<(u64, Vec<BlockRef>)>;
+    fn block_map(&self, b: BucketId, ino: Ino, first: u64, count: u64) -> Result<(u64, Vec<BlockRef>)>;
     /// Set block slots and the size in one step. EAGAIN if a named block is
     /// not registered (the client must put it again).
-    fn commit(
-        &self,
-        b: BucketId,
-        ino: Ino,
-        size: u64,
-        slots: &[BlockSlot],
-        mtime: Option<Timespec>,
-    ) -> Result<Attr>;
+    fn commit(&self, b: BucketId, ino: Ino, size: u64, slots: &[BlockSlot], mtime: Option<Timespec>) -> Result<Attr>;
 
     // Block registry.
     fn has_blocks(&self, hashes: &[Hash]) -> Result<Vec<bool>>;
@@ -117,6 +96,34 @@ pub trait MetaStore: Send + Sync {
 
     /// Make every committed mutation durable on disk.
     fn sync(&self) -> Result<()>;
+
+    // Change log.
+    /// Logged changes of bucket `b` with sequence numbers above `since`,
+    /// at most `limit` sequence numbers' worth, in order.
+    fn changes_since(&self, b: BucketId, since: u64, limit: u64) -> Result<ChangeLog>;
+    /// Keep only the last `keep` sequence numbers of every bucket's log.
+    fn trim_changes(&self, keep: u64) -> Result<()>;
+}
+
+/// What one logged change names.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Changed {
+    /// An inode's attributes, content or existence.
+    Attr(Ino),
+    /// A directory entry: (parent, name).
+    Entry(Ino, Vec<u8>),
+}
+
+/// A page of a bucket's change log.
+#[derive(Debug, Clone, Default)]
+pub struct ChangeLog {
+    /// The bucket's latest sequence number.
+    pub seq: u64,
+    /// Sequence numbers up to this one are no longer in the log.
+    pub log_start: u64,
+    /// The highest sequence number this page covers.
+    pub through: u64,
+    pub changes: Vec<(u64, Changed)>,
 }
 
 /// What [`MetaStore::collect_garbage`] removed.

@@ -8,16 +8,18 @@
 //!
 //! Reference counts: each block-map slot naming a block is one reference.
 
-use super::{BlockLocation, BucketId, Garbage, IsOpen, Listing, MetaStore};
+use super::{BlockLocation, BucketId, ChangeLog, Changed, Garbage, IsOpen, Listing, MetaStore};
 use crate::error::{Error, Result};
 use restfs_proto::methods::{NewNodeParams, RenameParams, SetAttrParams, XattrMode};
 use restfs_proto::{
-    Attr, BlockRef, BlockSlot, BucketInfo, DirEntry, Errno, Hash, Ino, Kind, Name, ROOT_INO,
-    SetTime, Timespec, XATTR_SIZE_MAX, check_name,
+    Attr, BlockRef, BlockSlot, BucketInfo, DirEntry, Errno, Hash, Ino, Kind, Name, ROOT_INO, SetTime, Timespec, XATTR_SIZE_MAX, check_name,
 };
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 use std::path::Path;
 use std::sync::Mutex;
+
+/// Version of [`SCHEMA`], kept in SQLite's `user_version`.
+const SCHEMA_VERSION: i64 = 1;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS buckets(
@@ -27,8 +29,18 @@ CREATE TABLE IF NOT EXISTS buckets(
     segment_blocks INTEGER NOT NULL,
     created_s INTEGER NOT NULL,
     created_ns INTEGER NOT NULL,
-    next_ino INTEGER NOT NULL
+    next_ino INTEGER NOT NULL,
+    seq INTEGER NOT NULL DEFAULT 0,
+    log_start INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS changes(
+    bucket INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    kind INTEGER NOT NULL,
+    ino INTEGER NOT NULL,
+    name BLOB
+);
+CREATE INDEX IF NOT EXISTS changes_by_seq ON changes(bucket, seq);
 CREATE TABLE IF NOT EXISTS inodes(
     bucket INTEGER NOT NULL,
     ino INTEGER NOT NULL,
@@ -98,16 +110,28 @@ impl SqliteMeta {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "OFF")?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let tables: i64 = conn.query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table'", [], |r| r.get(0))?;
+        if tables > 0 && version != SCHEMA_VERSION {
+            return Err(Error::Corrupt(format!(
+                "{} has metadata schema version {version}; this restfsd needs {SCHEMA_VERSION}",
+                path.display()
+            )));
+        }
         conn.execute_batch(SCHEMA)?;
-        Ok(SqliteMeta {
-            conn: Mutex::new(conn),
-        })
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        Ok(SqliteMeta { conn: Mutex::new(conn) })
     }
 
     fn with_tx<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
         let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let out = f(&tx)?;
+        // The changes this transaction noted carry seq + 1: claim that number.
+        tx.execute(
+            "UPDATE buckets SET seq = seq + 1 WHERE EXISTS (SELECT 1 FROM changes c WHERE c.bucket = buckets.id AND c.seq = buckets.seq + 1)",
+            [],
+        )?;
         tx.commit()?;
         Ok(out)
     }
@@ -127,10 +151,7 @@ fn kind_of(code: i64) -> Result<Kind> {
 }
 
 fn ts(row: &Row<'_>, i: usize) -> rusqlite::Result<Timespec> {
-    Ok(Timespec {
-        sec: row.get(i)?,
-        nsec: row.get::<_, i64>(i + 1)? as u32,
-    })
+    Ok(Timespec { sec: row.get(i)?, nsec: row.get::<_, i64>(i + 1)? as u32 })
 }
 
 /// Decode the [`ATTR_COLS`] columns starting at `at`.
@@ -161,9 +182,7 @@ fn finish(pair: (Attr, i64)) -> Result<Attr> {
 
 fn load(tx: &Connection, b: BucketId, ino: Ino) -> Result<Attr> {
     let sql = format!("SELECT {ATTR_COLS} FROM inodes WHERE bucket = ?1 AND ino = ?2");
-    let found = tx
-        .query_row(&sql, params![b, ino as i64], |r| attr_at(r, 0))
-        .optional()?;
+    let found = tx.query_row(&sql, params![b, ino as i64], |r| attr_at(r, 0)).optional()?;
     match found {
         Some(pair) => finish(pair),
         None => Err(Error::fs(Errno::ENOENT, format!("inode {ino}"))),
@@ -173,15 +192,30 @@ fn load(tx: &Connection, b: BucketId, ino: Ino) -> Result<Attr> {
 fn load_dir(tx: &Connection, b: BucketId, ino: Ino) -> Result<Attr> {
     let attr = load(tx, b, ino)?;
     if attr.kind != Kind::Dir {
-        return Err(Error::fs(
-            Errno::ENOTDIR,
-            format!("inode {ino} is not a directory"),
-        ));
+        return Err(Error::fs(Errno::ENOTDIR, format!("inode {ino} is not a directory")));
     }
     Ok(attr)
 }
 
+const CHANGE_ATTR: i64 = 1;
+const CHANGE_ENTRY: i64 = 2;
+
+/// Log that inode `ino`'s attributes (or existence) changed.
+fn note_attr(tx: &Connection, b: BucketId, ino: Ino) -> Result<()> {
+    tx.prepare_cached("INSERT INTO changes(bucket, seq, kind, ino, name) SELECT ?1, seq + 1, ?2, ?3, NULL FROM buckets WHERE id = ?1")?
+        .execute(params![b, CHANGE_ATTR, ino as i64])?;
+    Ok(())
+}
+
+/// Log that entry `name` of directory `parent` changed.
+fn note_entry(tx: &Connection, b: BucketId, parent: Ino, name: &[u8]) -> Result<()> {
+    tx.prepare_cached("INSERT INTO changes(bucket, seq, kind, ino, name) SELECT ?1, seq + 1, ?2, ?3, ?4 FROM buckets WHERE id = ?1")?
+        .execute(params![b, CHANGE_ENTRY, parent as i64, name])?;
+    Ok(())
+}
+
 fn save(tx: &Connection, b: BucketId, a: &Attr) -> Result<()> {
+    note_attr(tx, b, a.ino)?;
     tx.execute(
         "UPDATE inodes SET mode=?3, uid=?4, gid=?5, nlink=?6, size=?7, atime_s=?8, atime_ns=?9, mtime_s=?10, mtime_ns=?11,
          ctime_s=?12, ctime_ns=?13, rdev=?14, version=?15 WHERE bucket=?1 AND ino=?2",
@@ -208,32 +242,19 @@ fn save(tx: &Connection, b: BucketId, a: &Attr) -> Result<()> {
 
 fn child(tx: &Connection, b: BucketId, parent: Ino, name: &[u8]) -> Result<Option<Ino>> {
     let ino: Option<i64> = tx
-        .query_row(
-            "SELECT ino FROM dentries WHERE bucket=?1 AND parent=?2 AND name=?3",
-            params![b, parent as i64, name],
-            |r| r.get(0),
-        )
+        .query_row("SELECT ino FROM dentries WHERE bucket=?1 AND parent=?2 AND name=?3", params![b, parent as i64, name], |r| r.get(0))
         .optional()?;
     Ok(ino.map(|i| i as u64))
 }
 
 fn parent_of(tx: &Connection, b: BucketId, dir: Ino) -> Result<Ino> {
-    let p: i64 = tx.query_row(
-        "SELECT parent FROM inodes WHERE bucket=?1 AND ino=?2",
-        params![b, dir as i64],
-        |r| r.get(0),
-    )?;
+    let p: i64 = tx.query_row("SELECT parent FROM inodes WHERE bucket=?1 AND ino=?2", params![b, dir as i64], |r| r.get(0))?;
     Ok(p as u64)
 }
 
 fn is_empty_dir(tx: &Connection, b: BucketId, dir: Ino) -> Result<bool> {
-    let any: Option<i64> = tx
-        .query_row(
-            "SELECT 1 FROM dentries WHERE bucket=?1 AND parent=?2 LIMIT 1",
-            params![b, dir as i64],
-            |r| r.get(0),
-        )
-        .optional()?;
+    let any: Option<i64> =
+        tx.query_row("SELECT 1 FROM dentries WHERE bucket=?1 AND parent=?2 LIMIT 1", params![b, dir as i64], |r| r.get(0)).optional()?;
     Ok(any.is_none())
 }
 
@@ -257,26 +278,17 @@ fn touch_dir(tx: &Connection, b: BucketId, dir: &mut Attr, now: Timespec) -> Res
 }
 
 fn add_entry(tx: &Connection, b: BucketId, parent: Ino, name: &[u8], ino: Ino) -> Result<()> {
-    tx.execute(
-        "INSERT INTO dentries(bucket, parent, name, ino) VALUES (?1, ?2, ?3, ?4)",
-        params![b, parent as i64, name, ino as i64],
-    )?;
+    tx.execute("INSERT INTO dentries(bucket, parent, name, ino) VALUES (?1, ?2, ?3, ?4)", params![b, parent as i64, name, ino as i64])?;
     Ok(())
 }
 
 fn remove_entry(tx: &Connection, b: BucketId, parent: Ino, name: &[u8]) -> Result<()> {
-    tx.execute(
-        "DELETE FROM dentries WHERE bucket=?1 AND parent=?2 AND name=?3",
-        params![b, parent as i64, name],
-    )?;
+    tx.execute("DELETE FROM dentries WHERE bucket=?1 AND parent=?2 AND name=?3", params![b, parent as i64, name])?;
     Ok(())
 }
 
 fn change_refs(tx: &Connection, hash: &[u8], delta: i64) -> Result<()> {
-    tx.execute(
-        "UPDATE blocks SET refs = refs + ?2, created = ?3 WHERE hash = ?1",
-        params![hash, delta, Timespec::now().sec],
-    )?;
+    tx.execute("UPDATE blocks SET refs = refs + ?2, created = ?3 WHERE hash = ?1", params![hash, delta, Timespec::now().sec])?;
     Ok(())
 }
 
@@ -288,10 +300,7 @@ fn drop_slots_from(tx: &Connection, b: BucketId, ino: Ino, from: u64) -> Result<
          WHERE hash IN (SELECT hash FROM blockmap WHERE bucket=?1 AND ino=?2 AND idx>=?3)",
         params![b, ino as i64, from as i64, Timespec::now().sec],
     )?;
-    tx.execute(
-        "DELETE FROM blockmap WHERE bucket=?1 AND ino=?2 AND idx>=?3",
-        params![b, ino as i64, from as i64],
-    )?;
+    tx.execute("DELETE FROM blockmap WHERE bucket=?1 AND ino=?2 AND idx>=?3", params![b, ino as i64, from as i64])?;
     Ok(())
 }
 
@@ -312,49 +321,28 @@ fn truncate_map(tx: &Connection, b: BucketId, ino: Ino, size: u64, block_size: u
 
 fn delete_inode(tx: &Connection, b: BucketId, ino: Ino) -> Result<()> {
     drop_slots_from(tx, b, ino, 0)?;
-    tx.execute(
-        "DELETE FROM xattrs WHERE bucket=?1 AND ino=?2",
-        params![b, ino as i64],
-    )?;
-    tx.execute(
-        "DELETE FROM inodes WHERE bucket=?1 AND ino=?2",
-        params![b, ino as i64],
-    )?;
+    tx.execute("DELETE FROM xattrs WHERE bucket=?1 AND ino=?2", params![b, ino as i64])?;
+    tx.execute("DELETE FROM inodes WHERE bucket=?1 AND ino=?2", params![b, ino as i64])?;
     Ok(())
 }
 
 /// Drop one link to a non-directory; delete it when the last goes, unless open.
-fn drop_link(
-    tx: &Connection,
-    b: BucketId,
-    mut attr: Attr,
-    now: Timespec,
-    is_open: IsOpen<'_>,
-) -> Result<()> {
+fn drop_link(tx: &Connection, b: BucketId, mut attr: Attr, now: Timespec, is_open: IsOpen<'_>) -> Result<()> {
     attr.nlink = attr.nlink.saturating_sub(1);
     attr.ctime = now;
-    if attr.nlink == 0 && !is_open(attr.ino) {
-        delete_inode(tx, b, attr.ino)
-    } else {
-        save(tx, b, &attr)
-    }
+    if attr.nlink == 0 && !is_open(attr.ino) { delete_inode(tx, b, attr.ino) } else { save(tx, b, &attr) }
 }
 
 fn block_size_of(tx: &Connection, b: BucketId) -> Result<u64> {
-    let bs: i64 = tx.query_row(
-        "SELECT block_size FROM buckets WHERE id=?1",
-        params![b],
-        |r| r.get(0),
-    )?;
+    let bs: i64 = tx.query_row("SELECT block_size FROM buckets WHERE id=?1", params![b], |r| r.get(0))?;
     Ok(bs as u64)
 }
 
 fn bucket_info(tx: &Connection, id: BucketId) -> Result<BucketInfo> {
-    let (name, block_size, segment_blocks, s, ns): (String, i64, i64, i64, i64) = tx.query_row(
-        "SELECT name, block_size, segment_blocks, created_s, created_ns FROM buckets WHERE id=?1",
-        params![id],
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
-    )?;
+    let (name, block_size, segment_blocks, s, ns): (String, i64, i64, i64, i64) =
+        tx.query_row("SELECT name, block_size, segment_blocks, created_s, created_ns FROM buckets WHERE id=?1", params![id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })?;
     let (objects, bytes): (i64, i64) = tx.query_row(
         "SELECT count(*), coalesce(sum(CASE WHEN kind = ?2 THEN size ELSE 0 END), 0) FROM inodes WHERE bucket=?1",
         params![id, kind_code(Kind::File)],
@@ -364,10 +352,7 @@ fn bucket_info(tx: &Connection, id: BucketId) -> Result<BucketInfo> {
         name,
         block_size: block_size as u32,
         segment_blocks: segment_blocks as u32,
-        created: Timespec {
-            sec: s,
-            nsec: ns as u32,
-        },
+        created: Timespec { sec: s, nsec: ns as u32 },
         objects: objects as u64,
         bytes: bytes as u64,
     })
@@ -375,20 +360,11 @@ fn bucket_info(tx: &Connection, id: BucketId) -> Result<BucketInfo> {
 
 fn check_xattr_name(name: &[u8]) -> Result<()> {
     if name.is_empty() || name.len() > 255 {
-        return Err(Error::fs(
-            Errno::ERANGE,
-            "xattr name length must be 1..=255",
-        ));
+        return Err(Error::fs(Errno::ERANGE, "xattr name length must be 1..=255"));
     }
     const NAMESPACES: [&[u8]; 3] = [b"user.", b"trusted.", b"security."];
-    if !NAMESPACES
-        .iter()
-        .any(|ns| name.starts_with(ns) && name.len() > ns.len())
-    {
-        return Err(Error::fs(
-            Errno::EOPNOTSUPP,
-            "only user., trusted. and security. xattrs are stored",
-        ));
+    if !NAMESPACES.iter().any(|ns| name.starts_with(ns) && name.len() > ns.len()) {
+        return Err(Error::fs(Errno::EOPNOTSUPP, "only user., trusted. and security. xattrs are stored"));
     }
     Ok(())
 }
@@ -401,12 +377,7 @@ fn resolve(t: SetTime, now: Timespec) -> Timespec {
 }
 
 impl MetaStore for SqliteMeta {
-    fn create_bucket(
-        &self,
-        name: &str,
-        block_size: u32,
-        segment_blocks: u32,
-    ) -> Result<BucketInfo> {
+    fn create_bucket(&self, name: &str, block_size: u32, segment_blocks: u32) -> Result<BucketInfo> {
         self.with_tx(|tx| {
             let exists: Option<i64> = tx.query_row("SELECT id FROM buckets WHERE name=?1", params![name], |r| r.get(0)).optional()?;
             if exists.is_some() {
@@ -419,7 +390,9 @@ impl MetaStore for SqliteMeta {
             )?;
             let id = tx.last_insert_rowid();
             tx.execute(
-                &format!("INSERT INTO inodes(bucket, {ATTR_COLS}, parent) VALUES (?1, ?2, ?3, ?4, 0, 0, 2, 0, ?5, ?6, ?5, ?6, ?5, ?6, 0, 0, ?2)"),
+                &format!(
+                    "INSERT INTO inodes(bucket, {ATTR_COLS}, parent) VALUES (?1, ?2, ?3, ?4, 0, 0, 2, 0, ?5, ?6, ?5, ?6, ?5, ?6, 0, 0, ?2)"
+                ),
                 params![id, ROOT_INO as i64, kind_code(Kind::Dir), 0o755, now.sec, now.nsec as i64],
             )?;
             bucket_info(tx, id)
@@ -428,21 +401,15 @@ impl MetaStore for SqliteMeta {
 
     fn list_buckets(&self) -> Result<Vec<BucketInfo>> {
         self.with_conn(|c| {
-            let ids: Vec<i64> = c
-                .prepare("SELECT id FROM buckets ORDER BY name")?
-                .query_map([], |r| r.get(0))?
-                .collect::<rusqlite::Result<_>>()?;
+            let ids: Vec<i64> =
+                c.prepare("SELECT id FROM buckets ORDER BY name")?.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
             ids.into_iter().map(|id| bucket_info(c, id)).collect()
         })
     }
 
     fn bucket(&self, name: &str) -> Result<(BucketId, BucketInfo)> {
         self.with_conn(|c| {
-            let id: Option<i64> = c
-                .query_row("SELECT id FROM buckets WHERE name=?1", params![name], |r| {
-                    r.get(0)
-                })
-                .optional()?;
+            let id: Option<i64> = c.query_row("SELECT id FROM buckets WHERE name=?1", params![name], |r| r.get(0)).optional()?;
             let id = id.ok_or_else(|| Error::fs(Errno::ENOENT, format!("no bucket {name:?}")))?;
             Ok((id, bucket_info(c, id)?))
         })
@@ -464,7 +431,7 @@ impl MetaStore for SqliteMeta {
                  WHERE hash IN (SELECT hash FROM blockmap WHERE bucket=?1)",
                 params![id, Timespec::now().sec],
             )?;
-            for table in ["blockmap", "xattrs", "dentries", "inodes"] {
+            for table in ["blockmap", "xattrs", "dentries", "inodes", "changes"] {
                 tx.execute(&format!("DELETE FROM {table} WHERE bucket=?1"), params![id])?;
             }
             tx.execute("DELETE FROM buckets WHERE id=?1", params![id])?;
@@ -475,23 +442,16 @@ impl MetaStore for SqliteMeta {
     fn lookup(&self, b: BucketId, parent: Ino, name: &[u8]) -> Result<Attr> {
         check_name(name)?;
         self.with_conn(|c| {
-            let sql =
-                format!(
+            let sql = format!(
                 "SELECT {} FROM dentries d JOIN inodes i ON i.bucket = d.bucket AND i.ino = d.ino
                  WHERE d.bucket=?1 AND d.parent=?2 AND d.name=?3",
                 ATTR_COLS.split(", ").map(|col| format!("i.{col}")).collect::<Vec<_>>().join(", ")
             );
-            match c
-                .query_row(&sql, params![b, parent as i64, name], |r| attr_at(r, 0))
-                .optional()?
-            {
+            match c.query_row(&sql, params![b, parent as i64, name], |r| attr_at(r, 0)).optional()? {
                 Some(pair) => finish(pair),
                 None => {
                     load_dir(c, b, parent)?;
-                    Err(Error::fs(
-                        Errno::ENOENT,
-                        format!("no entry {:?}", Name(name.to_vec())),
-                    ))
+                    Err(Error::fs(Errno::ENOENT, format!("no entry {:?}", Name(name.to_vec()))))
                 }
             }
         })
@@ -586,11 +546,8 @@ impl MetaStore for SqliteMeta {
             if a.kind != Kind::Symlink {
                 return Err(Error::fs(Errno::EINVAL, "not a symlink"));
             }
-            let t: Option<Vec<u8>> = c.query_row(
-                "SELECT target FROM inodes WHERE bucket=?1 AND ino=?2",
-                params![b, ino as i64],
-                |r| r.get(0),
-            )?;
+            let t: Option<Vec<u8>> =
+                c.query_row("SELECT target FROM inodes WHERE bucket=?1 AND ino=?2", params![b, ino as i64], |r| r.get(0))?;
             t.ok_or_else(|| Error::Corrupt(format!("symlink {ino} has no target")))
         })
     }
@@ -610,10 +567,7 @@ impl MetaStore for SqliteMeta {
             }
             let mut dir = load_dir(tx, b, parent)?;
             if child(tx, b, parent, name)?.is_some() {
-                return Err(Error::fs(
-                    Errno::EEXIST,
-                    format!("{:?} exists", Name(name.to_vec())),
-                ));
+                return Err(Error::fs(Errno::EEXIST, format!("{:?} exists", Name(name.to_vec()))));
             }
             let now = Timespec::now();
             add_entry(tx, b, parent, name, ino)?;
@@ -629,9 +583,7 @@ impl MetaStore for SqliteMeta {
         check_name(name)?;
         self.with_tx(|tx| {
             let mut dir = load_dir(tx, b, parent)?;
-            let ino = child(tx, b, parent, name)?.ok_or_else(|| {
-                Error::fs(Errno::ENOENT, format!("no entry {:?}", Name(name.to_vec())))
-            })?;
+            let ino = child(tx, b, parent, name)?.ok_or_else(|| Error::fs(Errno::ENOENT, format!("no entry {:?}", Name(name.to_vec()))))?;
             let a = load(tx, b, ino)?;
             if a.kind == Kind::Dir {
                 return Err(Error::fs(Errno::EISDIR, "unlink of a directory"));
@@ -647,9 +599,7 @@ impl MetaStore for SqliteMeta {
         check_name(name)?;
         self.with_tx(|tx| {
             let mut dir = load_dir(tx, b, parent)?;
-            let ino = child(tx, b, parent, name)?.ok_or_else(|| {
-                Error::fs(Errno::ENOENT, format!("no entry {:?}", Name(name.to_vec())))
-            })?;
+            let ino = child(tx, b, parent, name)?.ok_or_else(|| Error::fs(Errno::ENOENT, format!("no entry {:?}", Name(name.to_vec()))))?;
             let a = load(tx, b, ino)?;
             if a.kind != Kind::Dir {
                 return Err(Error::fs(Errno::ENOTDIR, "rmdir of a non-directory"));
@@ -669,25 +619,19 @@ impl MetaStore for SqliteMeta {
         check_name(p.name.as_bytes())?;
         check_name(p.new_name.as_bytes())?;
         if p.noreplace && p.exchange {
-            return Err(Error::fs(
-                Errno::EINVAL,
-                "RENAME_NOREPLACE and RENAME_EXCHANGE together",
-            ));
+            return Err(Error::fs(Errno::EINVAL, "RENAME_NOREPLACE and RENAME_EXCHANGE together"));
         }
         self.with_tx(|tx| {
             let (name, new_name) = (p.name.as_bytes(), p.new_name.as_bytes());
             load_dir(tx, b, p.parent)?;
             load_dir(tx, b, p.new_parent)?;
-            let src_ino = child(tx, b, p.parent, name)?
-                .ok_or_else(|| Error::fs(Errno::ENOENT, format!("no entry {:?}", p.name)))?;
+            let src_ino = child(tx, b, p.parent, name)?.ok_or_else(|| Error::fs(Errno::ENOENT, format!("no entry {:?}", p.name)))?;
             let mut src = load(tx, b, src_ino)?;
             let dst_ino = child(tx, b, p.new_parent, new_name)?;
             let now = Timespec::now();
 
             if p.exchange {
-                let dst_ino = dst_ino.ok_or_else(|| {
-                    Error::fs(Errno::ENOENT, format!("no entry {:?}", p.new_name))
-                })?;
+                let dst_ino = dst_ino.ok_or_else(|| Error::fs(Errno::ENOENT, format!("no entry {:?}", p.new_name)))?;
                 if dst_ino == src_ino {
                     return Ok(());
                 }
@@ -695,10 +639,7 @@ impl MetaStore for SqliteMeta {
                 if (src.kind == Kind::Dir && within(tx, b, p.new_parent, src_ino)?)
                     || (dst.kind == Kind::Dir && within(tx, b, p.parent, dst_ino)?)
                 {
-                    return Err(Error::fs(
-                        Errno::EINVAL,
-                        "would move a directory into itself",
-                    ));
+                    return Err(Error::fs(Errno::EINVAL, "would move a directory into itself"));
                 }
                 tx.execute(
                     "UPDATE dentries SET ino=?4 WHERE bucket=?1 AND parent=?2 AND name=?3",
@@ -708,14 +649,13 @@ impl MetaStore for SqliteMeta {
                     "UPDATE dentries SET ino=?4 WHERE bucket=?1 AND parent=?2 AND name=?3",
                     params![b, p.new_parent as i64, new_name, src_ino as i64],
                 )?;
+                note_entry(tx, b, p.parent, name)?;
+                note_entry(tx, b, p.new_parent, new_name)?;
                 for (node, to) in [(&mut src, p.new_parent), (&mut dst, p.parent)] {
                     node.ctime = now;
                     save(tx, b, node)?;
                     if node.kind == Kind::Dir {
-                        tx.execute(
-                            "UPDATE inodes SET parent=?3 WHERE bucket=?1 AND ino=?2",
-                            params![b, node.ino as i64, to as i64],
-                        )?;
+                        tx.execute("UPDATE inodes SET parent=?3 WHERE bucket=?1 AND ino=?2", params![b, node.ino as i64, to as i64])?;
                     }
                 }
                 let delta = (src.kind == Kind::Dir) as i64 - (dst.kind == Kind::Dir) as i64;
@@ -734,26 +674,17 @@ impl MetaStore for SqliteMeta {
                 return Ok(()); // two links to one inode: POSIX says do nothing
             }
             if src.kind == Kind::Dir && within(tx, b, p.new_parent, src_ino)? {
-                return Err(Error::fs(
-                    Errno::EINVAL,
-                    "would move a directory into itself",
-                ));
+                return Err(Error::fs(Errno::EINVAL, "would move a directory into itself"));
             }
             let mut replaced_dir = false;
             if let Some(dst_ino) = dst_ino {
                 let dst = load(tx, b, dst_ino)?;
                 match (src.kind == Kind::Dir, dst.kind == Kind::Dir) {
                     (true, false) => {
-                        return Err(Error::fs(
-                            Errno::ENOTDIR,
-                            "cannot replace a non-directory with a directory",
-                        ));
+                        return Err(Error::fs(Errno::ENOTDIR, "cannot replace a non-directory with a directory"));
                     }
                     (false, true) => {
-                        return Err(Error::fs(
-                            Errno::EISDIR,
-                            "cannot replace a directory with a non-directory",
-                        ));
+                        return Err(Error::fs(Errno::EISDIR, "cannot replace a directory with a non-directory"));
                     }
                     (true, true) => {
                         if !is_empty_dir(tx, b, dst_ino)? {
@@ -772,10 +703,7 @@ impl MetaStore for SqliteMeta {
             save(tx, b, &src)?;
             let moved_dir = src.kind == Kind::Dir && p.parent != p.new_parent;
             if src.kind == Kind::Dir {
-                tx.execute(
-                    "UPDATE inodes SET parent=?3 WHERE bucket=?1 AND ino=?2",
-                    params![b, src_ino as i64, p.new_parent as i64],
-                )?;
+                tx.execute("UPDATE inodes SET parent=?3 WHERE bucket=?1 AND ino=?2", params![b, src_ino as i64, p.new_parent as i64])?;
             }
             let mut old_dir = load(tx, b, p.parent)?;
             if moved_dir {
@@ -841,14 +769,7 @@ impl MetaStore for SqliteMeta {
         })
     }
 
-    fn setxattr(
-        &self,
-        b: BucketId,
-        ino: Ino,
-        name: &[u8],
-        value: &[u8],
-        mode: XattrMode,
-    ) -> Result<()> {
+    fn setxattr(&self, b: BucketId, ino: Ino, name: &[u8], value: &[u8], mode: XattrMode) -> Result<()> {
         check_xattr_name(name)?;
         if value.len() > XATTR_SIZE_MAX {
             return Err(Error::fs(Errno(libc::E2BIG), "xattr value too large"));
@@ -856,11 +777,7 @@ impl MetaStore for SqliteMeta {
         self.with_tx(|tx| {
             let mut a = load(tx, b, ino)?;
             let exists: Option<i64> = tx
-                .query_row(
-                    "SELECT 1 FROM xattrs WHERE bucket=?1 AND ino=?2 AND name=?3",
-                    params![b, ino as i64, name],
-                    |r| r.get(0),
-                )
+                .query_row("SELECT 1 FROM xattrs WHERE bucket=?1 AND ino=?2 AND name=?3", params![b, ino as i64, name], |r| r.get(0))
                 .optional()?;
             match (mode, exists.is_some()) {
                 (XattrMode::Create, true) => return Err(Error::fs(Errno::EEXIST, "xattr exists")),
@@ -882,11 +799,7 @@ impl MetaStore for SqliteMeta {
         self.with_conn(|c| {
             load(c, b, ino)?;
             let v: Option<Vec<u8>> = c
-                .query_row(
-                    "SELECT value FROM xattrs WHERE bucket=?1 AND ino=?2 AND name=?3",
-                    params![b, ino as i64, name],
-                    |r| r.get(0),
-                )
+                .query_row("SELECT value FROM xattrs WHERE bucket=?1 AND ino=?2 AND name=?3", params![b, ino as i64, name], |r| r.get(0))
                 .optional()?;
             v.ok_or_else(|| Error::fs(Errno::ENODATA, "no such xattr"))
         })
@@ -907,10 +820,7 @@ impl MetaStore for SqliteMeta {
         check_xattr_name(name)?;
         self.with_tx(|tx| {
             let mut a = load(tx, b, ino)?;
-            let n = tx.execute(
-                "DELETE FROM xattrs WHERE bucket=?1 AND ino=?2 AND name=?3",
-                params![b, ino as i64, name],
-            )?;
+            let n = tx.execute("DELETE FROM xattrs WHERE bucket=?1 AND ino=?2 AND name=?3", params![b, ino as i64, name])?;
             if n == 0 {
                 return Err(Error::fs(Errno::ENODATA, "no such xattr"));
             }
@@ -919,16 +829,11 @@ impl MetaStore for SqliteMeta {
         })
     }
 
-    fn block_map(
-        &self,
-        b: BucketId,
-        ino: Ino,
-        first: u64,
-        count: u64,
-    ) -> Result<(u64, Vec<BlockRef>)> {
+    fn block_map(&self, b: BucketId, ino: Ino, first: u64, count: u64) -> Result<(u64, Vec<BlockRef>)> {
         self.with_conn(|c| {
             let a = load(c, b, ino)?;
-            let mut stmt = c.prepare_cached("SELECT idx, hash, len FROM blockmap WHERE bucket=?1 AND ino=?2 AND idx>=?3 AND idx<?4 ORDER BY idx")?;
+            let mut stmt =
+                c.prepare_cached("SELECT idx, hash, len FROM blockmap WHERE bucket=?1 AND ino=?2 AND idx>=?3 AND idx<?4 ORDER BY idx")?;
             // Indices are stored as i64: clamp so a huge window cannot wrap negative.
             let (start, end) = (first.min(i64::MAX as u64) as i64, first.saturating_add(count).min(i64::MAX as u64) as i64);
             let rows = stmt.query_map(params![b, ino as i64, start, end], |r| {
@@ -944,14 +849,7 @@ impl MetaStore for SqliteMeta {
         })
     }
 
-    fn commit(
-        &self,
-        b: BucketId,
-        ino: Ino,
-        size: u64,
-        slots: &[BlockSlot],
-        mtime: Option<Timespec>,
-    ) -> Result<Attr> {
+    fn commit(&self, b: BucketId, ino: Ino, size: u64, slots: &[BlockSlot], mtime: Option<Timespec>) -> Result<Attr> {
         self.with_tx(|tx| {
             let mut a = load(tx, b, ino)?;
             if a.kind != Kind::File {
@@ -963,13 +861,21 @@ impl MetaStore for SqliteMeta {
                     return Err(Error::fs(Errno::EINVAL, format!("block {} lies past the size {size}", slot.index)));
                 }
                 let old: Option<Vec<u8>> = tx
-                    .query_row("SELECT hash FROM blockmap WHERE bucket=?1 AND ino=?2 AND idx=?3", params![b, ino as i64, slot.index as i64], |r| r.get(0))
+                    .query_row(
+                        "SELECT hash FROM blockmap WHERE bucket=?1 AND ino=?2 AND idx=?3",
+                        params![b, ino as i64, slot.index as i64],
+                        |r| r.get(0),
+                    )
                     .optional()?;
                 if let Some((hash, len)) = slot.block {
-                    let block_len: Option<i64> = tx.query_row("SELECT size FROM blocks WHERE hash=?1", params![&hash.0[..]], |r| r.get(0)).optional()?;
+                    let block_len: Option<i64> =
+                        tx.query_row("SELECT size FROM blocks WHERE hash=?1", params![&hash.0[..]], |r| r.get(0)).optional()?;
                     let block_len = block_len.ok_or_else(|| Error::fs(Errno::EAGAIN, format!("block {hash} is not on the server")))?;
                     if len as i64 > block_len || len as u64 > bs {
-                        return Err(Error::fs(Errno::EINVAL, format!("slot {} claims {len} bytes of a {block_len}-byte block", slot.index)));
+                        return Err(Error::fs(
+                            Errno::EINVAL,
+                            format!("slot {} claims {len} bytes of a {block_len}-byte block", slot.index),
+                        ));
                     }
                     change_refs(tx, &hash.0, 1)?;
                     tx.execute(
@@ -997,15 +903,7 @@ impl MetaStore for SqliteMeta {
     fn has_blocks(&self, hashes: &[Hash]) -> Result<Vec<bool>> {
         self.with_conn(|c| {
             let mut stmt = c.prepare_cached("SELECT 1 FROM blocks WHERE hash=?1")?;
-            hashes
-                .iter()
-                .map(|h| {
-                    Ok(stmt
-                        .query_row(params![&h.0[..]], |_| Ok(()))
-                        .optional()?
-                        .is_some())
-                })
-                .collect()
+            hashes.iter().map(|h| Ok(stmt.query_row(params![&h.0[..]], |_| Ok(())).optional()?.is_some())).collect()
         })
     }
 
@@ -1022,13 +920,8 @@ impl MetaStore for SqliteMeta {
 
     fn block_location(&self, hash: &Hash) -> Result<BlockLocation> {
         self.with_conn(|c| {
-            let found: Option<Option<Vec<u8>>> = c
-                .query_row(
-                    "SELECT data FROM blocks WHERE hash=?1",
-                    params![&hash.0[..]],
-                    |r| r.get(0),
-                )
-                .optional()?;
+            let found: Option<Option<Vec<u8>>> =
+                c.query_row("SELECT data FROM blocks WHERE hash=?1", params![&hash.0[..]], |r| r.get(0)).optional()?;
             match found {
                 None => Err(Error::fs(Errno::ENOENT, format!("no block {hash}"))),
                 Some(Some(data)) => Ok(BlockLocation::Inline(data)),
@@ -1041,9 +934,7 @@ impl MetaStore for SqliteMeta {
         self.with_tx(|tx| {
             let cutoff = Timespec::now().sec - min_age_secs as i64;
             let rows: Vec<(Vec<u8>, i64, bool)> = tx
-                .prepare(
-                    "SELECT hash, size, data IS NULL FROM blocks WHERE refs <= 0 AND created <= ?1",
-                )?
+                .prepare("SELECT hash, size, data IS NULL FROM blocks WHERE refs <= 0 AND created <= ?1")?
                 .query_map(params![cutoff], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
                 .collect::<rusqlite::Result<_>>()?;
             let mut g = Garbage::default();
@@ -1052,9 +943,7 @@ impl MetaStore for SqliteMeta {
                 g.blocks += 1;
                 g.bytes += size as u64;
                 if external {
-                    let h: [u8; 32] = hash
-                        .try_into()
-                        .map_err(|_| Error::Corrupt("hash length".into()))?;
+                    let h: [u8; 32] = hash.try_into().map_err(|_| Error::Corrupt("hash length".into()))?;
                     g.external.push(Hash(h));
                 }
             }
@@ -1062,13 +951,45 @@ impl MetaStore for SqliteMeta {
         })
     }
 
+    fn changes_since(&self, b: BucketId, since: u64, limit: u64) -> Result<ChangeLog> {
+        self.with_conn(|c| {
+            let (seq, log_start): (i64, i64) = c
+                .query_row("SELECT seq, log_start FROM buckets WHERE id=?1", params![b], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?
+                .ok_or_else(|| Error::fs(Errno::ENOENT, "bucket is gone"))?;
+            let (seq, log_start) = (seq as u64, log_start as u64);
+            let through = seq.min(since.saturating_add(limit.max(1)));
+            let mut stmt =
+                c.prepare_cached("SELECT seq, kind, ino, name FROM changes WHERE bucket=?1 AND seq>?2 AND seq<=?3 ORDER BY seq")?;
+            let rows = stmt.query_map(params![b, since.min(i64::MAX as u64) as i64, through as i64], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, Option<Vec<u8>>>(3)?))
+            })?;
+            let mut changes = Vec::new();
+            for row in rows {
+                let (seq, kind, ino, name) = row?;
+                let what = match (kind, name) {
+                    (CHANGE_ENTRY, Some(name)) => Changed::Entry(ino as u64, name),
+                    _ => Changed::Attr(ino as u64),
+                };
+                changes.push((seq as u64, what));
+            }
+            Ok(ChangeLog { seq, log_start, through: through.max(since.min(seq)), changes })
+        })
+    }
+
+    fn trim_changes(&self, keep: u64) -> Result<()> {
+        self.with_tx(|tx| {
+            let keep = keep.min(i64::MAX as u64) as i64;
+            tx.execute("DELETE FROM changes WHERE seq <= (SELECT b.seq FROM buckets b WHERE b.id = changes.bucket) - ?1", params![keep])?;
+            tx.execute("UPDATE buckets SET log_start = max(log_start, seq - ?1)", params![keep])?;
+            Ok(())
+        })
+    }
+
     fn sync(&self) -> Result<()> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         conn.pragma_update(None, "synchronous", "FULL")?;
-        let marked = conn.execute(
-            "INSERT INTO sync_marker(id, n) VALUES (1, 1) ON CONFLICT(id) DO UPDATE SET n = n + 1",
-            [],
-        );
+        let marked = conn.execute("INSERT INTO sync_marker(id, n) VALUES (1, 1) ON CONFLICT(id) DO UPDATE SET n = n + 1", []);
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         marked?;
         Ok(())
