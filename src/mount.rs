@@ -30,11 +30,20 @@ pub struct Options {
     pub read_only: bool,
     pub debug: bool,
     pub mount_timeout: Duration,
+    /// Outages shorter than this show no error to applications.
+    pub reconnect_timeout: Duration,
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { cache_dir: None, allow_other: false, read_only: false, debug: false, mount_timeout: Duration::from_secs(30) }
+        Options {
+            cache_dir: None,
+            allow_other: false,
+            read_only: false,
+            debug: false,
+            mount_timeout: Duration::from_secs(30),
+            reconnect_timeout: Duration::from_secs(60),
+        }
     }
 }
 
@@ -78,6 +87,10 @@ impl Options {
                 "allow_other" => self.allow_other = true,
                 "ro" => self.read_only = true,
                 "debug" => self.debug = true,
+                "reconnect_timeout" => {
+                    let secs: u64 = need()?.parse().map_err(|_| format!("reconnect_timeout must be whole seconds, not {value:?}"))?;
+                    self.reconnect_timeout = Duration::from_secs(secs);
+                }
                 "mount_timeout" => {
                     let secs: u64 = need()?.parse().map_err(|_| format!("mount_timeout must be whole seconds, not {value:?}"))?;
                     self.mount_timeout = Duration::from_secs(secs.max(1));
@@ -108,6 +121,7 @@ pub const USAGE: &str = "usage: mount.restfs ws://HOST:PORT/BUCKET MOUNTPOINT [-
   -o ro              mount read-only
   -o debug           verbose logging
   -o mount_timeout=S give up mounting after S seconds (default 30)
+  -o reconnect_timeout=S  ride out server outages up to S seconds (default 60)
   -s -n -v           accepted for mount(8) compatibility";
 
 pub fn parse_args(args: &[String]) -> Result<MountArgs, String> {
@@ -296,7 +310,7 @@ fn serve(args: &MountArgs, ready: &mut Option<File>) -> Result<(), String> {
         .map_err(|e| format!("tokio runtime: {e}"))?;
     let timeout = args.options.mount_timeout;
     let (link, mounted) = rt.block_on(async {
-        let link = Link::connect(&args.source, timeout).await?;
+        let link = Link::connect_with(&args.source, timeout, args.options.reconnect_timeout).await?;
         let mounted = tokio::time::timeout(timeout, link.call::<BucketMount>(BucketName { name: args.bucket.clone() }))
             .await
             .map_err(|_| format!("server {} did not answer within {timeout:?}", args.source.authority))?

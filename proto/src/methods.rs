@@ -96,6 +96,11 @@ pub struct HelloParams {
     /// Free-form client description, for logs.
     #[serde(default)]
     pub client: String,
+    /// Stable across the client's reconnections: the server answers a
+    /// repeated mutation (same client id and request id) from its replay
+    /// cache instead of applying it twice.
+    #[serde(default)]
+    pub client_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

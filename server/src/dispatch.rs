@@ -27,6 +27,23 @@ pub type Outbox = tokio::sync::mpsc::Sender<(Encoding, Vec<u8>)>;
 /// Bucket id for mutations no subscriber watches (bucket create/delete).
 const NO_BUCKET: BucketId = -1;
 
+/// Methods whose repetition is not harmless: a retry after a reconnection
+/// is answered from the replay cache.
+const REPLAYABLE: &[&str] = &[
+    Mknod::NAME,
+    Mkdir::NAME,
+    Create::NAME,
+    Symlink::NAME,
+    Link::NAME,
+    Unlink::NAME,
+    Rmdir::NAME,
+    Rename::NAME,
+    SetXattr::NAME,
+    RemoveXattr::NAME,
+    BucketCreate::NAME,
+    BucketDelete::NAME,
+];
+
 /// Most change-log sequence numbers sent in one push.
 const PUSH_PAGE: u64 = 1000;
 
@@ -39,6 +56,8 @@ pub struct Session {
     /// Encoding negotiated by `hello` (pushes use it).
     encoding: Mutex<Encoding>,
     pusher: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The client's stable id (from `hello`), for the replay cache.
+    client_id: Mutex<Option<String>>,
 }
 
 /// Run `f` on the decoded params of `msg` and encode its outcome.
@@ -75,6 +94,7 @@ impl Session {
             outbox,
             encoding: Mutex::new(Encoding::Json),
             pusher: Mutex::new(None),
+            client_id: Mutex::new(None),
         })
     }
 
@@ -99,6 +119,15 @@ impl Session {
         let Some(method) = head.method.as_deref() else {
             return invalid("invalid request: \"method\" missing".into());
         };
+        let replay_key = match (self.client_id(), &id) {
+            (Some(client), Some(id)) if REPLAYABLE.contains(&method) => Some((client, id.clone())),
+            _ => None,
+        };
+        if let Some((client, id)) = &replay_key
+            && let Some(earlier) = self.service.replayed(client, id)
+        {
+            return Some(earlier);
+        }
         let s = self.clone();
         let m = &msg;
         macro_rules! route {
@@ -146,6 +175,9 @@ impl Session {
             Subscribe => subscribe,
             PushChanges => push_changes,
         };
+        if let Some((client, id)) = replay_key {
+            self.service.remember(client, id, response.clone());
+        }
         if notification { None } else { Some(response) }
     }
 
@@ -162,6 +194,10 @@ impl Session {
                 }
             }
         }
+    }
+
+    fn client_id(&self) -> Option<String> {
+        self.client_id.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn bucket_id(&self) -> Outcome<BucketId> {
@@ -209,6 +245,7 @@ impl Session {
         }
         let encoding = p.encodings.first().copied().unwrap_or(Encoding::Json);
         *self.encoding.lock().unwrap_or_else(|p| p.into_inner()) = encoding;
+        *self.client_id.lock().unwrap_or_else(|p| p.into_inner()) = p.client_id.filter(|c| !c.is_empty() && c.len() <= 128);
         Ok(HelloResult {
             version: PROTOCOL_VERSION,
             encoding,

@@ -32,6 +32,23 @@ pub const GC_INTERVAL: Duration = Duration::from_secs(600);
 /// from further back is told to revalidate everything.
 pub const CHANGE_LOG_KEEP: u64 = 100_000;
 
+/// Replies to non-idempotent calls remembered per client, and clients remembered.
+const REPLAY_PER_CLIENT: usize = 4096;
+const REPLAY_CLIENTS: usize = 1024;
+
+/// Recent replies to non-idempotent calls, by (client id, request id).
+#[derive(Default)]
+struct ReplayCache {
+    per_client: HashMap<String, ClientReplies>,
+    clients: std::collections::VecDeque<String>,
+}
+
+#[derive(Default)]
+struct ClientReplies {
+    replies: HashMap<restfs_proto::Id, Vec<u8>>,
+    order: std::collections::VecDeque<restfs_proto::Id>,
+}
+
 pub struct Service {
     meta: Arc<dyn MetaStore>,
     blocks: Arc<dyn BlockStore>,
@@ -44,6 +61,7 @@ pub struct Service {
     gc_lock: tokio::sync::RwLock<()>,
     /// Bumped after every mutation of a bucket; change pushers wait on it.
     bumps: Mutex<HashMap<BucketId, tokio::sync::watch::Sender<u64>>>,
+    replay: Mutex<ReplayCache>,
 }
 
 impl Service {
@@ -55,6 +73,7 @@ impl Service {
             dirty: AtomicBool::new(false),
             gc_lock: tokio::sync::RwLock::new(()),
             bumps: Mutex::new(HashMap::new()),
+            replay: Mutex::default(),
         })
     }
 
@@ -76,6 +95,32 @@ impl Service {
         if let Some(tx) = self.bumps.lock().unwrap_or_else(|p| p.into_inner()).get(&b) {
             tx.send_modify(|n| *n += 1);
         }
+    }
+
+    /// The reply already sent to this request of this client, if any.
+    pub fn replayed(&self, client: &str, id: &restfs_proto::Id) -> Option<Vec<u8>> {
+        let cache = self.replay.lock().unwrap_or_else(|p| p.into_inner());
+        cache.per_client.get(client)?.replies.get(id).cloned()
+    }
+
+    pub fn remember(&self, client: String, id: restfs_proto::Id, reply: Vec<u8>) {
+        let mut cache = self.replay.lock().unwrap_or_else(|p| p.into_inner());
+        if !cache.per_client.contains_key(&client) {
+            if cache.clients.len() >= REPLAY_CLIENTS
+                && let Some(old) = cache.clients.pop_front()
+            {
+                cache.per_client.remove(&old);
+            }
+            cache.clients.push_back(client.clone());
+        }
+        let mine = cache.per_client.entry(client).or_default();
+        if mine.order.len() >= REPLAY_PER_CLIENT
+            && let Some(old) = mine.order.pop_front()
+        {
+            mine.replies.remove(&old);
+        }
+        mine.order.push_back(id.clone());
+        mine.replies.insert(id, reply);
     }
 
     /// A receiver woken after every mutation of bucket `b`.

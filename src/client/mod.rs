@@ -1,164 +1,380 @@
-//! The client side of the link: one WebSocket carrying JSON-RPC.
+//! The client side of the link: one WebSocket carrying JSON-RPC, kept up
+//! across outages.
 //!
 //! [`Link::call`] sends a typed request and awaits its response; many calls
 //! may be in flight at once (responses are matched by id). The link speaks
-//! BSON after `hello` so block payloads travel as binary. A lost connection
-//! fails every pending call with ENOTCONN.
+//! BSON after `hello` so block payloads travel as binary.
+//!
+//! When the connection drops, a supervisor reconnects with backoff, says
+//! `hello` again with the same client id, runs the restore hook (the core
+//! re-mounts its bucket, re-registers open files and resubscribes from the
+//! last change it applied), then resends every unanswered request under
+//! its original id; the server's replay cache answers a repeated mutation
+//! without applying it twice. Calls made during the outage wait. Only an
+//! outage longer than the reconnect timeout fails them (ETIMEDOUT).
 
 pub mod url;
 
+use futures_util::future::BoxFuture;
 use futures_util::{SinkExt, StreamExt};
 use restfs_proto::methods::{Hello, HelloParams, PushChanges, PushParams};
 use restfs_proto::rpc::{IdField, RawMessage, encode_request, split_frame};
 use restfs_proto::{Encoding, Errno, Id, MAX_FRAME, Method, PROTOCOL_VERSION, RpcError};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 pub use url::ServerUrl;
 
-type Pending = Arc<Mutex<HashMap<i64, oneshot::Sender<RawMessage>>>>;
+/// Work to redo on every new connection before queued calls resume.
+pub type RestoreHook = Arc<dyn Fn(Link) -> BoxFuture<'static, Result<(), RpcError>> + Send + Sync>;
 
-/// Where change pushes from the server go, once someone listens.
-type PushSink = Arc<Mutex<Option<mpsc::UnboundedSender<PushParams>>>>;
+/// Longest wait between reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
-/// A connection to restfsd.
+/// A connection to restfsd that survives outages. Cheap to clone.
+#[derive(Clone)]
 pub struct Link {
-    out: mpsc::Sender<Message>,
-    pending: Pending,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    url: ServerUrl,
+    client_id: String,
+    reconnect_timeout: Duration,
+    state: Mutex<State>,
+    pending: Mutex<HashMap<i64, PendingCall>>,
     next_id: AtomicI64,
+    /// Bumped when a connection is up and restored.
+    generation: watch::Sender<u64>,
+    pushes: Mutex<Option<mpsc::UnboundedSender<PushParams>>>,
+    restore: Mutex<Option<RestoreHook>>,
+    server: Mutex<String>,
+    reconnects: AtomicU64,
+}
+
+struct State {
+    /// Outgoing frames of the live connection.
+    out: Option<mpsc::Sender<Message>>,
     encoding: Encoding,
-    alive: Arc<AtomicBool>,
-    pushes: PushSink,
-    pub server: String,
+    /// Generation of the live connection.
+    generation: u64,
+    /// The connection is being restored: only restore calls may go out.
+    restoring: bool,
+    /// Down for longer than the reconnect timeout: calls fail at once.
+    failed: bool,
+}
+
+struct PendingCall {
+    frame: Vec<u8>,
+    encoding: Encoding,
+    /// Generation of the connection it was last sent on (0: not sent).
+    sent_on: u64,
+    tx: oneshot::Sender<RawMessage>,
 }
 
 fn lost() -> RpcError {
     RpcError::errno(Errno::ENOTCONN, "connection to the server lost")
 }
 
+fn timed_out(t: Duration) -> RpcError {
+    RpcError::errno(Errno::ETIMEDOUT, format!("server unreachable for longer than the reconnect timeout ({t:?})"))
+}
+
+/// One WebSocket, handshaken. Its reader task routes replies and pushes.
+async fn open_socket(link: &Link, timeout: Duration) -> Result<(mpsc::Sender<Message>, tokio::task::JoinHandle<()>), String> {
+    let url = &link.inner.url;
+    let config = WebSocketConfig::default().max_message_size(Some(MAX_FRAME)).max_frame_size(Some(MAX_FRAME));
+    let connecting = tokio_tungstenite::connect_async_with_config(url.endpoint(), Some(config), true);
+    let (ws, _) = match tokio::time::timeout(timeout, connecting).await {
+        Err(_) => return Err(format!("server {} did not answer within {timeout:?}", url.authority)),
+        Ok(Err(e)) => return Err(format!("cannot connect to {}: {e}", url.authority)),
+        Ok(Ok(ok)) => ok,
+    };
+    let (mut sink, mut source) = ws.split();
+    let (out, mut rx) = mpsc::channel::<Message>(256);
+    tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            if sink.send(m).await.is_err() {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    let reader_link = link.clone();
+    let reader = tokio::spawn(async move {
+        while let Some(Ok(msg)) = source.next().await {
+            let (enc, bytes) = match msg {
+                Message::Text(t) => (Encoding::Json, t.as_bytes().to_vec()),
+                Message::Binary(b) => (Encoding::Bson, b.to_vec()),
+                Message::Close(_) => break,
+                _ => continue,
+            };
+            match split_frame(enc, &bytes) {
+                Ok(frame) => frame.messages.into_iter().for_each(|m| reader_link.route(m)),
+                Err(e) => tracing::warn!("unparseable frame from the server: {e}"),
+            }
+        }
+    });
+    Ok((out, reader))
+}
+
 impl Link {
     /// Connect to `url` and negotiate with `hello`, within `timeout`.
+    /// Later outages shorter than `reconnect_timeout` are ridden out.
     pub async fn connect(url: &ServerUrl, timeout: Duration) -> Result<Link, String> {
-        let endpoint = url.endpoint();
-        let config = WebSocketConfig::default().max_message_size(Some(MAX_FRAME)).max_frame_size(Some(MAX_FRAME));
-        let connecting = tokio_tungstenite::connect_async_with_config(endpoint.as_str(), Some(config), true);
-        let (ws, _) = match tokio::time::timeout(timeout, connecting).await {
-            Err(_) => {
-                return Err(format!("server {} did not answer within {timeout:?}", url.authority));
-            }
-            Ok(Err(e)) => return Err(format!("cannot connect to {}: {e}", url.authority)),
-            Ok(Ok(ok)) => ok,
+        Link::connect_with(url, timeout, Duration::from_secs(60)).await
+    }
+
+    pub async fn connect_with(url: &ServerUrl, timeout: Duration, reconnect_timeout: Duration) -> Result<Link, String> {
+        let client_id = format!("{:016x}{:016x}", rand_u64(), rand_u64());
+        let link = Link {
+            inner: Arc::new(Inner {
+                url: url.clone(),
+                client_id,
+                reconnect_timeout,
+                state: Mutex::new(State { out: None, encoding: Encoding::Json, generation: 0, restoring: true, failed: false }),
+                pending: Mutex::default(),
+                next_id: AtomicI64::new(1),
+                generation: watch::channel(0).0,
+                pushes: Mutex::default(),
+                restore: Mutex::default(),
+                server: Mutex::default(),
+                reconnects: AtomicU64::new(0),
+            }),
         };
-        let (mut sink, mut source) = ws.split();
-        let (out, mut rx) = mpsc::channel::<Message>(256);
-        let pending: Pending = Arc::default();
-        let alive = Arc::new(AtomicBool::new(true));
-        tokio::spawn(async move {
-            while let Some(m) = rx.recv().await {
-                if sink.send(m).await.is_err() {
-                    break;
-                }
-            }
-            let _ = sink.close().await;
-        });
-        let pushes: PushSink = Arc::default();
-        let (reader_pending, reader_alive, reader_pushes) = (pending.clone(), alive.clone(), pushes.clone());
-        tokio::spawn(async move {
-            while let Some(Ok(msg)) = source.next().await {
-                let (enc, bytes) = match msg {
-                    Message::Text(t) => (Encoding::Json, t.as_bytes().to_vec()),
-                    Message::Binary(b) => (Encoding::Bson, b.to_vec()),
-                    Message::Close(_) => break,
-                    _ => continue,
-                };
-                let Ok(frame) = split_frame(enc, &bytes) else {
-                    tracing::warn!("unparseable frame from the server");
-                    continue;
-                };
-                for m in frame.messages {
-                    let Ok(head) = m.head() else { continue };
-                    match head.id {
-                        IdField::Valid(Id::Num(id)) => {
-                            if let Some(tx) = reader_pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id) {
-                                let _ = tx.send(m);
-                            }
-                        }
-                        _ => match head.error {
-                            Some(e) => tracing::warn!("server error without id: {e}"),
-                            None if head.method.as_deref() == Some(PushChanges::NAME) => match m.params::<PushParams>() {
-                                Ok(push) => {
-                                    if let Some(tx) = reader_pushes.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-                                        let _ = tx.send(push);
-                                    }
-                                }
-                                Err(e) => tracing::warn!("malformed push from the server: {e}"),
-                            },
-                            None => tracing::debug!("notification {:?} ignored", head.method),
-                        },
-                    }
-                }
-            }
-            reader_alive.store(false, Ordering::Release);
-            // Dropping the senders fails every pending call.
-            reader_pending.lock().unwrap_or_else(|p| p.into_inner()).clear();
-        });
-        let mut link = Link { out, pending, next_id: AtomicI64::new(1), encoding: Encoding::Json, alive, pushes, server: String::new() };
+        let reader = link.establish(timeout).await?;
+        link.finish_restore();
+        link.watch_connection(reader);
+        Ok(link)
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Open a socket and say hello; the link is then in `restoring` state.
+    async fn establish(&self, timeout: Duration) -> Result<tokio::task::JoinHandle<()>, String> {
+        let (out, reader) = open_socket(self, timeout).await?;
+        let generation = {
+            let mut st = self.state();
+            st.generation += 1;
+            st.out = Some(out);
+            st.restoring = true;
+            st.encoding = Encoding::Json;
+            st.generation
+        };
         let hello = HelloParams {
             versions: vec![PROTOCOL_VERSION],
             encodings: vec![Encoding::Bson, Encoding::Json],
             capabilities: vec![restfs_proto::CAP_PUSH.to_string()],
             client: format!("restfs {}", env!("CARGO_PKG_VERSION")),
+            client_id: Some(self.inner.client_id.clone()),
         };
-        let reply = tokio::time::timeout(timeout, link.call::<Hello>(hello))
+        let reply = tokio::time::timeout(timeout, self.call_now::<Hello>(hello))
             .await
-            .map_err(|_| format!("server {} did not answer hello within {timeout:?}", url.authority))?
-            .map_err(|e| format!("handshake with {} failed: {e}", url.authority))?;
-        link.encoding = reply.encoding;
-        link.server = reply.server;
-        Ok(link)
+            .map_err(|_| format!("server {} did not answer hello within {timeout:?}", self.inner.url.authority))?
+            .map_err(|e| format!("handshake with {} failed: {e}", self.inner.url.authority))?;
+        {
+            let mut st = self.state();
+            if st.generation == generation {
+                st.encoding = reply.encoding;
+            }
+        }
+        *self.inner.server.lock().unwrap_or_else(|p| p.into_inner()) = reply.server;
+        Ok(reader)
+    }
+
+    /// Leave `restoring`: send everything queued for this connection.
+    fn finish_restore(&self) {
+        let (out, generation) = {
+            let mut st = self.state();
+            st.restoring = false;
+            st.failed = false;
+            (st.out.clone(), st.generation)
+        };
+        let Some(out) = out else { return };
+        let mut pending = self.inner.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ids: Vec<i64> = pending.iter().filter(|(_, p)| p.sent_on != generation).map(|(id, _)| *id).collect();
+        ids.sort_unstable();
+        for id in ids {
+            let call = pending.get_mut(&id).expect("listed above");
+            call.sent_on = generation;
+            if out.try_send(frame_message(call.encoding, call.frame.clone())).is_err() {
+                // The queue is full or the socket died: the next reconnect resends.
+                call.sent_on = 0;
+            }
+        }
+        drop(pending);
+        self.inner.generation.send_replace(generation);
+    }
+
+    /// When the reader ends, reconnect.
+    fn watch_connection(&self, reader: tokio::task::JoinHandle<()>) {
+        let link = self.clone();
+        tokio::spawn(async move {
+            let _ = reader.await;
+            link.reconnect().await;
+        });
+    }
+
+    async fn reconnect(self) {
+        {
+            let mut st = self.state();
+            st.out = None;
+            st.restoring = true;
+        }
+        let down_since = Instant::now();
+        let mut backoff = Duration::from_millis(50);
+        tracing::warn!("connection to {} lost; reconnecting", self.inner.url.authority);
+        loop {
+            if down_since.elapsed() > self.inner.reconnect_timeout && !self.state().failed {
+                tracing::error!("server unreachable for {:?}: failing calls until it is back", self.inner.reconnect_timeout);
+                self.state().failed = true;
+                let failed: Vec<PendingCall> =
+                    self.inner.pending.lock().unwrap_or_else(|p| p.into_inner()).drain().map(|(_, c)| c).collect();
+                drop(failed); // dropping the senders fails the callers
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            let reader = match self.establish(Duration::from_secs(5)).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!("reconnect attempt failed: {e}");
+                    continue;
+                }
+            };
+            let hook = self.inner.restore.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            if let Some(hook) = hook
+                && let Err(e) = hook(self.clone()).await
+            {
+                tracing::warn!("restoring the session failed: {e}; retrying");
+                reader.abort();
+                self.state().out = None;
+                continue;
+            }
+            self.inner.reconnects.fetch_add(1, Ordering::Relaxed);
+            tracing::info!("reconnected to {} after {:?}", self.inner.url.authority, down_since.elapsed());
+            self.finish_restore();
+            self.watch_connection(reader);
+            return;
+        }
+    }
+
+    /// Set the work to redo after every reconnection.
+    pub fn set_restore_hook(&self, hook: RestoreHook) {
+        *self.inner.restore.lock().unwrap_or_else(|p| p.into_inner()) = Some(hook);
     }
 
     /// Receive the change pushes of subscriptions made on this link.
     pub fn pushes(&self) -> mpsc::UnboundedReceiver<PushParams> {
         let (tx, rx) = mpsc::unbounded_channel();
-        *self.pushes.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        *self.inner.pushes.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
         rx
     }
 
-    pub fn is_alive(&self) -> bool {
-        self.alive.load(Ordering::Acquire)
+    /// Connections re-established so far.
+    pub fn reconnects(&self) -> u64 {
+        self.inner.reconnects.load(Ordering::Relaxed)
     }
 
-    /// Call `M` and await its result.
+    pub fn server(&self) -> String {
+        self.inner.server.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn route(&self, m: RawMessage) {
+        let Ok(head) = m.head() else { return };
+        match head.id {
+            IdField::Valid(Id::Num(id)) => {
+                if let Some(call) = self.inner.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id) {
+                    let _ = call.tx.send(m);
+                }
+            }
+            _ if head.method.as_deref() == Some(PushChanges::NAME) => match m.params::<PushParams>() {
+                Ok(push) => {
+                    if let Some(tx) = self.inner.pushes.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                        let _ = tx.send(push);
+                    }
+                }
+                Err(e) => tracing::warn!("malformed push from the server: {e}"),
+            },
+            _ => match head.error {
+                Some(e) => tracing::warn!("server error without id: {e}"),
+                None => tracing::debug!("notification {:?} ignored", head.method),
+            },
+        }
+    }
+
+    /// Call `M` and await its result, riding out outages.
     pub async fn call<M: Method>(&self, params: M::Params) -> Result<M::Result, RpcError> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.call_inner::<M>(params, false).await
+    }
+
+    /// Call `M` on the current connection even while it is being restored
+    /// (for the restore hook itself).
+    pub async fn call_now<M: Method>(&self, params: M::Params) -> Result<M::Result, RpcError> {
+        self.call_inner::<M>(params, true).await
+    }
+
+    async fn call_inner<M: Method>(&self, params: M::Params, now: bool) -> Result<M::Result, RpcError> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx);
-        let bytes = encode_request(self.encoding, Some(&Id::Num(id)), M::NAME, &params);
-        if self.send(bytes).await.is_err() {
-            self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        let (out, encoding, generation) = {
+            let st = self.state();
+            if st.failed && !now {
+                return Err(timed_out(self.inner.reconnect_timeout));
+            }
+            let usable = st.out.clone().filter(|_| now || !st.restoring);
+            (usable, st.encoding, st.generation)
+        };
+        let frame = encode_request(encoding, Some(&Id::Num(id)), M::NAME, &params);
+        let sent_on = if out.is_some() { generation } else { 0 };
+        self.inner
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, PendingCall { frame: frame.clone(), encoding, sent_on, tx });
+        if let Some(out) = out
+            && out.send(frame_message(encoding, frame)).await.is_err()
+            && now
+        {
+            self.inner.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
             return Err(lost());
         }
-        let reply = rx.await.map_err(|_| lost())?;
+        let reply = rx.await.map_err(|_| if self.state().failed { timed_out(self.inner.reconnect_timeout) } else { lost() })?;
         reply.result::<M::Result>()
     }
 
-    /// Send `M` as a notification: no response, no waiting.
+    /// Send `M` as a notification: no response, no waiting. Dropped while
+    /// disconnected (the restore hook re-establishes what matters).
     pub async fn notify<M: Method>(&self, params: M::Params) -> Result<(), RpcError> {
-        let bytes = encode_request(self.encoding, None, M::NAME, &params);
-        self.send(bytes).await.map_err(|_| lost())
-    }
-
-    async fn send(&self, bytes: Vec<u8>) -> Result<(), ()> {
-        let msg = match self.encoding {
-            Encoding::Json => Message::text(String::from_utf8(bytes).map_err(|_| ())?),
-            Encoding::Bson => Message::binary(bytes),
+        let (out, encoding) = {
+            let st = self.state();
+            (st.out.clone().filter(|_| !st.restoring), st.encoding)
         };
-        self.out.send(msg).await.map_err(|_| ())
+        let Some(out) = out else { return Ok(()) };
+        let frame = encode_request(encoding, None, M::NAME, &params);
+        out.send(frame_message(encoding, frame)).await.map_err(|_| lost())
     }
+}
+
+fn frame_message(encoding: Encoding, bytes: Vec<u8>) -> Message {
+    match encoding {
+        Encoding::Json => Message::text(String::from_utf8(bytes).expect("JSON encoder writes UTF-8")),
+        Encoding::Bson => Message::binary(bytes),
+    }
+}
+
+/// A random number from the OS (client ids need only be unique).
+fn rand_u64() -> u64 {
+    let mut buf = [0u8; 8];
+    if std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf)).is_err() {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        return t.as_nanos() as u64 ^ ((std::process::id() as u64) << 32);
+    }
+    u64::from_le_bytes(buf)
 }

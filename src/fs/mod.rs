@@ -74,6 +74,8 @@ pub struct Fs {
     /// Version of each file's content last handed to the kernel's page cache.
     page_versions: Mutex<HashMap<Ino, u64>>,
     kernel: std::sync::OnceLock<Box<dyn KernelCache>>,
+    /// Highest change sequence number applied from pushes.
+    applied_seq: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -97,6 +99,7 @@ impl Fs {
             next_fh: AtomicU64::new(1),
             page_versions: Mutex::default(),
             kernel: std::sync::OnceLock::new(),
+            applied_seq: AtomicU64::new(0),
         }
     }
 
@@ -342,21 +345,70 @@ impl Fs {
 
     // --- server pushes ---
 
-    /// Subscribe to the bucket's changes and apply every push as it comes.
+    /// Subscribe to the bucket's changes, apply every push as it comes, and
+    /// restore the session after every reconnection.
     pub async fn subscribe(self: &Arc<Self>) -> Result<()> {
         let mut pushes = self.link().pushes();
-        self.link().call::<Subscribe>(SubscribeParams { since: None }).await?;
+        let sub = self.link().call::<Subscribe>(SubscribeParams { since: None }).await?;
+        self.applied_seq.fetch_max(sub.seq, Ordering::AcqRel);
         let fs = self.clone();
         tokio::spawn(async move {
             while let Some(push) = pushes.recv().await {
                 fs.apply_push(push).await;
             }
         });
+        let weak = Arc::downgrade(self);
+        self.link().set_restore_hook(Arc::new(move |link: crate::client::Link| {
+            let weak = weak.clone();
+            Box::pin(async move {
+                match weak.upgrade() {
+                    Some(fs) => fs.restore(&link).await,
+                    None => Ok(()),
+                }
+            })
+        }));
         Ok(())
+    }
+
+    /// On a new connection: mount the bucket again, re-register open files,
+    /// and resubscribe from the last change applied.
+    async fn restore(&self, link: &crate::client::Link) -> std::result::Result<(), restfs_proto::RpcError> {
+        link.call_now::<BucketMount>(BucketName { name: self.bucket.name.clone() }).await?;
+        let files: Vec<Arc<File>> = lock(&self.files).values().cloned().collect();
+        for file in files {
+            for _ in 0..file.handles.load(Ordering::Acquire) {
+                match link.call_now::<Open>(InoParams { ino: file.ino }).await {
+                    Err(e) if e.as_errno() == Errno::ENOENT => tracing::warn!("open file {} vanished during the outage", file.ino),
+                    other => drop(other?),
+                }
+            }
+        }
+        let since = self.applied_seq.load(Ordering::Acquire);
+        let sub = link.call_now::<Subscribe>(SubscribeParams { since: Some(since) }).await?;
+        if sub.reset {
+            tracing::warn!("missed changes during the outage are no longer logged; dropping cached state");
+            self.forget_everything();
+            self.applied_seq.store(sub.seq, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Invalidate every cached page and attribute this client handed out.
+    fn forget_everything(&self) {
+        let inos: Vec<Ino> = lock(&self.page_versions).drain().map(|(ino, _)| ino).collect();
+        if let Some(kernel) = self.kernel.get() {
+            for ino in inos {
+                kernel.invalidate_inode(ino);
+            }
+        }
     }
 
     /// Bring local state and the kernel's caches in line with a push.
     pub async fn apply_push(&self, push: PushParams) {
+        self.applied_seq.fetch_max(push.through, Ordering::AcqRel);
+        if push.reset {
+            self.forget_everything();
+        }
         let Some(kernel) = self.kernel.get() else { return };
         for change in push.changes {
             match change {

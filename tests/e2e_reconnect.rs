@@ -1,0 +1,37 @@
+//! The link rides out server outages: restfsd is stopped and restarted in
+//! the middle of a copy, and the copy completes with no error visible to the
+//! application and a byte-identical result.
+
+mod common;
+
+use common::*;
+use std::process::Command;
+use std::time::Duration;
+
+#[test]
+fn copy_survives_a_server_restart() {
+    let root = scratch("e2e-reconnect");
+    let mut server = Server::start(&root.join("data"));
+    server.create_bucket("r");
+    let mnt = root.join("mnt");
+    let m = Mount::new(&server, "r", &mnt, &format!("cache_dir={}", root.join("cache").display()));
+
+    let src = root.join("src");
+    run(Command::new("cp").arg("-a").arg(registry_crate_tree()).arg(&src));
+    let big: Vec<u8> = (0..24_000_000u32).map(|i| (i.wrapping_mul(2246822519) >> 11) as u8).collect();
+    std::fs::write(src.join("big.bin"), &big).unwrap();
+
+    let (from, to) = (src.clone(), mnt.join("copy"));
+    let copy = std::thread::spawn(move || Command::new("cp").arg("-a").arg(&from).arg(&to).output().unwrap());
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(!copy.is_finished(), "the copy must still be running when the server stops");
+    server.stop();
+    std::thread::sleep(Duration::from_millis(1500));
+    server.restart();
+    let out = copy.join().unwrap();
+    assert!(out.status.success(), "cp failed across the restart: {}", String::from_utf8_lossy(&out.stderr));
+    assert_same_tree(&src, &mnt.join("copy"));
+    let log = std::fs::read_to_string(mnt.with_extension("mount.log")).unwrap();
+    assert!(log.contains("reconnected"), "the mount should have reconnected:\n{log}");
+    m.unmount();
+}
