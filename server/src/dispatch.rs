@@ -120,11 +120,11 @@ impl Session {
             return invalid("invalid request: \"method\" missing".into());
         };
         let replay_key = match (self.client_id(), &id) {
-            (Some(client), Some(id)) if REPLAYABLE.contains(&method) => Some((client, id.clone())),
+            (Some(client), Some(id)) if REPLAYABLE.contains(&method) => Some((client, format!("{id:?}"))),
             _ => None,
         };
-        if let Some((client, id)) = &replay_key
-            && let Some(earlier) = self.service.replayed(client, id)
+        if let Some((client, request)) = &replay_key
+            && let Some(earlier) = self.service.replayed(client.clone(), request.clone()).await
         {
             return Some(earlier);
         }
@@ -175,8 +175,8 @@ impl Session {
             Subscribe => subscribe,
             PushChanges => push_changes,
         };
-        if let Some((client, id)) = replay_key {
-            self.service.remember(client, id, response.clone());
+        if let Some((client, request)) = replay_key {
+            self.service.remember(client, request, response.clone()).await;
         }
         if notification { None } else { Some(response) }
     }

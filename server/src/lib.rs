@@ -52,9 +52,10 @@ impl Server {
         Ok(Server { addr, service, task })
     }
 
-    /// Stop accepting and make everything durable.
+    /// Stop accepting, finish the requests in flight, make everything durable.
     pub async fn shutdown(self) -> Result<()> {
+        let result = self.service.shut_down(std::time::Duration::from_secs(10)).await;
         self.task.abort();
-        self.service.sync().await
+        result
     }
 }

@@ -32,22 +32,8 @@ pub const GC_INTERVAL: Duration = Duration::from_secs(600);
 /// from further back is told to revalidate everything.
 pub const CHANGE_LOG_KEEP: u64 = 100_000;
 
-/// Replies to non-idempotent calls remembered per client, and clients remembered.
-const REPLAY_PER_CLIENT: usize = 4096;
-const REPLAY_CLIENTS: usize = 1024;
-
-/// Recent replies to non-idempotent calls, by (client id, request id).
-#[derive(Default)]
-struct ReplayCache {
-    per_client: HashMap<String, ClientReplies>,
-    clients: std::collections::VecDeque<String>,
-}
-
-#[derive(Default)]
-struct ClientReplies {
-    replies: HashMap<restfs_proto::Id, Vec<u8>>,
-    order: std::collections::VecDeque<restfs_proto::Id>,
-}
+/// How long replies to non-idempotent calls stay in the replay cache.
+pub const REPLAY_KEEP_SECS: u64 = 3600;
 
 pub struct Service {
     meta: Arc<dyn MetaStore>,
@@ -61,7 +47,10 @@ pub struct Service {
     gc_lock: tokio::sync::RwLock<()>,
     /// Bumped after every mutation of a bucket; change pushers wait on it.
     bumps: Mutex<HashMap<BucketId, tokio::sync::watch::Sender<u64>>>,
-    replay: Mutex<ReplayCache>,
+    /// Set when the server shuts down: connections stop reading.
+    closing: tokio::sync::watch::Sender<bool>,
+    /// One clone per live connection.
+    connections: Arc<()>,
 }
 
 impl Service {
@@ -73,7 +62,8 @@ impl Service {
             dirty: AtomicBool::new(false),
             gc_lock: tokio::sync::RwLock::new(()),
             bumps: Mutex::new(HashMap::new()),
-            replay: Mutex::default(),
+            closing: tokio::sync::watch::channel(false).0,
+            connections: Arc::new(()),
         })
     }
 
@@ -98,29 +88,38 @@ impl Service {
     }
 
     /// The reply already sent to this request of this client, if any.
-    pub fn replayed(&self, client: &str, id: &restfs_proto::Id) -> Option<Vec<u8>> {
-        let cache = self.replay.lock().unwrap_or_else(|p| p.into_inner());
-        cache.per_client.get(client)?.replies.get(id).cloned()
+    pub async fn replayed(&self, client: String, request: String) -> Option<Vec<u8>> {
+        self.meta(move |m| m.reply(&client, &request)).await.unwrap_or_else(|e| {
+            tracing::error!("replay cache lookup failed: {e}");
+            None
+        })
     }
 
-    pub fn remember(&self, client: String, id: restfs_proto::Id, reply: Vec<u8>) {
-        let mut cache = self.replay.lock().unwrap_or_else(|p| p.into_inner());
-        if !cache.per_client.contains_key(&client) {
-            if cache.clients.len() >= REPLAY_CLIENTS
-                && let Some(old) = cache.clients.pop_front()
-            {
-                cache.per_client.remove(&old);
-            }
-            cache.clients.push_back(client.clone());
+    /// Remember a reply so a retry after a reconnection (or restart) gets it again.
+    pub async fn remember(&self, client: String, request: String, reply: Vec<u8>) {
+        if let Err(e) = self.meta(move |m| m.remember_reply(&client, &request, &reply)).await {
+            tracing::error!("replay cache write failed: {e}");
         }
-        let mine = cache.per_client.entry(client).or_default();
-        if mine.order.len() >= REPLAY_PER_CLIENT
-            && let Some(old) = mine.order.pop_front()
-        {
-            mine.replies.remove(&old);
+    }
+
+    pub fn closing(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.closing.subscribe()
+    }
+
+    /// Held by a connection while it lives.
+    pub fn connection_token(&self) -> Arc<()> {
+        self.connections.clone()
+    }
+
+    /// Stop reading requests, let the ones in flight finish (up to `grace`),
+    /// then make everything durable.
+    pub async fn shut_down(&self, grace: Duration) -> Result<()> {
+        self.closing.send_replace(true);
+        let deadline = tokio::time::Instant::now() + grace;
+        while Arc::strong_count(&self.connections) > 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        mine.order.push_back(id.clone());
-        mine.replies.insert(id, reply);
+        self.sync().await
     }
 
     /// A receiver woken after every mutation of bucket `b`.
@@ -251,6 +250,9 @@ impl Service {
                 tick.tick().await;
                 if let Err(e) = me.meta(|m| m.trim_changes(CHANGE_LOG_KEEP)).await {
                     tracing::error!("change log trim failed: {e}");
+                }
+                if let Err(e) = me.meta(|m| m.trim_replies(REPLAY_KEEP_SECS)).await {
+                    tracing::error!("replay cache trim failed: {e}");
                 }
             }
         });

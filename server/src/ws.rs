@@ -20,17 +20,24 @@ use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-/// Accept connections forever.
+/// Accept connections until the service starts closing.
 pub async fn serve(listener: TcpListener, service: Arc<Service>) {
+    let mut closing = service.closing();
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = closing.changed() => return,
+        };
+        match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
                 let service = service.clone();
+                let token = service.connection_token();
                 tokio::spawn(async move {
                     if let Err(e) = connection(stream, service).await {
                         tracing::debug!("connection from {peer}: {e}");
                     }
+                    drop(token);
                 });
             }
             Err(e) => {
@@ -77,9 +84,14 @@ async fn connection(stream: TcpStream, service: Arc<Service>) -> Result<(), WsEr
         let _ = sink.send(Message::Close(close)).await;
         let _ = sink.close().await;
     });
+    let mut closing = service.closing();
     let session = Session::new(service, tx.clone());
     let result = loop {
-        let (encoding, bytes) = match source.next().await {
+        let next = tokio::select! {
+            n = source.next() => n,
+            _ = closing.changed() => break Ok(()),
+        };
+        let (encoding, bytes) = match next {
             Some(Ok(Message::Text(t))) => (Encoding::Json, t.as_bytes().to_vec()),
             Some(Ok(Message::Binary(b))) => (Encoding::Bson, b.to_vec()),
             Some(Ok(Message::Close(_))) | None => break Ok(()),

@@ -103,6 +103,12 @@ pub trait MetaStore: Send + Sync {
     fn changes_since(&self, b: BucketId, since: u64, limit: u64) -> Result<ChangeLog>;
     /// Keep only the last `keep` sequence numbers of every bucket's log.
     fn trim_changes(&self, keep: u64) -> Result<()>;
+
+    // Replay cache: replies to non-idempotent requests, by client and request id.
+    fn remember_reply(&self, client: &str, request: &str, reply: &[u8]) -> Result<()>;
+    fn reply(&self, client: &str, request: &str) -> Result<Option<Vec<u8>>>;
+    /// Forget replies older than `secs`.
+    fn trim_replies(&self, secs: u64) -> Result<()>;
 }
 
 /// What one logged change names.

@@ -91,6 +91,13 @@ CREATE TABLE IF NOT EXISTS xattrs(
     PRIMARY KEY(bucket, ino, name)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS sync_marker(id INTEGER PRIMARY KEY, n INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS replies(
+    client TEXT NOT NULL,
+    request TEXT NOT NULL,
+    reply BLOB NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY(client, request)
+) WITHOUT ROWID;
 ";
 
 const ATTR_COLS: &str = "ino, kind, mode, uid, gid, nlink, size, atime_s, atime_ns, mtime_s, mtime_ns, ctime_s, ctime_ns, rdev, version";
@@ -982,6 +989,33 @@ impl MetaStore for SqliteMeta {
             let keep = keep.min(i64::MAX as u64) as i64;
             tx.execute("DELETE FROM changes WHERE seq <= (SELECT b.seq FROM buckets b WHERE b.id = changes.bucket) - ?1", params![keep])?;
             tx.execute("UPDATE buckets SET log_start = max(log_start, seq - ?1)", params![keep])?;
+            Ok(())
+        })
+    }
+
+    fn remember_reply(&self, client: &str, request: &str, reply: &[u8]) -> Result<()> {
+        self.with_conn(|c| {
+            c.prepare_cached("INSERT OR REPLACE INTO replies(client, request, reply, at) VALUES (?1, ?2, ?3, ?4)")?.execute(params![
+                client,
+                request,
+                reply,
+                Timespec::now().sec
+            ])?;
+            Ok(())
+        })
+    }
+
+    fn reply(&self, client: &str, request: &str) -> Result<Option<Vec<u8>>> {
+        self.with_conn(|c| {
+            Ok(c.prepare_cached("SELECT reply FROM replies WHERE client=?1 AND request=?2")?
+                .query_row(params![client, request], |r| r.get(0))
+                .optional()?)
+        })
+    }
+
+    fn trim_replies(&self, secs: u64) -> Result<()> {
+        self.with_conn(|c| {
+            c.execute("DELETE FROM replies WHERE at < ?1", params![Timespec::now().sec - secs.min(i64::MAX as u64) as i64])?;
             Ok(())
         })
     }
