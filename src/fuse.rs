@@ -18,7 +18,10 @@ use std::time::{Duration, SystemTime};
 use tokio::runtime::Handle;
 
 /// How long the kernel may trust attributes and entries without asking.
-const TTL: Duration = Duration::from_secs(1);
+/// Long, because the server pushes every change (and a reconnecting
+/// client catches up on what it missed), so caches are invalidated when
+/// they go stale rather than when a timer runs out.
+const TTL: Duration = Duration::from_secs(60);
 
 pub struct FuseAdapter {
     fs: Arc<Fs>,

@@ -45,3 +45,63 @@ fn close_on_one_mount_then_open_on_the_other_sees_the_data() {
     a.unmount();
     b.unmount();
 }
+
+/// Poll `check` for up to two seconds; returns how long it took.
+fn eventually(what: &str, mut check: impl FnMut() -> bool) -> std::time::Duration {
+    let start = std::time::Instant::now();
+    while !check() {
+        assert!(start.elapsed() < std::time::Duration::from_secs(2), "{what}: not seen within 2 s");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    start.elapsed()
+}
+
+fn names(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn pushes_reach_warm_caches_on_the_other_mount() {
+    use std::os::unix::fs::FileExt;
+    let root = scratch("e2e-push");
+    let server = Server::start(&root.join("data"));
+    server.create_bucket("shared");
+    let (pa, pb) = (root.join("a"), root.join("b"));
+    let a = Mount::new(&server, "shared", &pa, &format!("cache_dir={}", root.join("cache-a").display()));
+    let b = Mount::new(&server, "shared", &pb, &format!("cache_dir={}", root.join("cache-b").display()));
+
+    // An fd held open on B sees A's rewrite (same size) through B's page cache.
+    std::fs::write(pa.join("f"), vec![b'0'; 8192]).unwrap();
+    eventually("first version on B", || std::fs::read(pb.join("f")).is_ok_and(|d| d == vec![b'0'; 8192]));
+    let held = std::fs::File::open(pb.join("f")).unwrap();
+    let mut buf = vec![0u8; 8192];
+    for round in 1..=20u8 {
+        let want = vec![b'a' + round; 8192];
+        // Rewrite in place (no truncation), then close.
+        std::fs::OpenOptions::new().write(true).open(pa.join("f")).unwrap().write_all_at(&want, 0).unwrap();
+        eventually("rewrite through a held fd", || held.read_exact_at(&mut buf, 0).is_ok() && buf == want);
+    }
+
+    // Directory changes on A show in a listing on B.
+    let before = names(&pb);
+    std::fs::write(pa.join("created"), b"x").unwrap();
+    eventually("create in ls", || names(&pb).contains(&"created".to_string()));
+    std::fs::rename(pa.join("created"), pa.join("renamed")).unwrap();
+    eventually("rename in ls", || {
+        let n = names(&pb);
+        n.contains(&"renamed".to_string()) && !n.contains(&"created".to_string())
+    });
+    std::fs::remove_file(pa.join("renamed")).unwrap();
+    eventually("unlink in ls", || names(&pb) == before);
+    // And a stat on B sees A's chmod.
+    std::fs::set_permissions(pa.join("f"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    eventually("chmod in stat", || {
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(pb.join("f")).unwrap().permissions()) & 0o777 == 0o600
+    });
+
+    drop(held);
+    a.unmount();
+    b.unmount();
+}
