@@ -19,13 +19,47 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Bytes of blocks the in-memory block cache keeps.
-const MEMORY_CACHE_BYTES: usize = 256 << 20;
+/// Bytes of blocks the in-memory block cache keeps (in front of the ring).
+const MEMORY_CACHE_BYTES: usize = 64 << 20;
+
+/// Default on-disk cache: a tenth of the free space, at most 10 GiB.
+fn default_cache_size(dir: &Path) -> u64 {
+    let free = free_space(dir).unwrap_or(1 << 30);
+    (free / 10).clamp(restfs_cache::ring::MIN_CAPACITY, 10 << 30)
+}
+
+fn free_space(dir: &Path) -> Option<u64> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and a writable statvfs.
+    (unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// `64M`, `2G`, `512K` or plain bytes.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (digits, unit) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => (&t[..i], &t[i..]),
+        None => (t, ""),
+    };
+    let n: u64 = digits.parse().map_err(|_| format!("{text:?} is not a size (e.g. 512M, 4G)"))?;
+    let shift = match unit.to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(format!("{text:?}: unknown size unit {unit:?} (use K, M, G or T)")),
+    };
+    n.checked_mul(1 << shift).ok_or_else(|| format!("{text:?} is too large"))
+}
 
 /// Mount options (`-o`).
 #[derive(Debug, Clone)]
 pub struct Options {
     pub cache_dir: Option<PathBuf>,
+    /// Bytes of the on-disk block cache; default a share of free space.
+    pub cache_size: Option<u64>,
     pub allow_other: bool,
     pub read_only: bool,
     pub debug: bool,
@@ -38,6 +72,7 @@ impl Default for Options {
     fn default() -> Options {
         Options {
             cache_dir: None,
+            cache_size: None,
             allow_other: false,
             read_only: false,
             debug: false,
@@ -84,6 +119,7 @@ impl Options {
             let need = || value.filter(|v| !v.is_empty()).ok_or_else(|| format!("option {key} needs a value ({key}=...)"));
             match key {
                 "cache_dir" => self.cache_dir = Some(PathBuf::from(need()?)),
+                "cache_size" => self.cache_size = Some(parse_size(need()?)?),
                 "allow_other" => self.allow_other = true,
                 "ro" => self.read_only = true,
                 "debug" => self.debug = true,
@@ -117,6 +153,7 @@ pub const USAGE: &str = "usage: mount.restfs ws://HOST:PORT/BUCKET MOUNTPOINT [-
 
   -f                 stay in the foreground until unmounted (logs to stderr)
   -o cache_dir=DIR   local cache directory (one per mount; default under ~/.cache/restfs)
+  -o cache_size=SIZE on-disk block cache size, e.g. 512M or 4G (default: 10% of free space, at most 10G)
   -o allow_other     let other users use the mount (permissions still apply)
   -o ro              mount read-only
   -o debug           verbose logging
@@ -334,7 +371,11 @@ fn serve(args: &MountArgs, ready: &mut Option<File>) -> Result<(), String> {
         Err(e) => return Err(format!("mountpoint {}: {e}", args.mountpoint.display())),
     }
 
-    let fs = Arc::new(Fs::new(link, mounted.bucket, MEMORY_CACHE_BYTES));
+    let cache_size = args.options.cache_size.unwrap_or_else(|| default_cache_size(&cache_dir));
+    let ring = restfs_cache::BlockRing::open(&cache_dir.join("blocks.ring"), cache_size)
+        .map_err(|e| format!("cannot open the block cache in {}: {e}", cache_dir.display()))?;
+    tracing::info!("block cache: {} MiB in {}", ring.capacity() >> 20, cache_dir.display());
+    let fs = Arc::new(Fs::with_ring(link, mounted.bucket, MEMORY_CACHE_BYTES, Some(Arc::new(ring))));
     let mut config = fuser::Config::default();
     config.n_threads = Some(2);
     if args.options.allow_other {
@@ -400,6 +441,15 @@ mod tests {
 
     fn args(list: &[&str]) -> Result<MountArgs, String> {
         parse_args(&list.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("12X").is_err() && parse_size("M").is_err());
     }
 
     #[test]

@@ -1,9 +1,13 @@
 //! `restfs-cache`: the client's local caches.
 //!
-//! [`memory::BlockCache`] keeps recently used blocks in memory, bounded by
-//! bytes. Blocks are immutable and addressed by hash, so a cached block can
-//! never be stale; only its presence matters.
+//! Blocks are immutable and addressed by hash, so a cached block can never
+//! be stale; only its presence (and integrity) matters.
+//! - [`ring::BlockRing`]: the on-disk circular block cache (persistent,
+//!   bounded, CLOCK eviction, verified reads).
+//! - [`memory::BlockCache`]: a small in-memory LRU in front of it.
 
 pub mod memory;
+pub mod ring;
 
 pub use memory::BlockCache;
+pub use ring::{BlockRing, CacheError, RingStats};

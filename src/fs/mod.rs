@@ -83,11 +83,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Fs {
-    /// A core over a link whose connection has mounted `bucket`.
+    /// A core over a link whose connection has mounted `bucket`, caching
+    /// blocks in `ring` (on disk) and `memory_bytes` of memory.
+    pub fn with_ring(link: Link, bucket: BucketInfo, memory_bytes: usize, ring: Option<Arc<restfs_cache::BlockRing>>) -> Fs {
+        let mut fs = Fs::new(link, bucket, memory_bytes);
+        fs.remote.ring = ring;
+        fs
+    }
+
+    /// A core caching blocks in memory only.
     pub fn new(link: Link, bucket: BucketInfo, cache_bytes: usize) -> Fs {
         let remote = Remote {
             link,
             cache: BlockCache::new(cache_bytes),
+            ring: None,
             block_size: bucket.block_size as u64,
             segment_blocks: bucket.segment_blocks as u64,
         };
@@ -101,6 +110,11 @@ impl Fs {
             kernel: std::sync::OnceLock::new(),
             applied_seq: AtomicU64::new(0),
         }
+    }
+
+    /// The on-disk block cache's counters, if there is one.
+    pub fn ring_stats(&self) -> Option<restfs_cache::RingStats> {
+        self.remote.ring.as_ref().map(|r| r.stats())
     }
 
     /// Connect the kernel's caches, once the mount exists.

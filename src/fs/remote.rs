@@ -3,7 +3,7 @@
 //! (hash, batched `has`, then `put` of only the missing ones).
 
 use super::error::{FsError, Result};
-use restfs_cache::BlockCache;
+use restfs_cache::{BlockCache, BlockRing};
 use restfs_proto::methods::{
     BlockData, BlockGet, BlockGetParams, BlockHas, BlockHasParams, BlockPut, BlockPutParams, SegmentGet, SegmentGetParams,
 };
@@ -17,7 +17,10 @@ const PUT_BATCH_BYTES: usize = 8 << 20;
 
 pub struct Remote {
     pub link: Link,
+    /// Small in-memory cache in front of the ring.
     pub cache: BlockCache,
+    /// The on-disk block cache, when the mount has one.
+    pub ring: Option<Arc<BlockRing>>,
     pub block_size: u64,
     pub segment_blocks: u64,
 }
@@ -31,6 +34,15 @@ impl Remote {
         if let Some(data) = self.cache.get(&hash) {
             return Ok(data);
         }
+        if let Some(ring) = &self.ring {
+            let ring = ring.clone();
+            // The ring verifies what it reads; a corrupt copy is a miss.
+            if let Ok(Some(data)) = tokio::task::spawn_blocking(move || ring.get(&hash)).await {
+                let data = Arc::new(data);
+                self.cache.insert(hash, data.clone());
+                return Ok(data);
+            }
+        }
         let data = self.link.call::<BlockGet>(BlockGetParams { hash }).await?.data.0;
         let check = data.clone();
         let ok = tokio::task::spawn_blocking(move || Hash::of(&check) == hash).await.unwrap_or(false);
@@ -38,8 +50,20 @@ impl Remote {
             return Err(FsError::new(Errno::EIO, format!("block {hash} arrived corrupt")));
         }
         let data = Arc::new(data);
-        self.cache.insert(hash, data.clone());
+        self.keep(hash, data.clone()).await;
         Ok(data)
+    }
+
+    /// Cache a block in memory and on disk.
+    async fn keep(&self, hash: Hash, data: Arc<Vec<u8>>) {
+        self.cache.insert(hash, data.clone());
+        if let Some(ring) = &self.ring {
+            let ring = ring.clone();
+            let stored = tokio::task::spawn_blocking(move || ring.insert(&hash, &data, false)).await;
+            if let Ok(Err(e)) = stored {
+                tracing::warn!("block cache: {e}");
+            }
+        }
     }
 
     /// The block map of one segment of a file, and the file's version.
@@ -69,7 +93,7 @@ impl Remote {
                 continue;
             }
             let data = Arc::new(data);
-            self.cache.insert(hash, data.clone());
+            self.keep(hash, data.clone()).await;
             batch_bytes += data.len();
             batch.push(BlockData { hash, data: Bytes(Arc::unwrap_or_clone(data)) });
             if batch_bytes >= PUT_BATCH_BYTES {

@@ -1,0 +1,492 @@
+//! The on-disk circular block cache.
+//!
+//! One file of fixed size (the capacity) holds records laid end to end:
+//! a 64-byte header (magic, sequence number, hash, length, header checksum)
+//! then the block, padded to 4 KiB. New records go at the head, which
+//! sweeps around the ring; a record in the way is evicted unless it was
+//! used since the head last passed (CLOCK: it keeps its place and loses
+//! its mark) or is pinned. A hit costs O(1): set the mark.
+//!
+//! Crash safety without fsync: blocks are addressed by their SHA-256 and
+//! every read is verified, so a torn or overwritten record can only be a
+//! miss, never wrong data (it is dropped and counted as corrupt). The
+//! index is rebuilt at open by walking record headers; the head resumes
+//! after the newest record.
+
+use restfs_proto::Hash;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+const MAGIC: u64 = 0x5245_5354_4653_4331; // "RESTFSC1"
+const HEADER: u64 = 64;
+const ALIGN: u64 = 4096;
+
+/// Smallest ring accepted.
+pub const MIN_CAPACITY: u64 = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("cache file: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("block of {0} bytes does not fit a cache of {1} bytes")]
+    TooLarge(u64, u64),
+    #[error("cache is full of pinned blocks")]
+    Full,
+}
+
+/// Counters, for `restfs stats` and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RingStats {
+    pub hits: u64,
+    pub misses: u64,
+    pub corrupt: u64,
+    pub inserts: u64,
+    pub evictions: u64,
+    pub bytes: u64,
+    pub blocks: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    offset: u64,
+    len: u32,
+    seq: u64,
+    referenced: bool,
+    /// Readers in progress plus explicit pins.
+    pins: u32,
+    /// Written completely (a reader may use it).
+    ready: bool,
+}
+
+impl Entry {
+    fn span(&self) -> u64 {
+        record_span(self.len as u64)
+    }
+}
+
+fn record_span(len: u64) -> u64 {
+    (HEADER + len).div_ceil(ALIGN) * ALIGN
+}
+
+struct Index {
+    by_hash: HashMap<Hash, Entry>,
+    by_offset: BTreeMap<u64, Hash>,
+    head: u64,
+    seq: u64,
+    bytes: u64,
+}
+
+pub struct BlockRing {
+    file: File,
+    capacity: u64,
+    index: Mutex<Index>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    corrupt: AtomicU64,
+    inserts: AtomicU64,
+    evictions: AtomicU64,
+}
+
+fn header_bytes(seq: u64, hash: &Hash, len: u32) -> [u8; HEADER as usize] {
+    let mut h = [0u8; HEADER as usize];
+    h[0..8].copy_from_slice(&MAGIC.to_le_bytes());
+    h[8..16].copy_from_slice(&seq.to_le_bytes());
+    h[16..48].copy_from_slice(&hash.0);
+    h[48..52].copy_from_slice(&len.to_le_bytes());
+    let sum = Sha256::digest(&h[0..52]);
+    h[52..60].copy_from_slice(&sum[0..8]);
+    h
+}
+
+fn parse_header(h: &[u8; HEADER as usize]) -> Option<(u64, Hash, u32)> {
+    if u64::from_le_bytes(h[0..8].try_into().ok()?) != MAGIC || Sha256::digest(&h[0..52])[0..8] != h[52..60] {
+        return None;
+    }
+    let seq = u64::from_le_bytes(h[8..16].try_into().ok()?);
+    let hash = Hash(h[16..48].try_into().ok()?);
+    let len = u32::from_le_bytes(h[48..52].try_into().ok()?);
+    Some((seq, hash, len))
+}
+
+impl BlockRing {
+    /// Open or create the ring at `path` with `capacity` bytes (rounded down
+    /// to 4 KiB). A ring of another size is started afresh.
+    pub fn open(path: &Path, capacity: u64) -> Result<BlockRing, CacheError> {
+        let capacity = capacity.max(MIN_CAPACITY) / ALIGN * ALIGN;
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+        if file.metadata()?.len() != capacity {
+            file.set_len(0)?;
+            file.set_len(capacity)?;
+        }
+        let ring = BlockRing {
+            file,
+            capacity,
+            index: Mutex::new(Index { by_hash: HashMap::new(), by_offset: BTreeMap::new(), head: 0, seq: 0, bytes: 0 }),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            corrupt: AtomicU64::new(0),
+            inserts: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
+        };
+        ring.rebuild()?;
+        Ok(ring)
+    }
+
+    /// Walk the headers and index every record that looks whole.
+    fn rebuild(&self) -> Result<(), CacheError> {
+        let mut ix = self.lock();
+        let mut offset = 0;
+        let mut newest: Option<(u64, u64)> = None; // (seq, end)
+        let mut header = [0u8; HEADER as usize];
+        while offset + HEADER <= self.capacity {
+            self.file.read_exact_at(&mut header, offset)?;
+            match parse_header(&header) {
+                Some((seq, hash, len)) if offset + record_span(len as u64) <= self.capacity => {
+                    let entry = Entry { offset, len, seq, referenced: false, pins: 0, ready: true };
+                    let keep = ix.by_hash.get(&hash).is_none_or(|e| e.seq < seq);
+                    if keep {
+                        if let Some(old) = ix.by_hash.insert(hash, entry) {
+                            ix.by_offset.remove(&old.offset);
+                            ix.bytes -= old.len as u64;
+                        }
+                        ix.by_offset.insert(offset, hash);
+                        ix.bytes += len as u64;
+                    }
+                    if newest.is_none_or(|(s, _)| seq > s) {
+                        newest = Some((seq, offset + entry.span()));
+                    }
+                    offset += entry.span();
+                }
+                _ => match self.next_data(offset + ALIGN) {
+                    Some(next) => offset = next.div_ceil(ALIGN) * ALIGN,
+                    None => break,
+                },
+            }
+        }
+        // Records overlapping a newer one were partly overwritten: drop them.
+        let mut last_end = 0;
+        let offsets: Vec<u64> = ix.by_offset.keys().copied().collect();
+        for off in offsets {
+            let hash = ix.by_offset[&off];
+            let e = ix.by_hash[&hash];
+            if off < last_end {
+                ix.by_offset.remove(&off);
+                ix.by_hash.remove(&hash);
+                ix.bytes -= e.len as u64;
+                continue;
+            }
+            last_end = off + e.span();
+        }
+        if let Some((seq, end)) = newest {
+            ix.seq = seq;
+            ix.head = if end >= self.capacity { 0 } else { end };
+        }
+        Ok(())
+    }
+
+    /// The next offset at or after `from` that is not a hole (a fresh ring
+    /// is sparse, so the walk skips it at once); `None` past the last data.
+    fn next_data(&self, from: u64) -> Option<u64> {
+        use std::os::fd::AsRawFd;
+        if from >= self.capacity {
+            return None;
+        }
+        // SAFETY: lseek on our own open descriptor.
+        let at = unsafe { libc::lseek(self.file.as_raw_fd(), from as libc::off_t, libc::SEEK_DATA) };
+        match at {
+            -1 if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) => None,
+            -1 => Some(from), // SEEK_DATA unsupported: walk every block
+            at => Some(at as u64),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// A block's bytes, verified; `None` if absent or found corrupt.
+    pub fn get(&self, hash: &Hash) -> Option<Vec<u8>> {
+        let (offset, len) = {
+            let mut ix = self.lock();
+            match ix.by_hash.get_mut(hash) {
+                Some(e) if e.ready => {
+                    e.referenced = true;
+                    e.pins += 1;
+                    (e.offset, e.len)
+                }
+                _ => {
+                    self.misses.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
+            }
+        };
+        let mut buf = vec![0u8; (HEADER + len as u64) as usize];
+        let read = self.file.read_exact_at(&mut buf, offset);
+        let header: &[u8; HEADER as usize] = buf[..HEADER as usize].try_into().expect("buffer holds a header");
+        let whole = read.is_ok()
+            && parse_header(header).is_some_and(|(_, h, l)| h == *hash && l == len)
+            && Hash::of(&buf[HEADER as usize..]) == *hash;
+        let mut ix = self.lock();
+        if let Some(e) = ix.by_hash.get_mut(hash) {
+            e.pins -= 1;
+        }
+        if !whole {
+            self.corrupt.fetch_add(1, Ordering::Relaxed);
+            self.misses.fetch_add(1, Ordering::Relaxed);
+            if ix.by_hash.get(hash).is_some_and(|e| e.offset == offset && e.pins == 0) {
+                Self::forget(&mut ix, hash);
+            }
+            return None;
+        }
+        drop(ix);
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        buf.drain(..HEADER as usize);
+        Some(buf)
+    }
+
+    pub fn contains(&self, hash: &Hash) -> bool {
+        self.lock().by_hash.get(hash).is_some_and(|e| e.ready)
+    }
+
+    fn forget(ix: &mut Index, hash: &Hash) {
+        if let Some(e) = ix.by_hash.remove(hash) {
+            ix.by_offset.remove(&e.offset);
+            ix.bytes -= e.len as u64;
+        }
+    }
+
+    /// Store a block (a no-op if present). `pinned` keeps it from eviction
+    /// until [`BlockRing::unpin`].
+    pub fn insert(&self, hash: &Hash, data: &[u8], pinned: bool) -> Result<(), CacheError> {
+        let span = record_span(data.len() as u64);
+        if span > self.capacity {
+            return Err(CacheError::TooLarge(data.len() as u64, self.capacity));
+        }
+        let (offset, seq) = {
+            let mut ix = self.lock();
+            if let Some(e) = ix.by_hash.get_mut(hash) {
+                e.referenced = true;
+                if pinned {
+                    e.pins += 1;
+                }
+                return Ok(());
+            }
+            let offset = self.make_room(&mut ix, span)?;
+            ix.seq += 1;
+            let seq = ix.seq;
+            let entry = Entry { offset, len: data.len() as u32, seq, referenced: false, pins: 1 + pinned as u32, ready: false };
+            ix.by_hash.insert(*hash, entry);
+            ix.by_offset.insert(offset, *hash);
+            ix.bytes += data.len() as u64;
+            ix.head = if offset + span >= self.capacity { 0 } else { offset + span };
+            (offset, seq)
+        };
+        let mut record = Vec::with_capacity(span as usize);
+        record.extend_from_slice(&header_bytes(seq, hash, data.len() as u32));
+        record.extend_from_slice(data);
+        let written = self.file.write_all_at(&record, offset);
+        let mut ix = self.lock();
+        match written {
+            Ok(()) => {
+                if let Some(e) = ix.by_hash.get_mut(hash) {
+                    e.pins -= 1;
+                    e.ready = true;
+                }
+                self.inserts.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                Self::forget(&mut ix, hash);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Release one pin taken by `insert(.., true)`.
+    pub fn unpin(&self, hash: &Hash) {
+        if let Some(e) = self.lock().by_hash.get_mut(hash) {
+            e.pins = e.pins.saturating_sub(1);
+        }
+    }
+
+    /// Free `span` contiguous bytes at the head, sweeping as CLOCK does.
+    fn make_room(&self, ix: &mut Index, span: u64) -> Result<u64, CacheError> {
+        let mut swept = 0u64;
+        loop {
+            if ix.head + span > self.capacity {
+                // The tail is too short for this record: wrap (what lies there stays).
+                swept += self.capacity - ix.head;
+                ix.head = 0;
+            }
+            let (start, end) = (ix.head, ix.head + span);
+            // The first record that overlaps [start, end), if any.
+            let before = ix.by_offset.range(..start).next_back().map(|(o, h)| (*o, *h));
+            let overlapping = match before {
+                Some((o, h)) if o + ix.by_hash[&h].span() > start => Some((o, h)),
+                _ => ix.by_offset.range(start..end).next().map(|(o, h)| (*o, *h)),
+            };
+            let Some((off, hash)) = overlapping else { return Ok(start) };
+            let e = ix.by_hash[&hash];
+            if swept > 2 * self.capacity {
+                return Err(CacheError::Full);
+            }
+            if e.pins > 0 || e.referenced {
+                // Second chance: keep it, clear its mark, move the head past it.
+                if let Some(e) = ix.by_hash.get_mut(&hash) {
+                    e.referenced = false;
+                }
+                let next = off + e.span();
+                swept += next.saturating_sub(ix.head).max(ALIGN);
+                ix.head = if next >= self.capacity { 0 } else { next };
+            } else {
+                Self::forget(ix, &hash);
+                self.evictions.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub fn stats(&self) -> RingStats {
+        let ix = self.lock();
+        RingStats {
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            corrupt: self.corrupt.load(Ordering::Relaxed),
+            inserts: self.inserts.load(Ordering::Relaxed),
+            evictions: self.evictions.load(Ordering::Relaxed),
+            bytes: ix.bytes,
+            blocks: ix.by_hash.len() as u64,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(i: u32, len: usize) -> (Hash, Vec<u8>) {
+        let data: Vec<u8> = (0..len).map(|j| (j as u32 ^ i.wrapping_mul(2654435761)) as u8).collect();
+        (Hash::of(&data), data)
+    }
+
+    #[test]
+    fn round_trip_and_persistence() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ring");
+        let blocks: Vec<_> = (0..20).map(|i| block(i, 100_000 + i as usize)).collect();
+        {
+            let ring = BlockRing::open(&path, MIN_CAPACITY).unwrap();
+            for (h, d) in &blocks {
+                ring.insert(h, d, false).unwrap();
+            }
+            for (h, d) in &blocks {
+                assert_eq!(ring.get(h).as_ref(), Some(d));
+            }
+        }
+        let ring = BlockRing::open(&path, MIN_CAPACITY).unwrap();
+        assert_eq!(ring.stats().blocks, 20);
+        for (h, d) in &blocks {
+            assert_eq!(ring.get(h).as_ref(), Some(d), "warm after reopen");
+        }
+    }
+
+    #[test]
+    fn capacity_is_enforced_and_clock_keeps_hot_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = BlockRing::open(&dir.path().join("ring"), MIN_CAPACITY).unwrap();
+        let hot = block(9999, 1 << 20);
+        ring.insert(&hot.0, &hot.1, false).unwrap();
+        for i in 0..200 {
+            let (h, d) = block(i, 1 << 20);
+            ring.insert(&h, &d, false).unwrap();
+            assert!(ring.get(&hot.0).is_some(), "hot block evicted at {i}");
+            assert!(ring.stats().bytes <= ring.capacity());
+        }
+        assert_eq!(std::fs::metadata(dir.path().join("ring")).unwrap().len(), MIN_CAPACITY);
+        assert!(ring.stats().evictions > 150);
+    }
+
+    #[test]
+    fn corruption_is_detected_dropped_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ring");
+        let ring = BlockRing::open(&path, MIN_CAPACITY).unwrap();
+        let (h, d) = block(1, 50_000);
+        ring.insert(&h, &d, false).unwrap();
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&[d[1000] ^ 0xff], HEADER + 1000).unwrap();
+        assert_eq!(ring.get(&h), None);
+        assert_eq!(ring.stats().corrupt, 1);
+        assert!(!ring.contains(&h));
+        ring.insert(&h, &d, false).unwrap();
+        assert_eq!(ring.get(&h), Some(d));
+    }
+
+    #[test]
+    fn pinned_blocks_survive_pressure_until_unpinned() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = BlockRing::open(&dir.path().join("ring"), MIN_CAPACITY).unwrap();
+        let dirty = block(7, 1 << 20);
+        ring.insert(&dirty.0, &dirty.1, true).unwrap();
+        for i in 0..100 {
+            let (h, d) = block(100 + i, 1 << 20);
+            ring.insert(&h, &d, false).unwrap();
+        }
+        assert!(ring.contains(&dirty.0));
+        ring.unpin(&dirty.0);
+        for i in 0..100 {
+            let (h, d) = block(300 + i, 1 << 20);
+            ring.insert(&h, &d, false).unwrap();
+        }
+        assert!(!ring.contains(&dirty.0));
+    }
+
+    #[test]
+    fn torn_records_read_as_misses_after_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ring");
+        let (h, d) = block(3, 200_000);
+        {
+            let ring = BlockRing::open(&path, MIN_CAPACITY).unwrap();
+            ring.insert(&h, &d, false).unwrap();
+        }
+        // Simulate a crash mid-write: the tail of the record never reached the disk.
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&vec![0u8; 100_000], HEADER + 100_000).unwrap();
+        let ring = BlockRing::open(&path, MIN_CAPACITY).unwrap();
+        assert_eq!(ring.get(&h), None);
+        assert_eq!(ring.stats().corrupt, 1);
+    }
+
+    #[test]
+    fn concurrent_readers_and_writers() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = std::sync::Arc::new(BlockRing::open(&dir.path().join("ring"), 32 << 20).unwrap());
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let ring = ring.clone();
+                std::thread::spawn(move || {
+                    for i in 0..200 {
+                        let (h, d) = block(t * 1000 + i % 50, 64 << 10);
+                        ring.insert(&h, &d, false).unwrap();
+                        if let Some(got) = ring.get(&h) {
+                            assert_eq!(got, d);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(ring.stats().corrupt, 0);
+    }
+}
