@@ -32,6 +32,8 @@ pub enum Command_ {
         #[command(subcommand)]
         action: BucketAction,
     },
+    /// Show the server's counters (block traffic, requests).
+    ServerStats,
     /// Collect unreferenced blocks on the server now.
     Gc {
         /// Keep unreferenced blocks younger than this many seconds.
@@ -114,6 +116,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 BucketAction::Delete { name, force } => {
                     link.call::<BucketDelete>(BucketDeleteParams { name, force }).await.map_err(refused)?;
                 }
+            }
+        }
+        Command_::ServerStats => {
+            let link = connect(&cli.server).await?;
+            for (k, v) in link.call::<Stats>(Empty {}).await.map_err(refused)?.counters {
+                println!("{k}\t{v}");
             }
         }
         Command_::Gc { min_age } => {

@@ -430,6 +430,18 @@ fn serve(args: &MountArgs, ready: &mut Option<File>) -> Result<(), String> {
     });
     let served = session.run();
     rt.block_on(fs.flush_all()).map_err(|e| format!("commit at unmount failed: {e}"))?;
+    if let Some(s) = fs.ring_stats() {
+        tracing::info!(
+            "block cache: hits={} misses={} corrupt={} inserts={} evictions={} blocks={} bytes={}",
+            s.hits,
+            s.misses,
+            s.corrupt,
+            s.inserts,
+            s.evictions,
+            s.blocks,
+            s.bytes
+        );
+    }
     tracing::info!("unmounted {}", args.mountpoint.display());
     rt.shutdown_timeout(Duration::from_secs(2));
     served.map_err(|e| format!("FUSE session ended with an error: {e}"))

@@ -68,6 +68,7 @@ methods! {
     BlockGet = "block.get" (BlockGetParams) -> BlockGetResult;
     Gc = "admin.gc" (GcParams) -> GcResult;
     Subscribe = "bucket.subscribe" (SubscribeParams) -> SubscribeResult;
+    Stats = "admin.stats" (Empty) -> StatsResult;
     PushChanges = "push.changes" (PushParams) -> Empty;
 }
 
@@ -407,4 +408,10 @@ pub enum Change {
     Attr { seq: u64, ino: Ino, attr: Option<Attr> },
     /// A directory entry changed; `ino` is what it names now, if anything.
     Entry { seq: u64, parent: Ino, name: Name, ino: Option<Ino> },
+}
+
+/// Server counters since it started (block traffic, requests).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatsResult {
+    pub counters: std::collections::BTreeMap<String, u64>,
 }

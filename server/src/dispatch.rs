@@ -128,6 +128,7 @@ impl Session {
         {
             return Some(earlier);
         }
+        self.service.counters.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let s = self.clone();
         let m = &msg;
         macro_rules! route {
@@ -173,6 +174,7 @@ impl Session {
             BlockGet => block_get,
             Gc => gc,
             Subscribe => subscribe,
+            Stats => stats,
             PushChanges => push_changes,
         };
         if let Some((client, request)) = replay_key {
@@ -546,6 +548,10 @@ impl Session {
                 return;
             }
         }
+    }
+
+    async fn stats(self: Arc<Self>, _: Empty) -> Outcome<StatsResult> {
+        Ok(StatsResult { counters: self.service.counters.snapshot() })
     }
 
     async fn push_changes(self: Arc<Self>, _: PushParams) -> Outcome<Empty> {

@@ -51,6 +51,33 @@ pub struct Service {
     closing: tokio::sync::watch::Sender<bool>,
     /// One clone per live connection.
     connections: Arc<()>,
+    pub counters: Counters,
+}
+
+/// Server-wide counters, reported by `admin.stats`.
+#[derive(Default)]
+pub struct Counters {
+    pub block_gets: std::sync::atomic::AtomicU64,
+    pub block_get_bytes: std::sync::atomic::AtomicU64,
+    pub block_puts: std::sync::atomic::AtomicU64,
+    pub block_put_bytes: std::sync::atomic::AtomicU64,
+    pub requests: std::sync::atomic::AtomicU64,
+}
+
+impl Counters {
+    pub fn snapshot(&self) -> std::collections::BTreeMap<String, u64> {
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        [
+            ("block_gets", get(&self.block_gets)),
+            ("block_get_bytes", get(&self.block_get_bytes)),
+            ("block_puts", get(&self.block_puts)),
+            ("block_put_bytes", get(&self.block_put_bytes)),
+            ("requests", get(&self.requests)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
 }
 
 impl Service {
@@ -64,6 +91,7 @@ impl Service {
             bumps: Mutex::new(HashMap::new()),
             closing: tokio::sync::watch::channel(false).0,
             connections: Arc::new(()),
+            counters: Counters::default(),
         })
     }
 
@@ -141,6 +169,8 @@ impl Service {
     /// Verify and store blocks, then register them.
     pub async fn put_blocks(&self, blocks: Vec<(Hash, Vec<u8>)>) -> Result<()> {
         let _shared = self.gc_lock.read().await;
+        self.counters.block_puts.fetch_add(blocks.len() as u64, Ordering::Relaxed);
+        self.counters.block_put_bytes.fetch_add(blocks.iter().map(|(_, d)| d.len() as u64).sum(), Ordering::Relaxed);
         self.blocking(move |store, meta| {
             for (hash, data) in blocks {
                 if data.len() > MAX_BLOCK_SIZE as usize {
@@ -163,17 +193,21 @@ impl Service {
 
     /// A block's bytes, checked against its hash.
     pub async fn get_block(&self, hash: Hash) -> Result<Vec<u8>> {
-        self.blocking(move |store, meta| {
-            let data = match meta.block_location(&hash)? {
-                BlockLocation::Inline(data) => data,
-                BlockLocation::External => store.get(&hash)?,
-            };
-            if Hash::of(&data) != hash {
-                return Err(Error::Corrupt(format!("block {hash} is corrupt on the server's disk")));
-            }
-            Ok(data)
-        })
-        .await
+        self.counters.block_gets.fetch_add(1, Ordering::Relaxed);
+        let data = self
+            .blocking(move |store, meta| {
+                let data = match meta.block_location(&hash)? {
+                    BlockLocation::Inline(data) => data,
+                    BlockLocation::External => store.get(&hash)?,
+                };
+                if Hash::of(&data) != hash {
+                    return Err(Error::Corrupt(format!("block {hash} is corrupt on the server's disk")));
+                }
+                Ok(data)
+            })
+            .await?;
+        self.counters.block_get_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(data)
     }
 
     pub async fn space(&self) -> Result<(u64, u64)> {

@@ -88,6 +88,16 @@ impl Server {
         (out.status.code().unwrap_or(-1), text)
     }
 
+    /// A server counter from `restfs server-stats`.
+    pub fn counter(&self, name: &str) -> u64 {
+        let (code, out) = self.admin(&["server-stats"]);
+        assert_eq!(code, 0, "server-stats failed: {out}");
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}\t")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no counter {name} in {out}"))
+    }
+
     pub fn create_bucket(&self, name: &str) {
         let (code, out) = self.admin(&["bucket", "create", name]);
         assert_eq!(code, 0, "bucket create failed: {out}");
@@ -122,7 +132,10 @@ pub struct Mount {
 impl Mount {
     /// Mount `bucket` of `server` at `path` in the foreground with `options`.
     pub fn new(server: &Server, bucket: &str, path: &Path, options: &str) -> Mount {
-        std::fs::create_dir_all(path).unwrap();
+        // A dead mount left by a killed daemon exists but cannot be stat'ed: mount.restfs clears it.
+        if let Err(e) = std::fs::create_dir_all(path) {
+            assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "mountpoint {}: {e}", path.display());
+        }
         let log = std::fs::File::create(path.with_extension("mount.log")).unwrap();
         let child = Command::new(RESTFS)
             .arg0("mount.restfs")
@@ -136,7 +149,7 @@ impl Mount {
             .expect("start mount.restfs");
         let mut m = Mount { path: path.to_path_buf(), child: Some(child) };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !is_restfs_mount(path) {
+        while !(is_restfs_mount(path) && std::fs::metadata(path).is_ok()) {
             if let Some(status) = m.child.as_mut().unwrap().try_wait().unwrap() {
                 let log = std::fs::read_to_string(path.with_extension("mount.log")).unwrap_or_default();
                 panic!("mount.restfs exited with {status}: {log}");
@@ -145,6 +158,20 @@ impl Mount {
             std::thread::sleep(Duration::from_millis(20));
         }
         m
+    }
+
+    /// `kill -9` the daemon; the mountpoint is left dead ("Transport endpoint
+    /// is not connected") for the next mount to clean up.
+    pub fn kill(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.path.with_extension("mount.log")).unwrap_or_default()
     }
 
     /// Unmount with umount(8) and wait for the daemon to exit cleanly.
