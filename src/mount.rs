@@ -201,9 +201,14 @@ fn default_cache_dir(args: &MountArgs) -> PathBuf {
 fn lock_cache_dir(dir: &Path) -> Result<File, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create cache directory {}: {e}", dir.display()))?;
     let lock = File::create(dir.join("lock")).map_err(|e| format!("cannot open {}/lock: {e}", dir.display()))?;
+    // A daemon that was just unmounted may still be committing and exiting: wait a little.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
     // SAFETY: flock on a valid, owned descriptor.
-    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(format!("cache directory {} is in use by another mount; give each mount its own -o cache_dir", dir.display()));
+    while unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        if std::time::Instant::now() > deadline {
+            return Err(format!("cache directory {} is in use by another mount; give each mount its own -o cache_dir", dir.display()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
     Ok(lock)
 }
@@ -375,7 +380,13 @@ fn serve(args: &MountArgs, ready: &mut Option<File>) -> Result<(), String> {
     let ring = restfs_cache::BlockRing::open(&cache_dir.join("blocks.ring"), cache_size)
         .map_err(|e| format!("cannot open the block cache in {}: {e}", cache_dir.display()))?;
     tracing::info!("block cache: {} MiB in {}", ring.capacity() >> 20, cache_dir.display());
-    let fs = Arc::new(Fs::with_ring(link, mounted.bucket, MEMORY_CACHE_BYTES, Some(Arc::new(ring))));
+    // The identity includes the bucket's creation time: a bucket deleted and
+    // created again under the same name must not inherit cached metadata.
+    let b = &mounted.bucket;
+    let identity = format!("{}/{}/{}.{}", args.source.authority, b.name, b.created.sec, b.created.nsec);
+    let meta = restfs_cache::MetaCache::open(&cache_dir.join("meta.db"), &identity)
+        .map_err(|e| format!("cannot open the metadata cache in {}: {e}", cache_dir.display()))?;
+    let fs = Arc::new(Fs::with_ring(link, mounted.bucket, MEMORY_CACHE_BYTES, Some(Arc::new(ring))).with_meta_cache(Arc::new(meta)));
     let mut config = fuser::Config::default();
     config.n_threads = Some(2);
     if args.options.allow_other {

@@ -1,5 +1,5 @@
-//! The on-disk block cache under real mounts: a remount starts warm (the
-//! server serves no block), a corrupted cached block is refetched and
+//! The on-disk caches under real mounts: a remount starts warm (the server
+//! serves no block, and a read completes with the server paused), a corrupted cached block is refetched and
 //! counted, the cache stays within its size during a much larger copy, and
 //! a `kill -9` of the client leaves a cache the next mount opens, with all
 //! fsync'd data intact.
@@ -29,7 +29,18 @@ fn remount_is_warm_the_server_serves_no_block() {
 
     let m = Mount::new(&server, "w", &mnt, &opts);
     let before = server.counter("block_gets");
-    assert!(std::fs::read(mnt.join("big")).unwrap() == data, "content after remount");
+    // With the server paused, a warm read needs no round trip at all.
+    server.signal(libc::SIGSTOP);
+    let path = mnt.join("big");
+    let reader = std::thread::spawn(move || std::fs::read(path).map(|got| got == data));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !reader.is_finished() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let finished_while_paused = reader.is_finished();
+    server.signal(libc::SIGCONT);
+    assert!(finished_while_paused, "the warm read did not complete while the server was paused");
+    assert!(reader.join().unwrap().unwrap(), "content after remount");
     assert_eq!(server.counter("block_gets"), before, "a warm read must fetch no block from the server");
     m.unmount();
 }

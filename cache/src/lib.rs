@@ -5,9 +5,12 @@
 //! - [`ring::BlockRing`]: the on-disk circular block cache (persistent,
 //!   bounded, CLOCK eviction, verified reads).
 //! - [`memory::BlockCache`]: a small in-memory LRU in front of it.
+//! - [`meta::MetaCache`]: the persistent metadata cache (SQLite).
 
 pub mod memory;
+pub mod meta;
 pub mod ring;
 
 pub use memory::BlockCache;
+pub use meta::{MetaCache, MetaCacheError};
 pub use ring::{BlockRing, CacheError, RingStats};

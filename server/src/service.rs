@@ -35,6 +35,11 @@ pub const CHANGE_LOG_KEEP: u64 = 100_000;
 /// How long replies to non-idempotent calls stay in the replay cache.
 pub const REPLAY_KEEP_SECS: u64 = 3600;
 
+tokio::task_local! {
+    /// Inside [`Service::deferring_bumps`]: the bucket to wake once the reply is on its way.
+    static DEFERRED_BUMP: std::cell::Cell<Option<BucketId>>;
+}
+
 pub struct Service {
     meta: Arc<dyn MetaStore>,
     blocks: Arc<dyn BlockStore>,
@@ -105,11 +110,26 @@ impl Service {
     pub async fn mutate<T: Send + 'static>(&self, b: BucketId, f: impl FnOnce(&dyn MetaStore) -> Result<T> + Send + 'static) -> Result<T> {
         let out = self.meta(f).await;
         self.dirty.store(true, Ordering::Release);
-        self.bump(b);
+        if DEFERRED_BUMP.try_with(|c| c.set(Some(b))).is_err() {
+            self.bump(b);
+        }
         out
     }
 
-    fn bump(&self, b: BucketId) {
+    /// Run `f` (a request) holding back the subscriber wake-up its mutation
+    /// causes; returns it so the caller can wake them once the reply is
+    /// queued. A client thus always gets the reply to its own change before
+    /// the push describing it.
+    pub async fn deferring_bumps<T>(&self, f: impl std::future::Future<Output = T>) -> (T, Option<BucketId>) {
+        DEFERRED_BUMP
+            .scope(std::cell::Cell::new(None), async move {
+                let out = f.await;
+                (out, DEFERRED_BUMP.with(|c| c.get()))
+            })
+            .await
+    }
+
+    pub fn bump(&self, b: BucketId) {
         if let Some(tx) = self.bumps.lock().unwrap_or_else(|p| p.into_inner()).get(&b) {
             tx.send_modify(|n| *n += 1);
         }
@@ -242,7 +262,7 @@ impl Service {
     }
 
     /// Drop one open; purge the inode if that was the last and it is unlinked.
-    pub async fn release(&self, bucket: BucketId, ino: Ino) -> Result<()> {
+    pub async fn release(self: &Arc<Self>, bucket: BucketId, ino: Ino) -> Result<()> {
         let last = {
             let mut opens = self.opens.lock().unwrap_or_else(|p| p.into_inner());
             match opens.get_mut(&(bucket, ino)) {
@@ -258,7 +278,8 @@ impl Service {
             }
         };
         if last {
-            self.mutate(bucket, move |m| m.purge(bucket, ino)).await?;
+            let me = self.clone();
+            self.mutate(bucket, move |m| m.purge(bucket, ino, &|i| me.is_open(bucket, i))).await?;
         }
         Ok(())
     }

@@ -85,7 +85,7 @@ async fn connection(stream: TcpStream, service: Arc<Service>) -> Result<(), WsEr
         let _ = sink.close().await;
     });
     let mut closing = service.closing();
-    let session = Session::new(service, tx.clone());
+    let session = Session::new(service.clone(), tx.clone());
     let result = loop {
         let next = tokio::select! {
             n = source.next() => n,
@@ -112,20 +112,29 @@ async fn connection(stream: TcpStream, service: Arc<Service>) -> Result<(), WsEr
                 continue;
             }
         };
-        let (session, tx) = (session.clone(), tx.clone());
+        let (session, tx, service) = (session.clone(), tx.clone(), service.clone());
         tokio::spawn(async move {
-            if split.batch {
-                let replies = futures_util::future::join_all(split.messages.into_iter().map(|m| session.clone().handle(m))).await;
-                let replies: Vec<Vec<u8>> = replies.into_iter().flatten().collect();
-                if !replies.is_empty() {
-                    let _ = tx.send((split.encoding, encode_batch(split.encoding, &replies))).await;
-                }
-            } else {
-                for m in split.messages {
-                    if let Some(reply) = session.clone().handle(m).await {
-                        let _ = tx.send((split.encoding, reply)).await;
+            let encoding = split.encoding;
+            let (reply, bump) = service
+                .deferring_bumps(async {
+                    if split.batch {
+                        let replies = futures_util::future::join_all(split.messages.into_iter().map(|m| session.clone().handle(m))).await;
+                        let replies: Vec<Vec<u8>> = replies.into_iter().flatten().collect();
+                        (!replies.is_empty()).then(|| encode_batch(encoding, &replies))
+                    } else {
+                        let mut last = None;
+                        for m in split.messages {
+                            last = session.clone().handle(m).await;
+                        }
+                        last
                     }
-                }
+                })
+                .await;
+            if let Some(reply) = reply {
+                let _ = tx.send((encoding, reply)).await;
+            }
+            if let Some(b) = bump {
+                service.bump(b);
             }
         });
     };

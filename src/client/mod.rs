@@ -55,6 +55,7 @@ struct Inner {
     restore: Mutex<Option<RestoreHook>>,
     server: Mutex<String>,
     reconnects: AtomicU64,
+    pushes_seen: AtomicU64,
 }
 
 struct State {
@@ -74,7 +75,8 @@ struct PendingCall {
     encoding: Encoding,
     /// Generation of the connection it was last sent on (0: not sent).
     sent_on: u64,
-    tx: oneshot::Sender<RawMessage>,
+    /// The reply, and how many pushes had arrived before it.
+    tx: oneshot::Sender<(RawMessage, u64)>,
 }
 
 fn lost() -> RpcError {
@@ -145,6 +147,7 @@ impl Link {
                 restore: Mutex::default(),
                 server: Mutex::default(),
                 reconnects: AtomicU64::new(0),
+                pushes_seen: AtomicU64::new(0),
             }),
         };
         let reader = link.establish(timeout).await?;
@@ -291,11 +294,12 @@ impl Link {
         match head.id {
             IdField::Valid(Id::Num(id)) => {
                 if let Some(call) = self.inner.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id) {
-                    let _ = call.tx.send(m);
+                    let _ = call.tx.send((m, self.inner.pushes_seen.load(Ordering::Acquire)));
                 }
             }
             _ if head.method.as_deref() == Some(PushChanges::NAME) => match m.params::<PushParams>() {
                 Ok(push) => {
+                    self.inner.pushes_seen.fetch_add(1, Ordering::AcqRel);
                     if let Some(tx) = self.inner.pushes.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
                         let _ = tx.send(push);
                     }
@@ -311,17 +315,38 @@ impl Link {
 
     /// Call `M` and await its result, riding out outages.
     pub async fn call<M: Method>(&self, params: M::Params) -> Result<M::Result, RpcError> {
+        self.call_inner::<M>(params, false).await.0
+    }
+
+    /// Call `M`; also returns how many pushes had arrived when its reply
+    /// did. Compared with [`Link::pushes_seen`] taken before the call, it
+    /// tells whether any push came in between on the wire.
+    pub async fn call_seen<M: Method>(&self, params: M::Params) -> (Result<M::Result, RpcError>, u64) {
         self.call_inner::<M>(params, false).await
+    }
+
+    /// Pushes received so far.
+    pub fn pushes_seen(&self) -> u64 {
+        self.inner.pushes_seen.load(Ordering::Acquire)
     }
 
     /// Call `M` on the current connection even while it is being restored
     /// (for the restore hook itself).
     pub async fn call_now<M: Method>(&self, params: M::Params) -> Result<M::Result, RpcError> {
-        self.call_inner::<M>(params, true).await
+        self.call_inner::<M>(params, true).await.0
     }
 
-    async fn call_inner<M: Method>(&self, params: M::Params, now: bool) -> Result<M::Result, RpcError> {
+    async fn call_inner<M: Method>(&self, params: M::Params, now: bool) -> (Result<M::Result, RpcError>, u64) {
+        let seen = self.pushes_seen();
+        match self.call_inner_seen::<M>(params, now).await {
+            Ok((result, at)) => (result, at),
+            Err(e) => (Err(e), seen.wrapping_sub(1)),
+        }
+    }
+
+    async fn call_inner_seen<M: Method>(&self, params: M::Params, now: bool) -> Result<(Result<M::Result, RpcError>, u64), RpcError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        tracing::trace!(id, method = M::NAME, "call");
         let (tx, rx) = oneshot::channel();
         let (out, encoding, generation) = {
             let st = self.state();
@@ -345,8 +370,8 @@ impl Link {
             self.inner.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
             return Err(lost());
         }
-        let reply = rx.await.map_err(|_| if self.state().failed { timed_out(self.inner.reconnect_timeout) } else { lost() })?;
-        reply.result::<M::Result>()
+        let (reply, seen) = rx.await.map_err(|_| if self.state().failed { timed_out(self.inner.reconnect_timeout) } else { lost() })?;
+        Ok((reply.result::<M::Result>(), seen))
     }
 
     /// Send `M` as a notification: no response, no waiting. Dropped while

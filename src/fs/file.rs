@@ -34,6 +34,9 @@ pub struct FileData {
     map: HashMap<u64, (Hash, u32)>,
     loaded: HashSet<u64>,
     map_version: u64,
+    /// The committed content at `map_version` had no blocks at all, so
+    /// every segment's map is known without asking.
+    empty_base: bool,
     /// Size or content changed since the last commit.
     pub changed: bool,
 }
@@ -43,12 +46,13 @@ impl File {
         File {
             ino: attr.ino,
             state: tokio::sync::Mutex::new(FileData {
-                attr,
+                attr: attr.clone(),
                 dirty: BTreeMap::new(),
                 pending: BTreeMap::new(),
                 map: HashMap::new(),
                 loaded: HashSet::new(),
-                map_version: 0,
+                map_version: attr.version,
+                empty_base: attr.size == 0,
                 changed: false,
             }),
             handles: AtomicU32::new(0),
@@ -60,6 +64,11 @@ impl FileData {
     /// Take fresh attributes from the server, keeping local size and mtime
     /// while there are uncommitted changes.
     pub fn refresh(&mut self, fresh: Attr) {
+        // A push or reply older than what we hold (e.g. generated before our
+        // own truncate) must not undo it.
+        if (fresh.version, fresh.ctime) < (self.attr.version, self.attr.ctime) {
+            return;
+        }
         let (size, mtime) = (self.attr.size, self.attr.mtime);
         self.attr = fresh;
         if self.changed {
@@ -72,6 +81,7 @@ impl FileData {
         self.map.clear();
         self.loaded.clear();
         self.map_version = 0;
+        self.empty_base = false;
     }
 
     /// The committed or pending slot of block `idx`.
@@ -83,8 +93,8 @@ impl FileData {
             self.forget_map();
         }
         let seg = idx / r.segment_blocks;
-        if !self.loaded.contains(&seg) {
-            let (version, refs) = r.segment(self.ino_of(), seg).await?;
+        if !self.loaded.contains(&seg) && !self.empty_base {
+            let (version, refs) = r.segment(self.ino_of(), seg, self.attr.version).await?;
             if version != self.attr.version && !self.loaded.is_empty() {
                 self.forget_map();
             }
@@ -248,12 +258,35 @@ impl FileData {
                 *len = (*len).min((size % r.block_size) as u32);
             }
             self.map_version = fresh.version;
+            self.publish_map(r, size);
         } else {
             self.forget_map();
         }
         self.changed = false;
         self.attr = fresh;
         Ok(true)
+    }
+
+    /// Store the block map of every segment this client knows whole, under
+    /// the new version, so a later mount needs no `seg.get` for it.
+    fn publish_map(&self, r: &Remote, size: u64) {
+        let Some(meta) = &r.meta else { return };
+        let per = r.segment_blocks;
+        let last = size.div_ceil(r.block_size).div_ceil(per);
+        // Segments holding blocks or loaded from the server (a sparse file's
+        // empty stretches are not worth a row each).
+        let mut segments: Vec<u64> = self.map.keys().map(|i| i / per).chain(self.loaded.iter().copied()).filter(|s| *s < last).collect();
+        segments.sort_unstable();
+        segments.dedup();
+        for seg in segments.into_iter().filter(|s| self.empty_base || self.loaded.contains(s)) {
+            let mut refs: Vec<restfs_proto::BlockRef> = (seg * per..(seg + 1) * per)
+                .filter_map(|index| self.map.get(&index).map(|(hash, len)| restfs_proto::BlockRef { index, hash: *hash, len: *len }))
+                .collect();
+            refs.sort_by_key(|b| b.index);
+            if let Err(e) = meta.put_block_map(self.attr.ino, seg, self.map_version, &refs) {
+                tracing::warn!("{e}");
+            }
+        }
     }
 
     /// After a server-side truncate: drop every cached slot.

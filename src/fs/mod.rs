@@ -17,12 +17,16 @@ use dir::DirSnapshot;
 pub use error::{FsError, Result};
 use file::File;
 use remote::Remote;
-use restfs_cache::BlockCache;
+use restfs_cache::meta::Entry as CachedEntry;
+use restfs_cache::{BlockCache, MetaCache, MetaCacheError};
 use restfs_proto::methods::{self as m, *};
 use restfs_proto::{Attr, BucketInfo, Bytes, Errno, Ino, Kind, Name, SetTime};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+/// How long `open` waits for the server before trusting cached attributes.
+const OPEN_PATIENCE: std::time::Duration = std::time::Duration::from_millis(300);
 
 /// The caller of an operation.
 #[derive(Debug, Clone, Copy)]
@@ -76,6 +80,10 @@ pub struct Fs {
     kernel: std::sync::OnceLock<Box<dyn KernelCache>>,
     /// Highest change sequence number applied from pushes.
     applied_seq: AtomicU64,
+    /// The persistent metadata cache, if the mount has one.
+    meta: Option<Arc<MetaCache>>,
+    /// The metadata cache has caught up with the server and may answer.
+    meta_live: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -97,6 +105,7 @@ impl Fs {
             link,
             cache: BlockCache::new(cache_bytes),
             ring: None,
+            meta: None,
             block_size: bucket.block_size as u64,
             segment_blocks: bucket.segment_blocks as u64,
         };
@@ -109,6 +118,53 @@ impl Fs {
             page_versions: Mutex::default(),
             kernel: std::sync::OnceLock::new(),
             applied_seq: AtomicU64::new(0),
+            meta: None,
+            meta_live: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Add the persistent metadata cache (before `subscribe`).
+    pub fn with_meta_cache(mut self, meta: Arc<MetaCache>) -> Fs {
+        self.remote.meta = Some(meta.clone());
+        self.meta = Some(meta);
+        self
+    }
+
+    /// The metadata cache, when it may answer.
+    fn mc(&self) -> Option<&MetaCache> {
+        self.meta.as_deref().filter(|_| self.meta_live.load(Ordering::Acquire))
+    }
+
+    /// Pushes received so far: taken before a call and compared with the
+    /// count when its reply arrived (see [`Link::call_seen`]).
+    fn epoch(&self) -> u64 {
+        self.link().pushes_seen()
+    }
+
+    /// Cache a server reply, unless a push arrived between the request
+    /// (`before`) and the reply (`at_reply`): it may be newer than the reply.
+    fn fill(&self, before: u64, at_reply: u64, f: impl FnOnce(&MetaCache) -> std::result::Result<(), MetaCacheError>) {
+        if before == at_reply
+            && let Some(m) = self.mc()
+            && let Err(e) = f(m)
+        {
+            tracing::warn!("{e}");
+        }
+    }
+
+    /// Merge attributes from a reply (newest wins; see [`MetaCache::merge_attr`]).
+    fn merge(&self, attr: &Attr) {
+        if self.mc().is_some() {
+            self.forget(|m| m.merge_attr(attr.ino, Some(attr)));
+        }
+    }
+
+    /// Drop cached state this client has just changed.
+    fn forget(&self, f: impl FnOnce(&MetaCache) -> std::result::Result<(), MetaCacheError>) {
+        if let Some(m) = self.meta.as_deref()
+            && let Err(e) = f(m)
+        {
+            tracing::warn!("{e}");
         }
     }
 
@@ -159,8 +215,29 @@ impl Fs {
     // --- namespace ---
 
     pub async fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Attr> {
-        let attr = self.link().call::<Lookup>(EntryParams { parent, name: Name::from(name) }).await?;
-        Ok(self.overlay(attr).await)
+        if let Some(m) = self.mc() {
+            match m.entry(parent, name) {
+                Ok(Some(CachedEntry::Found(a))) => return Ok(self.overlay(a).await),
+                Ok(Some(CachedEntry::Missing)) => return Err(FsError::new(Errno::ENOENT, "no such entry (cached)")),
+                Ok(None) => tracing::trace!(parent, name = ?Name::from(name), "lookup: not cached"),
+                Err(e) => tracing::warn!("{e}"),
+            }
+        } else {
+            tracing::trace!("lookup: metadata cache not live");
+        }
+        let epoch = self.epoch();
+        let (reply, seen) = self.link().call_seen::<Lookup>(EntryParams { parent, name: Name::from(name) }).await;
+        match reply {
+            Ok(attr) => {
+                self.fill(epoch, seen, |m| m.put_entry(parent, name, Some(&attr)));
+                Ok(self.overlay(attr).await)
+            }
+            Err(e) if e.as_errno() == Errno::ENOENT => {
+                self.fill(epoch, seen, |m| m.put_entry(parent, name, None));
+                Err(e.into())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     pub async fn getattr(&self, ino: Ino) -> Result<Attr> {
@@ -170,11 +247,23 @@ impl Fs {
                 return Ok(st.attr.clone());
             }
         }
+        if let Some(m) = self.mc()
+            && let Ok(Some(a)) = m.attr(ino)
+        {
+            return Ok(self.overlay(a).await);
+        }
         let attr = self.link().call::<GetAttr>(InoParams { ino }).await?;
+        self.merge(&attr);
         Ok(self.overlay(attr).await)
     }
 
     pub async fn setattr(&self, ino: Ino, s: SetAttr) -> Result<Attr> {
+        let fresh = self.setattr_uncached(ino, s).await?;
+        self.merge(&fresh);
+        Ok(fresh)
+    }
+
+    async fn setattr_uncached(&self, ino: Ino, s: SetAttr) -> Result<Attr> {
         let params = SetAttrParams { ino, mode: s.mode, uid: s.uid, gid: s.gid, size: s.size, atime: s.atime, mtime: s.mtime };
         match self.open_file(ino) {
             Some(f) => {
@@ -199,17 +288,40 @@ impl Fs {
             return Err(FsError::new(Errno::EINVAL, "mknod cannot make directories or symlinks"));
         }
         let p = NewNodeParams { parent, name: Name::from(name), kind, mode: mode & 0o7777, uid: ctx.uid, gid: ctx.gid, rdev };
-        Ok(self.link().call::<Mknod>(p).await?)
+        let epoch = self.epoch();
+        let reply = self.link().call_seen::<Mknod>(p).await;
+        self.created(epoch, reply, parent, name)
+    }
+
+    /// After a create in `parent`: cache the new entry, forget the parent's attributes.
+    fn created(
+        &self,
+        epoch: u64,
+        reply: (std::result::Result<Attr, restfs_proto::RpcError>, u64),
+        parent: Ino,
+        name: &[u8],
+    ) -> Result<Attr> {
+        let (attr, seen) = reply;
+        // Forget unconditionally (a cached negative entry must go even if
+        // the fill below is skipped), then cache what the server said.
+        self.removed(parent, name);
+        let attr = attr?;
+        self.fill(epoch, seen, |m| m.put_entry(parent, name, Some(&attr)));
+        Ok(attr)
     }
 
     pub async fn mkdir(&self, ctx: Ctx, parent: Ino, name: &[u8], mode: u32) -> Result<Attr> {
         let p = NewNodeParams { parent, name: Name::from(name), kind: Kind::Dir, mode: mode & 0o7777, uid: ctx.uid, gid: ctx.gid, rdev: 0 };
-        Ok(self.link().call::<Mkdir>(p).await?)
+        let epoch = self.epoch();
+        let reply = self.link().call_seen::<Mkdir>(p).await;
+        self.created(epoch, reply, parent, name)
     }
 
     pub async fn symlink(&self, ctx: Ctx, parent: Ino, name: &[u8], target: &[u8]) -> Result<Attr> {
         let p = SymlinkParams { parent, name: Name::from(name), target: Name::from(target), uid: ctx.uid, gid: ctx.gid };
-        Ok(self.link().call::<Symlink>(p).await?)
+        let epoch = self.epoch();
+        let reply = self.link().call_seen::<Symlink>(p).await;
+        self.created(epoch, reply, parent, name)
     }
 
     pub async fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
@@ -217,24 +329,39 @@ impl Fs {
     }
 
     pub async fn link_node(&self, ino: Ino, parent: Ino, name: &[u8]) -> Result<Attr> {
-        let attr = self.link().call::<m::Link>(LinkParams { ino, parent, name: Name::from(name) }).await?;
+        let epoch = self.epoch();
+        let reply = self.link().call_seen::<m::Link>(LinkParams { ino, parent, name: Name::from(name) }).await;
+        let attr = self.created(epoch, reply, parent, name)?;
+        self.merge(&attr);
         Ok(self.overlay(attr).await)
     }
 
     pub async fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()> {
-        self.link().call::<Unlink>(EntryParams { parent, name: Name::from(name) }).await?;
-        Ok(())
+        let r = self.link().call::<Unlink>(EntryParams { parent, name: Name::from(name) }).await;
+        self.removed(parent, name);
+        Ok(r.map(|_| ())?)
     }
 
     pub async fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<()> {
-        self.link().call::<Rmdir>(EntryParams { parent, name: Name::from(name) }).await?;
-        Ok(())
+        let r = self.link().call::<Rmdir>(EntryParams { parent, name: Name::from(name) }).await;
+        self.removed(parent, name);
+        Ok(r.map(|_| ())?)
+    }
+
+    /// After a name in `parent` was removed or replaced.
+    fn removed(&self, parent: Ino, name: &[u8]) {
+        self.forget(|m| {
+            m.forget_entry(parent, name)?;
+            m.forget_attr(parent)
+        });
     }
 
     pub async fn rename(&self, parent: Ino, name: &[u8], new_parent: Ino, new_name: &[u8], noreplace: bool, exchange: bool) -> Result<()> {
         let p = RenameParams { parent, name: Name::from(name), new_parent, new_name: Name::from(new_name), noreplace, exchange };
-        self.link().call::<Rename>(p).await?;
-        Ok(())
+        let r = self.link().call::<Rename>(p).await;
+        self.removed(parent, name);
+        self.removed(new_parent, new_name);
+        Ok(r.map(|_| ())?)
     }
 
     // --- files ---
@@ -254,7 +381,9 @@ impl Fs {
 
     pub async fn create(&self, ctx: Ctx, parent: Ino, name: &[u8], mode: u32) -> Result<(Attr, Opened)> {
         let p = CreateParams { parent, name: Name::from(name), mode: mode & 0o7777, uid: ctx.uid, gid: ctx.gid };
-        let attr = self.link().call::<Create>(p).await?;
+        let epoch = self.epoch();
+        let reply = self.link().call_seen::<Create>(p).await;
+        let attr = self.created(epoch, reply, parent, name)?;
         let keep_cache = self.keep_cache(&attr);
         let (_, fh) = self.attach(attr.clone());
         Ok((attr, Opened { fh, keep_cache }))
@@ -263,7 +392,23 @@ impl Fs {
     /// Open a file: fetch fresh attributes (close-to-open) and register the
     /// open with the server, which keeps an unlinked file alive until release.
     pub async fn open(&self, ino: Ino) -> Result<Opened> {
-        let fresh = self.link().call::<Open>(InoParams { ino }).await?;
+        // Close-to-open: ask the server (this also registers the open). If it
+        // does not answer promptly and the cache knows the file, go on with
+        // the cached attributes, which pushes keep current: a paused or slow
+        // server does not stop reads of cached data.
+        let cached = self.mc().and_then(|m| m.attr(ino).ok().flatten());
+        let asking = self.link().call::<Open>(InoParams { ino });
+        let fresh = match cached {
+            Some(attr) => match tokio::time::timeout(OPEN_PATIENCE, asking).await {
+                Ok(reply) => reply?,
+                Err(_) => {
+                    tracing::debug!("open of inode {ino}: server slow, using cached attributes");
+                    attr
+                }
+            },
+            None => asking.await?,
+        };
+        self.merge(&fresh);
         if fresh.kind == Kind::Dir {
             return Err(FsError::new(Errno::EISDIR, "open of a directory as a file"));
         }
@@ -290,14 +435,22 @@ impl Fs {
         Ok(data.len() as u32)
     }
 
+    /// Commit a file's local changes, keeping the caches in step.
+    async fn commit(&self, st: &mut file::FileData) -> Result<bool> {
+        let committed = st.flush(&self.remote).await;
+        if matches!(committed, Ok(true)) {
+            // The kernel's pages hold exactly what was committed.
+            lock(&self.page_versions).insert(st.attr.ino, st.attr.version);
+            self.merge(&st.attr);
+        }
+        committed
+    }
+
     /// Commit this file's changes (close-to-open: visible to all after this).
     pub async fn flush(&self, fh: u64) -> Result<()> {
         let file = self.file_handle(fh)?;
         let mut st = file.state.lock().await;
-        if st.flush(&self.remote).await? {
-            lock(&self.page_versions).insert(file.ino, st.attr.version);
-        }
-        Ok(())
+        self.commit(&mut st).await.map(|_| ())
     }
 
     /// Commit and wait until the server has it on disk.
@@ -314,11 +467,7 @@ impl Fs {
         };
         let flushed = {
             let mut st = file.state.lock().await;
-            let r = st.flush(&self.remote).await;
-            if r.as_ref().is_ok_and(|c| *c) {
-                lock(&self.page_versions).insert(file.ino, st.attr.version);
-            }
-            r
+            self.commit(&mut st).await
         };
         if file.handles.fetch_sub(1, Ordering::AcqRel) == 1 {
             let mut files = lock(&self.files);
@@ -343,7 +492,7 @@ impl Fs {
         if mode & libc::FALLOC_FL_KEEP_SIZE == 0 {
             let mut st = file.state.lock().await;
             st.extend(end);
-            st.flush(&self.remote).await?;
+            self.commit(&mut st).await?;
         }
         Ok(())
     }
@@ -352,7 +501,8 @@ impl Fs {
     pub async fn flush_all(&self) -> Result<()> {
         let files: Vec<Arc<File>> = lock(&self.files).values().cloned().collect();
         for file in files {
-            file.state.lock().await.flush(&self.remote).await?;
+            let mut st = file.state.lock().await;
+            self.commit(&mut st).await?;
         }
         Ok(())
     }
@@ -363,14 +513,37 @@ impl Fs {
     /// restore the session after every reconnection.
     pub async fn subscribe(self: &Arc<Self>) -> Result<()> {
         let mut pushes = self.link().pushes();
-        let sub = self.link().call::<Subscribe>(SubscribeParams { since: None }).await?;
-        self.applied_seq.fetch_max(sub.seq, Ordering::AcqRel);
+        // Resume from the last change the persistent cache applied.
+        let since = self.meta.as_ref().and_then(|m| m.applied_seq().ok().flatten());
+        if let Some(s) = since {
+            self.applied_seq.store(s, Ordering::Release);
+        }
+        let sub = self.link().call::<Subscribe>(SubscribeParams { since }).await?;
+        if sub.reset || since.is_none() {
+            self.forget(|m| m.wipe());
+            self.applied_seq.store(sub.seq, Ordering::Release);
+            self.forget(|m| m.set_applied_seq(sub.seq));
+        }
         let fs = self.clone();
         tokio::spawn(async move {
             while let Some(push) = pushes.recv().await {
                 fs.apply_push(push).await;
             }
         });
+        // The cache may answer once the missed changes are applied.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.applied_seq.load(Ordering::Acquire) < sub.seq {
+            if tokio::time::Instant::now() > deadline {
+                tracing::warn!("catching up with the server's changes is slow; the metadata cache stays off for now");
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        if self.applied_seq.load(Ordering::Acquire) >= sub.seq {
+            self.meta_live.store(true, Ordering::Release);
+            // The root is stat'ed before anything else: have it cached.
+            self.getattr(restfs_proto::ROOT_INO).await?;
+        }
         let weak = Arc::downgrade(self);
         self.link().set_restore_hook(Arc::new(move |link: crate::client::Link| {
             let weak = weak.clone();
@@ -402,8 +575,10 @@ impl Fs {
         if sub.reset {
             tracing::warn!("missed changes during the outage are no longer logged; dropping cached state");
             self.forget_everything();
+            self.forget(|m| m.wipe());
             self.applied_seq.store(sub.seq, Ordering::Release);
         }
+        self.meta_live.store(true, Ordering::Release);
         Ok(())
     }
 
@@ -419,10 +594,22 @@ impl Fs {
 
     /// Bring local state and the kernel's caches in line with a push.
     pub async fn apply_push(&self, push: PushParams) {
-        self.applied_seq.fetch_max(push.through, Ordering::AcqRel);
+        tracing::trace!(through = push.through, reset = push.reset, changes = ?push.changes, "push");
+        if let Some(m) = &self.meta {
+            m.note_push();
+        }
         if push.reset {
             self.forget_everything();
+            self.forget(|m| m.wipe());
         }
+        for change in &push.changes {
+            match change {
+                Change::Attr { ino, attr, .. } => self.forget(|m| m.merge_attr(*ino, attr.as_ref())),
+                Change::Entry { parent, name, ino, .. } => self.forget(|m| m.forget_entry_unless(*parent, name.as_bytes(), *ino)),
+            }
+        }
+        self.forget(|m| m.set_applied_seq(push.through));
+        self.applied_seq.fetch_max(push.through, Ordering::AcqRel);
         let Some(kernel) = self.kernel.get() else { return };
         for change in push.changes {
             match change {
@@ -448,7 +635,21 @@ impl Fs {
     // --- directories ---
 
     pub async fn opendir(&self, ino: Ino) -> Result<u64> {
-        let snapshot = DirSnapshot::fetch(self.link(), ino).await?;
+        let cached = self.mc().and_then(|m| m.listing(ino).ok().flatten());
+        let snapshot = match cached {
+            Some((parent, entries)) => DirSnapshot {
+                ino,
+                parent,
+                entries: entries.into_iter().map(|(name, attr)| restfs_proto::DirEntry { name: Name(name), attr }).collect(),
+            },
+            None => {
+                let epoch = self.epoch();
+                let snapshot = DirSnapshot::fetch(self.link(), ino).await?;
+                let listing: Vec<(Vec<u8>, Attr)> = snapshot.entries.iter().map(|e| (e.name.0.clone(), e.attr.clone())).collect();
+                self.fill(epoch, self.epoch(), |m| m.put_listing(ino, snapshot.parent, &listing));
+                snapshot
+            }
+        };
         Ok(self.new_handle(Handle::Dir(Arc::new(snapshot))))
     }
 
@@ -468,8 +669,9 @@ impl Fs {
 
     pub async fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], mode: XattrMode) -> Result<()> {
         let p = SetXattrParams { ino, name: Name::from(name), value: Bytes(value.to_vec()), mode };
-        self.link().call::<SetXattr>(p).await?;
-        Ok(())
+        let r = self.link().call::<SetXattr>(p).await;
+        self.forget(|m| m.forget_attr(ino));
+        Ok(r.map(|_| ())?)
     }
 
     pub async fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
@@ -481,8 +683,9 @@ impl Fs {
     }
 
     pub async fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
-        self.link().call::<RemoveXattr>(XattrParams { ino, name: Name::from(name) }).await?;
-        Ok(())
+        let r = self.link().call::<RemoveXattr>(XattrParams { ino, name: Name::from(name) }).await;
+        self.forget(|m| m.forget_attr(ino));
+        Ok(r.map(|_| ())?)
     }
 
     pub async fn statfs(&self) -> Result<StatfsResult> {

@@ -21,6 +21,8 @@ pub struct Remote {
     pub cache: BlockCache,
     /// The on-disk block cache, when the mount has one.
     pub ring: Option<Arc<BlockRing>>,
+    /// Block maps per data version (immutable, so never stale).
+    pub meta: Option<Arc<restfs_cache::MetaCache>>,
     pub block_size: u64,
     pub segment_blocks: u64,
 }
@@ -66,9 +68,20 @@ impl Remote {
         }
     }
 
-    /// The block map of one segment of a file, and the file's version.
-    pub async fn segment(&self, ino: Ino, segment: u64) -> Result<(u64, Vec<BlockRef>)> {
+    /// The block map of one segment of a file, and the file's version:
+    /// from the metadata cache when it holds `version`'s, else the server.
+    pub async fn segment(&self, ino: Ino, segment: u64, version: u64) -> Result<(u64, Vec<BlockRef>)> {
+        if let Some(m) = &self.meta
+            && let Ok(Some(refs)) = m.block_map(ino, segment, version)
+        {
+            return Ok((version, refs));
+        }
         let r = self.link.call::<SegmentGet>(SegmentGetParams { ino, segment }).await?;
+        if let Some(m) = &self.meta
+            && let Err(e) = m.put_block_map(ino, segment, r.version, &r.blocks)
+        {
+            tracing::warn!("{e}");
+        }
         Ok((r.version, r.blocks))
     }
 

@@ -67,6 +67,12 @@ impl Server {
         format!("ws://127.0.0.1:{}", self.port)
     }
 
+    /// Send a signal (e.g. SIGSTOP / SIGCONT) to restfsd.
+    pub fn signal(&self, sig: i32) {
+        let child = self.child.as_ref().expect("restfsd is running");
+        unsafe { libc::kill(child.id() as i32, sig) };
+    }
+
     /// Stop with SIGTERM (clean shutdown) and wait.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -136,7 +142,7 @@ impl Mount {
         if let Err(e) = std::fs::create_dir_all(path) {
             assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "mountpoint {}: {e}", path.display());
         }
-        let log = std::fs::File::create(path.with_extension("mount.log")).unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(path.with_extension("mount.log")).unwrap();
         let child = Command::new(RESTFS)
             .arg0("mount.restfs")
             .arg(format!("{}/{bucket}", server.url()))

@@ -20,6 +20,7 @@ const OLD: Timespec = Timespec { sec: 1_000_000_000, nsec: 123_456_789 };
 const OLDER: Timespec = Timespec { sec: 900_000_000, nsec: 7 };
 
 pub fn run_all(store: &dyn MetaStore) {
+    change_log_names_every_change(store);
     // Buckets.
     bucket_lifecycle(store);
     bucket_delete_empty_without_force(store);
@@ -591,13 +592,17 @@ fn unlinked_open_inode_survives_until_purge(s: &dyn MetaStore) {
     assert_eq!(s.getattr(b, f.ino).unwrap().size, 5);
 
     // purge leaves linked inodes alone.
-    s.purge(b, other.ino).unwrap();
+    s.purge(b, other.ino, &|_| false).unwrap();
     assert_eq!(nlink(s, b, other.ino), 1);
 
-    s.purge(b, f.ino).unwrap();
+    // Opened again before the purge ran: it stays.
+    s.purge(b, f.ino, &open).unwrap();
+    assert_eq!(nlink(s, b, f.ino), 0);
+
+    s.purge(b, f.ino, &|_| false).unwrap();
     expect_errno(s.getattr(b, f.ino), Errno::ENOENT);
-    s.purge(b, f.ino).unwrap(); // purging twice is harmless
-    s.purge(b, 999_999).unwrap();
+    s.purge(b, f.ino, &|_| false).unwrap(); // purging twice is harmless
+    s.purge(b, 999_999, &|_| false).unwrap();
 }
 
 fn purge_all_removes_orphans(s: &dyn MetaStore) {
@@ -700,7 +705,7 @@ fn rename_over_file(s: &dyn MetaStore) {
     s.rename(b, &rename_params(ROOT_INO, "d", ROOT_INO, "open"), &|ino| ino == open.ino).unwrap();
     assert_eq!(s.lookup(b, ROOT_INO, b"open").unwrap().ino, d.ino);
     assert_eq!(nlink(s, b, open.ino), 0);
-    s.purge(b, open.ino).unwrap();
+    s.purge(b, open.ino, &|_| false).unwrap();
     expect_errno(s.getattr(b, open.ino), Errno::ENOENT);
 }
 
@@ -1197,7 +1202,7 @@ fn gc_after_overwrite_truncate_and_purge(s: &dyn MetaStore) {
     s.unlink(b, ROOT_INO, b"f", &|_| true).unwrap();
     assert_eq!(s.collect_garbage(0).unwrap().blocks, 0);
     assert!(has(s, y));
-    s.purge(b, f.ino).unwrap();
+    s.purge(b, f.ino, &|_| false).unwrap();
     assert_eq!(s.collect_garbage(0).unwrap().blocks, 1);
     assert!(!has(s, y));
 }
@@ -1230,4 +1235,33 @@ mod tests {
         // Inode numbers are not reused after a reopen.
         assert!(super::mkfile(&store, b, ROOT_INO, "g").ino > ino);
     }
+}
+
+/// Every mutation gets the bucket's next sequence number, and the log names
+/// what it touched: attributes (including deletion) and directory entries.
+fn change_log_names_every_change(s: &dyn MetaStore) {
+    use crate::meta::Changed;
+    let b = bucket(s, "conf-change-log");
+    let start = s.changes_since(b, 0, 0).unwrap().seq;
+    let f = mkfile(s, b, ROOT_INO, "f");
+    let log = s.changes_since(b, start, 1000).unwrap();
+    assert_eq!(log.seq, start + 1, "one mutation, one sequence number");
+    let what: Vec<&Changed> = log.changes.iter().map(|(_, w)| w).collect();
+    assert!(what.contains(&&Changed::Entry(ROOT_INO, b"f".to_vec())), "create logs the new entry: {what:?}");
+    assert!(what.contains(&&Changed::Attr(f.ino)) && what.contains(&&Changed::Attr(ROOT_INO)), "create logs both inodes: {what:?}");
+    s.unlink(b, ROOT_INO, b"f", &|_| false).unwrap();
+    let log = s.changes_since(b, start + 1, 1000).unwrap();
+    assert_eq!(log.seq, start + 2);
+    let what: Vec<&Changed> = log.changes.iter().map(|(_, w)| w).collect();
+    assert!(
+        what.contains(&&Changed::Entry(ROOT_INO, b"f".to_vec())) && what.contains(&&Changed::Attr(f.ino)),
+        "unlink logs the entry and the deleted inode: {what:?}"
+    );
+    // Reads log nothing; a failed mutation logs nothing.
+    s.getattr(b, ROOT_INO).unwrap();
+    expect_errno(s.unlink(b, ROOT_INO, b"f", &|_| false), Errno::ENOENT);
+    assert_eq!(s.changes_since(b, 0, 0).unwrap().seq, start + 2);
+    // Trimming moves the log start; older cursors are then out of reach.
+    s.trim_changes(1).unwrap();
+    assert!(s.changes_since(b, 0, 0).unwrap().log_start >= start + 1);
 }

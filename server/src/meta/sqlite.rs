@@ -286,12 +286,12 @@ fn touch_dir(tx: &Connection, b: BucketId, dir: &mut Attr, now: Timespec) -> Res
 
 fn add_entry(tx: &Connection, b: BucketId, parent: Ino, name: &[u8], ino: Ino) -> Result<()> {
     tx.execute("INSERT INTO dentries(bucket, parent, name, ino) VALUES (?1, ?2, ?3, ?4)", params![b, parent as i64, name, ino as i64])?;
-    Ok(())
+    note_entry(tx, b, parent, name)
 }
 
 fn remove_entry(tx: &Connection, b: BucketId, parent: Ino, name: &[u8]) -> Result<()> {
     tx.execute("DELETE FROM dentries WHERE bucket=?1 AND parent=?2 AND name=?3", params![b, parent as i64, name])?;
-    Ok(())
+    note_entry(tx, b, parent, name)
 }
 
 fn change_refs(tx: &Connection, hash: &[u8], delta: i64) -> Result<()> {
@@ -330,7 +330,7 @@ fn delete_inode(tx: &Connection, b: BucketId, ino: Ino) -> Result<()> {
     drop_slots_from(tx, b, ino, 0)?;
     tx.execute("DELETE FROM xattrs WHERE bucket=?1 AND ino=?2", params![b, ino as i64])?;
     tx.execute("DELETE FROM inodes WHERE bucket=?1 AND ino=?2", params![b, ino as i64])?;
-    Ok(())
+    note_attr(tx, b, ino)
 }
 
 /// Drop one link to a non-directory; delete it when the last goes, unless open.
@@ -538,6 +538,7 @@ impl MetaStore for SqliteMeta {
                 &format!("INSERT INTO inodes(bucket, {ATTR_COLS}, parent, target) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?9, ?10, ?9, ?10, ?11, 0, ?12, ?13)"),
                 params![b, ino, kind_code(p.kind), mode as i64, p.uid as i64, gid as i64, nlink, size as i64, now.sec, now.nsec as i64, rdev as i64, p.parent as i64, target],
             )?;
+            note_attr(tx, b, ino as u64)?;
             add_entry(tx, b, p.parent, p.name.as_bytes(), ino as u64)?;
             if p.kind == Kind::Dir {
                 dir.nlink += 1;
@@ -755,9 +756,9 @@ impl MetaStore for SqliteMeta {
         })
     }
 
-    fn purge(&self, b: BucketId, ino: Ino) -> Result<()> {
+    fn purge(&self, b: BucketId, ino: Ino, is_open: IsOpen<'_>) -> Result<()> {
         self.with_tx(|tx| match load(tx, b, ino) {
-            Ok(a) if a.nlink == 0 => delete_inode(tx, b, ino),
+            Ok(a) if a.nlink == 0 && !is_open(ino) => delete_inode(tx, b, ino),
             Ok(_) | Err(Error::Fs(Errno::ENOENT, _)) => Ok(()),
             Err(e) => Err(e),
         })
