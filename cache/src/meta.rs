@@ -232,27 +232,32 @@ impl MetaCache {
     /// Merge attributes learnt from a push or a reply: they replace the
     /// cached ones unless those are newer (by data version, then ctime, both
     /// of which only grow), so arrival order does not matter. `None` (the
-    /// inode is gone) forgets them.
-    pub fn merge_attr(&self, ino: Ino, now: Option<&Attr>) -> Result<()> {
-        let Some(now) = now else { return self.forget_attr(ino) };
+    /// inode is gone) forgets them. Returns whether the cache already held
+    /// exactly this state.
+    pub fn merge_attr(&self, ino: Ino, now: Option<&Attr>) -> Result<bool> {
+        let Some(now) = now else {
+            self.forget_attr(ino)?;
+            return Ok(false);
+        };
         match self.attr(ino)? {
-            Some(cached) if (cached.version, cached.ctime) > (now.version, now.ctime) => Ok(()),
-            _ => self.put_attr(now),
+            Some(cached) if cached == *now => Ok(true),
+            Some(cached) if (cached.version, cached.ctime) > (now.version, now.ctime) => Ok(false),
+            _ => self.put_attr(now).map(|_| false),
         }
     }
 
     /// Apply a pushed entry change: keep the cached entry if it already
-    /// names `now` (`None`: known missing).
-    pub fn forget_entry_unless(&self, parent: Ino, name: &[u8], now: Option<Ino>) -> Result<()> {
+    /// names `now` (`None`: known missing). Returns whether it was kept.
+    pub fn forget_entry_unless(&self, parent: Ino, name: &[u8], now: Option<Ino>) -> Result<bool> {
         let cached: Option<Option<i64>> = self
             .lock()
             .prepare_cached("SELECT ino FROM entries WHERE parent=?1 AND name=?2")?
             .query_row(params![parent as i64, name], |r| r.get(0))
             .optional()?;
         if cached.is_some_and(|c| c.map(|i| i as u64) == now) {
-            return Ok(());
+            return Ok(true);
         }
-        self.forget_entry(parent, name)
+        self.forget_entry(parent, name).map(|_| false)
     }
 
     /// Forget an inode's attributes.

@@ -155,7 +155,7 @@ impl Fs {
     /// Merge attributes from a reply (newest wins; see [`MetaCache::merge_attr`]).
     fn merge(&self, attr: &Attr) {
         if self.mc().is_some() {
-            self.forget(|m| m.merge_attr(attr.ino, Some(attr)));
+            self.forget(|m| m.merge_attr(attr.ino, Some(attr)).map(|_| ()));
         }
     }
 
@@ -602,16 +602,28 @@ impl Fs {
             self.forget_everything();
             self.forget(|m| m.wipe());
         }
-        for change in &push.changes {
-            match change {
-                Change::Attr { ino, attr, .. } => self.forget(|m| m.merge_attr(*ino, attr.as_ref())),
-                Change::Entry { parent, name, ino, .. } => self.forget(|m| m.forget_entry_unless(*parent, name.as_bytes(), *ino)),
+        // Changes the cache already reflected (most often this client's own,
+        // learnt from its replies) need no kernel invalidation either.
+        let mut known = vec![false; push.changes.len()];
+        if let Some(m) = self.meta.as_deref() {
+            for (change, known) in push.changes.iter().zip(known.iter_mut()) {
+                let r = match change {
+                    Change::Attr { ino, attr, .. } => m.merge_attr(*ino, attr.as_ref()),
+                    Change::Entry { parent, name, ino, .. } => m.forget_entry_unless(*parent, name.as_bytes(), *ino),
+                };
+                *known = r.unwrap_or_else(|e| {
+                    tracing::warn!("{e}");
+                    false
+                }) && self.meta_live.load(Ordering::Acquire);
             }
         }
         self.forget(|m| m.set_applied_seq(push.through));
         self.applied_seq.fetch_max(push.through, Ordering::AcqRel);
         let Some(kernel) = self.kernel.get() else { return };
-        for change in push.changes {
+        for (change, known) in push.changes.into_iter().zip(known) {
+            if known {
+                continue;
+            }
             match change {
                 Change::Attr { ino, attr, .. } => {
                     if let (Some(f), Some(a)) = (self.open_file(ino), &attr) {
