@@ -224,6 +224,27 @@ fn clear_stale_mount(path: &Path) {
     }
 }
 
+/// Kernel readahead for the mount, in KiB: a FUSE mount gets its own
+/// backing device with 128 KiB, which splits sequential reads into many
+/// small requests. Best effort (needs root).
+const READAHEAD_KB: u32 = 4096;
+
+fn raise_readahead(mountpoint: &Path) {
+    // From mountinfo, not stat(): the session does not serve requests yet.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let target = mountpoint.to_string_lossy();
+    let Some(dev) = mounts.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.get(4) == Some(&target.as_ref())).then(|| f.get(2).map(|d| d.to_string())).flatten()
+    }) else {
+        return;
+    };
+    let knob = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+    if let Err(e) = std::fs::write(&knob, READAHEAD_KB.to_string()) {
+        tracing::debug!("cannot raise readahead via {knob}: {e}");
+    }
+}
+
 /// `umount2(path, MNT_DETACH)`.
 pub fn lazy_unmount(path: &Path) -> std::io::Result<()> {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
@@ -416,6 +437,7 @@ fn serve(args: &MountArgs, ready: &mut Option<File>) -> Result<(), String> {
         }
         fuser::Session::new(adapter, &args.mountpoint, &config).map_err(explain)?
     };
+    raise_readahead(&args.mountpoint);
     fs.set_kernel_cache(Box::new(crate::fuse::KernelNotifier::new(session.notifier())));
     rt.block_on(fs.subscribe()).map_err(|e| format!("cannot subscribe to changes: {e}"))?;
     tracing::info!("mounted {} at {}", args.source, args.mountpoint.display());
