@@ -21,6 +21,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 const SCHEMA: &str = "
+PRAGMA locking_mode = EXCLUSIVE;
 PRAGMA journal_mode = WAL;
 PRAGMA synchronous = NORMAL;
 CREATE TABLE IF NOT EXISTS state(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -330,6 +331,7 @@ mod tests {
         let c = MetaCache::open(&path, "bucket-a").unwrap();
         assert_eq!(c.applied_seq().unwrap(), Some(42));
         assert!(c.attr(5).unwrap().is_some());
+        drop(c); // one connection at a time: the cache locks its database
         let c = MetaCache::open(&path, "bucket-b").unwrap();
         assert_eq!(c.applied_seq().unwrap(), None, "another bucket starts empty");
         assert!(c.attr(5).unwrap().is_none());

@@ -114,6 +114,9 @@ impl SqliteMeta {
     pub fn open(path: &Path) -> Result<SqliteMeta> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        // restfsd alone uses this database: exclusive locking spares a lock
+        // syscall pair per statement.
+        conn.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "OFF")?;
