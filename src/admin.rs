@@ -138,11 +138,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
 /// Start a local restfsd (sibling binary, default data dir) in the background.
 fn spawn_server(server: &ServerUrl) -> Result<(), Failure> {
     let exe = std::env::current_exe().map_err(|e| Failure::Refused(e.to_string()))?;
-    let restfsd = exe.with_file_name("restfsd");
+    // The sibling restfsd, or this very binary acting as one (see bin/restfs.rs).
+    let sibling = exe.with_file_name("restfsd");
+    let restfsd = if sibling.exists() { sibling } else { exe.clone() };
     let data = restfs_server::default_data_dir();
     std::fs::create_dir_all(&data).map_err(|e| Failure::Refused(format!("cannot create {}: {e}", data.display())))?;
     let log = std::fs::File::create(data.join("restfsd.log")).map_err(|e| Failure::Refused(e.to_string()))?;
     let mut cmd = Command::new(&restfsd);
+    std::os::unix::process::CommandExt::arg0(&mut cmd, "restfsd");
     cmd.arg("--listen")
         .arg(&server.authority)
         .arg("--data")
@@ -163,6 +166,10 @@ fn spawn_server(server: &ServerUrl) -> Result<(), Failure> {
 }
 
 async fn up(server: &str, mountpoint: PathBuf, bucket: String, options: Option<String>) -> Result<(), Failure> {
+    if crate::mount::is_restfs_mount(&mountpoint) && std::fs::metadata(&mountpoint).is_ok() {
+        eprintln!("{} is already a RestFS mount", mountpoint.display());
+        return Ok(());
+    }
     let url = ServerUrl::parse(server).map_err(Failure::Refused)?;
     let link = match Link::connect(&url, Duration::from_secs(2)).await {
         Ok(l) => l,

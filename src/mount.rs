@@ -229,16 +229,27 @@ fn clear_stale_mount(path: &Path) {
 /// small requests. Best effort (needs root).
 const READAHEAD_KB: u32 = 4096;
 
+/// The newest mount at `path` in /proc/self/mountinfo: (device "major:minor",
+/// filesystem type). Read without touching the mount itself.
+fn mountinfo(path: &Path) -> Option<(String, String)> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let target = path.to_string_lossy();
+    mounts.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        let fstype = f.iter().position(|x| *x == "-").and_then(|i| f.get(i + 1))?;
+        let dev = f.get(2)?;
+        (f.get(4) == Some(&target.as_ref())).then(|| (dev.to_string(), fstype.to_string()))
+    })
+}
+
+/// Is `path` a RestFS mount (live or dead)?
+pub fn is_restfs_mount(path: &Path) -> bool {
+    std::path::absolute(path).ok().and_then(|p| mountinfo(&p)).is_some_and(|(_, fstype)| fstype == "fuse.restfs")
+}
+
 fn raise_readahead(mountpoint: &Path) {
     // From mountinfo, not stat(): the session does not serve requests yet.
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let target = mountpoint.to_string_lossy();
-    let Some(dev) = mounts.lines().rev().find_map(|l| {
-        let f: Vec<&str> = l.split(' ').collect();
-        (f.get(4) == Some(&target.as_ref())).then(|| f.get(2).map(|d| d.to_string())).flatten()
-    }) else {
-        return;
-    };
+    let Some((dev, _)) = mountinfo(mountpoint) else { return };
     let knob = format!("/sys/class/bdi/{dev}/read_ahead_kb");
     if let Err(e) = std::fs::write(&knob, READAHEAD_KB.to_string()) {
         tracing::debug!("cannot raise readahead via {knob}: {e}");

@@ -6,9 +6,9 @@
 //! - Attributes, from pushes and replies alike, are merged newest-wins
 //!   (data version and ctime only grow), so arrival order does not matter.
 //! - Server pushes remove the entries they name; they never insert one.
-//! - A reply is cached only if no push arrived while it was in flight
-//!   (the caller compares [`MetaCache::epoch`] before and after), so a late
-//!   reply can never overwrite a newer invalidation.
+//! - Entries and listings from a reply are cached only if no push arrived
+//!   while it was in flight (the caller, which owns the link, checks), so a
+//!   late reply can never overwrite a newer invalidation.
 //! - Block maps are keyed by the file's data version: an old map is never
 //!   used for new content, so they need no invalidation.
 //! - The cache belongs to one bucket; a different bucket identity, or a
@@ -18,7 +18,6 @@ use restfs_proto::{Attr, BlockRef, Ino};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::Path;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 const SCHEMA: &str = "
 PRAGMA locking_mode = EXCLUSIVE;
@@ -52,7 +51,6 @@ pub enum Entry {
 
 pub struct MetaCache {
     conn: Mutex<Connection>,
-    epoch: AtomicU64,
 }
 
 impl MetaCache {
@@ -60,7 +58,7 @@ impl MetaCache {
     pub fn open(path: &Path, identity: &str) -> Result<MetaCache> {
         let conn = Connection::open(path)?;
         conn.execute_batch(SCHEMA)?;
-        let cache = MetaCache { conn: Mutex::new(conn), epoch: AtomicU64::new(0) };
+        let cache = MetaCache { conn: Mutex::new(conn) };
         let held: Option<String> = cache.get_state("identity")?;
         if held.as_deref() != Some(identity) {
             cache.wipe()?;
@@ -82,20 +80,8 @@ impl MetaCache {
         Ok(())
     }
 
-    /// Counts server pushes applied: a reply is cached only if this did not
-    /// move while it was in flight.
-    pub fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::Acquire)
-    }
-
-    /// A push is being applied (call before its invalidations).
-    pub fn note_push(&self) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
-    }
-
     /// Forget everything but the bucket identity.
     pub fn wipe(&self) -> Result<()> {
-        self.note_push();
         self.lock().execute_batch(
             "DELETE FROM attrs; DELETE FROM entries; DELETE FROM listed; DELETE FROM blockmaps; DELETE FROM state WHERE key = 'seq';",
         )?;
@@ -168,7 +154,7 @@ impl MetaCache {
         })
     }
 
-    // --- fills (callers check the epoch first) ---
+    // --- fills (callers first check that no push crossed the reply) ---
 
     pub fn put_attr(&self, attr: &Attr) -> Result<()> {
         let text = serde_json::to_string(attr)?;
@@ -305,10 +291,7 @@ mod tests {
         assert_eq!(c.entry(1, b"other").unwrap(), None);
         c.put_listing(1, 1, &[(b"f".to_vec(), attr(5, 1)), (b"g".to_vec(), attr(6, 1))]).unwrap();
         assert_eq!(c.listing(1).unwrap().unwrap().1.len(), 2);
-        let e = c.epoch();
-        c.note_push();
         c.forget_entry(1, b"g").unwrap();
-        assert!(c.epoch() > e);
         assert_eq!(c.listing(1).unwrap(), None, "a changed directory is no longer complete");
         assert_eq!(c.entry(1, b"g").unwrap(), None);
         c.forget_attr(5).unwrap();

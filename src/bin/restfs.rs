@@ -1,4 +1,6 @@
-//! `restfs` (admin CLI) and, when invoked as `mount.restfs`, the mount helper.
+//! `restfs` (admin CLI); invoked as `mount.restfs`, the mount helper; and
+//! invoked as `restfsd`, the server (so `restfs up` can start one even when
+//! only this binary was built).
 
 fn main() {
     let argv0 = std::env::args_os().next().unwrap_or_default();
@@ -6,6 +8,8 @@ fn main() {
     let code = if invoked_as.starts_with("mount.restfs") {
         let args: Vec<String> = std::env::args().skip(1).collect();
         restfs::mount::main(&args)
+    } else if invoked_as == "restfsd" {
+        if restfs_server::cli::main() == std::process::ExitCode::SUCCESS { 0 } else { 1 }
     } else {
         restfs::admin::main()
     };

@@ -38,7 +38,7 @@ pub struct FileData {
     /// every segment's map is known without asking.
     empty_base: bool,
     /// Size or content changed since the last commit.
-    pub changed: bool,
+    changed: bool,
 }
 
 impl File {
@@ -94,7 +94,7 @@ impl FileData {
         }
         let seg = idx / r.segment_blocks;
         if !self.loaded.contains(&seg) && !self.empty_base {
-            let (version, refs) = r.segment(self.ino_of(), seg, self.attr.version).await?;
+            let (version, refs) = r.segment(self.attr.ino, seg, self.attr.version).await?;
             if version != self.attr.version && !self.loaded.is_empty() {
                 self.forget_map();
             }
@@ -106,10 +106,6 @@ impl FileData {
             self.loaded.insert(seg);
         }
         Ok(self.map.get(&idx).copied())
-    }
-
-    fn ino_of(&self) -> Ino {
-        self.attr.ino
     }
 
     /// The valid bytes of block `idx` as stored (committed or pending).

@@ -595,9 +595,6 @@ impl Fs {
     /// Bring local state and the kernel's caches in line with a push.
     pub async fn apply_push(&self, push: PushParams) {
         tracing::trace!(through = push.through, reset = push.reset, changes = ?push.changes, "push");
-        if let Some(m) = &self.meta {
-            m.note_push();
-        }
         if push.reset {
             self.forget_everything();
             self.forget(|m| m.wipe());

@@ -119,16 +119,7 @@ impl Drop for Server {
     }
 }
 
-/// Is `path` a mount point of type fuse.restfs?
-pub fn is_restfs_mount(path: &Path) -> bool {
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let target = path.to_string_lossy();
-    mounts.lines().any(|l| {
-        let fields: Vec<&str> = l.split(' ').collect();
-        let sep = fields.iter().position(|f| *f == "-");
-        fields.get(4) == Some(&target.as_ref()) && sep.and_then(|i| fields.get(i + 1)) == Some(&"fuse.restfs")
-    })
-}
+pub use restfs::mount::is_restfs_mount;
 
 pub struct Mount {
     pub path: PathBuf,
