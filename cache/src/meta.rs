@@ -1,14 +1,24 @@
-//! The persistent metadata cache (SQLite): attributes, directory entries
-//! (negative ones included), complete directory listings, block maps, and
-//! the last change sequence number applied.
+//! The persistent metadata cache: attributes, directory entries (negative
+//! ones included), complete directory listings, block maps, and the last
+//! change sequence number applied.
+//!
+//! Attributes, entries and listings live in memory, so lookups, getattr and
+//! readdir cost no I/O; everything is written behind to SQLite. A flusher
+//! thread commits the journal of changes in one transaction every
+//! [`FLUSH_INTERVAL`] (and on [`MetaCache::persist`]). Each commit holds a
+//! prefix of the history, the applied sequence number included, so a crash
+//! leaves an older but consistent cache, which the next mount brings up to
+//! date from the server's change log. Block maps, which can be large, stay
+//! in SQLite only (plus the ones not yet written).
 //!
 //! Rules that keep it correct:
 //! - Attributes, from pushes and replies alike, are merged newest-wins
 //!   (data version and ctime only grow), so arrival order does not matter.
-//! - Server pushes remove the entries they name; they never insert one.
-//! - Entries and listings from a reply are cached only if no push arrived
-//!   while it was in flight (the caller, which owns the link, checks), so a
-//!   late reply can never overwrite a newer invalidation.
+//! - Pushes, applied in order, set the entries they name.
+//! - Entries and listings from a reply are cached only if no push that
+//!   contradicts them arrived while it was in flight (the caller, which owns
+//!   the link, checks), so a late reply never overwrites newer news.
+//! - A listed directory's entries are complete: a name it lacks is missing.
 //! - Block maps are keyed by the file's data version: an old map is never
 //!   used for new content, so they need no invalidation.
 //! - The cache belongs to one bucket; a different bucket identity, or a
@@ -16,13 +26,18 @@
 
 use restfs_proto::{Attr, BlockRef, Ino};
 use rusqlite::{Connection, OptionalExtension, params};
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+/// How often the journal of changes is written to disk.
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Bumped when the tables change; a cache of another version is dropped.
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
-PRAGMA locking_mode = EXCLUSIVE;
-PRAGMA journal_mode = WAL;
-PRAGMA synchronous = NORMAL;
 CREATE TABLE IF NOT EXISTS state(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS attrs(ino INTEGER PRIMARY KEY, attr TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS entries(parent INTEGER NOT NULL, name BLOB NOT NULL, ino INTEGER, PRIMARY KEY(parent, name)) WITHOUT ROWID;
@@ -36,6 +51,8 @@ pub enum MetaCacheError {
     Sqlite(#[from] rusqlite::Error),
     #[error("metadata cache: {0}")]
     Encoding(#[from] serde_json::Error),
+    #[error("metadata cache: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 type Result<T> = std::result::Result<T, MetaCacheError>;
@@ -49,102 +66,142 @@ pub enum Entry {
     Missing,
 }
 
-pub struct MetaCache {
+/// One change to write behind, in the order it was made.
+enum Op {
+    Attr(Ino, Option<Attr>),
+    /// `None`: forget the entry; `Some(None)`: known missing.
+    Entry(Ino, Vec<u8>, Option<Option<Ino>>),
+    /// Drop a directory's positive entries (before a fresh listing).
+    ClearEntries(Ino),
+    Listed(Ino, Option<Ino>),
+    Map(Ino, u64, u64, Vec<BlockRef>),
+    Seq(u64),
+    Wipe,
+}
+
+#[derive(Default)]
+struct State {
+    attrs: HashMap<Ino, Attr>,
+    /// Entries per directory, by name; `None` is a negative entry.
+    entries: HashMap<Ino, BTreeMap<Vec<u8>, Option<Ino>>>,
+    /// Directories whose listing is complete, with their parent.
+    listed: HashMap<Ino, Ino>,
+    /// Block maps not yet written: (ino, segment) → (version, refs).
+    maps: HashMap<(Ino, u64), (u64, Vec<BlockRef>)>,
+    seq: Option<u64>,
+    journal: Vec<Op>,
+    closed: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
     conn: Mutex<Connection>,
 }
 
+pub struct MetaCache {
+    shared: Arc<Shared>,
+    flusher: Option<std::thread::JoinHandle<()>>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl MetaCache {
-    /// Open the cache at `path` for bucket `identity` (wiped if it held another).
+    /// Open the cache at `path` for bucket `identity` (wiped if it held
+    /// another, or was written by another schema version).
     pub fn open(path: &Path, identity: &str) -> Result<MetaCache> {
         let conn = Connection::open(path)?;
-        conn.execute_batch(SCHEMA)?;
-        let cache = MetaCache { conn: Mutex::new(conn) };
-        let held: Option<String> = cache.get_state("identity")?;
-        if held.as_deref() != Some(identity) {
-            cache.wipe()?;
-            cache.set_state("identity", identity)?;
+        conn.execute_batch("PRAGMA locking_mode = EXCLUSIVE; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")?;
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version != SCHEMA_VERSION {
+            conn.execute_batch(
+                "DROP TABLE IF EXISTS state; DROP TABLE IF EXISTS attrs; DROP TABLE IF EXISTS entries;
+                 DROP TABLE IF EXISTS listed; DROP TABLE IF EXISTS blockmaps;",
+            )?;
+            conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION};"))?;
         }
-        Ok(cache)
+        conn.execute_batch(SCHEMA)?;
+        let held: Option<String> = conn.query_row("SELECT value FROM state WHERE key='identity'", [], |r| r.get(0)).optional()?;
+        if held.as_deref() != Some(identity) {
+            conn.execute_batch("DELETE FROM attrs; DELETE FROM entries; DELETE FROM listed; DELETE FROM blockmaps; DELETE FROM state;")?;
+            conn.execute("INSERT INTO state(key, value) VALUES ('identity', ?1)", params![identity])?;
+        }
+        let state = load(&conn)?;
+        let shared = Arc::new(Shared { state: Mutex::new(state), wake: Condvar::new(), conn: Mutex::new(conn) });
+        let worker = shared.clone();
+        let flusher = std::thread::Builder::new().name("restfs-metacache".into()).spawn(move || flush_loop(&worker))?;
+        Ok(MetaCache { shared, flusher: Some(flusher) })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    fn state(&self) -> MutexGuard<'_, State> {
+        locked(&self.shared.state)
     }
 
-    fn get_state(&self, key: &str) -> Result<Option<String>> {
-        Ok(self.lock().query_row("SELECT value FROM state WHERE key=?1", params![key], |r| r.get(0)).optional()?)
-    }
-
-    fn set_state(&self, key: &str, value: &str) -> Result<()> {
-        self.lock().execute("INSERT OR REPLACE INTO state(key, value) VALUES (?1, ?2)", params![key, value])?;
-        Ok(())
+    /// Write everything changed so far to disk now.
+    pub fn persist(&self) -> Result<()> {
+        write_journal(&self.shared)
     }
 
     /// Forget everything but the bucket identity.
     pub fn wipe(&self) -> Result<()> {
-        self.lock().execute_batch(
-            "DELETE FROM attrs; DELETE FROM entries; DELETE FROM listed; DELETE FROM blockmaps; DELETE FROM state WHERE key = 'seq';",
-        )?;
+        let mut st = self.state();
+        let journal = std::mem::take(&mut st.journal);
+        *st = State { journal, ..State::default() };
+        st.journal.push(Op::Wipe);
         Ok(())
     }
 
     /// The last change sequence number applied.
     pub fn applied_seq(&self) -> Result<Option<u64>> {
-        Ok(self.get_state("seq")?.and_then(|s| s.parse().ok()))
+        Ok(self.state().seq)
     }
 
     pub fn set_applied_seq(&self, seq: u64) -> Result<()> {
-        self.set_state("seq", &seq.to_string())
+        let mut st = self.state();
+        st.seq = Some(seq);
+        st.journal.push(Op::Seq(seq));
+        Ok(())
     }
 
     // --- reads ---
 
     pub fn attr(&self, ino: Ino) -> Result<Option<Attr>> {
-        let text: Option<String> =
-            self.lock().prepare_cached("SELECT attr FROM attrs WHERE ino=?1")?.query_row(params![ino as i64], |r| r.get(0)).optional()?;
-        Ok(match text {
-            Some(t) => Some(serde_json::from_str(&t)?),
-            None => None,
+        Ok(self.state().attrs.get(&ino).cloned())
+    }
+
+    /// What `name` in `parent` is, if known: cached as found or missing, or
+    /// absent from a complete listing.
+    pub fn entry(&self, parent: Ino, name: &[u8]) -> Result<Option<Entry>> {
+        let st = self.state();
+        Ok(match st.entries.get(&parent).and_then(|e| e.get(name)) {
+            Some(Some(ino)) => st.attrs.get(ino).cloned().map(Entry::Found),
+            Some(None) => Some(Entry::Missing),
+            None => st.listed.contains_key(&parent).then_some(Entry::Missing),
         })
     }
 
-    pub fn entry(&self, parent: Ino, name: &[u8]) -> Result<Option<Entry>> {
-        let found: Option<Option<i64>> = self
-            .lock()
-            .prepare_cached("SELECT ino FROM entries WHERE parent=?1 AND name=?2")?
-            .query_row(params![parent as i64, name], |r| r.get(0))
-            .optional()?;
-        match found {
-            None => Ok(None),
-            Some(None) => Ok(Some(Entry::Missing)),
-            Some(Some(ino)) => Ok(self.attr(ino as u64)?.map(Entry::Found)),
-        }
-    }
-
-    /// A complete listing of `dir`: (its parent, entries with attributes),
-    /// if cached whole and every entry's attributes are cached.
+    /// A complete listing of `dir`: (its parent, entries with attributes,
+    /// by name), if cached whole and every entry's attributes are cached.
     pub fn listing(&self, dir: Ino) -> Result<Option<(Ino, Vec<(Vec<u8>, Attr)>)>> {
-        let conn = self.lock();
-        let parent: Option<i64> =
-            conn.prepare_cached("SELECT parent FROM listed WHERE dir=?1")?.query_row(params![dir as i64], |r| r.get(0)).optional()?;
-        let Some(parent) = parent else { return Ok(None) };
-        let mut stmt = conn.prepare_cached(
-            "SELECT e.name, a.attr FROM entries e LEFT JOIN attrs a ON a.ino = e.ino WHERE e.parent=?1 AND e.ino IS NOT NULL ORDER BY e.name",
-        )?;
-        let rows = stmt.query_map(params![dir as i64], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Option<String>>(1)?)))?;
+        let st = self.state();
+        let Some(parent) = st.listed.get(&dir) else { return Ok(None) };
         let mut out = Vec::new();
-        for row in rows {
-            let (name, attr) = row?;
-            let Some(attr) = attr else { return Ok(None) };
-            out.push((name, serde_json::from_str(&attr)?));
+        for (name, ino) in st.entries.get(&dir).into_iter().flatten() {
+            let Some(ino) = ino else { continue };
+            let Some(attr) = st.attrs.get(ino) else { return Ok(None) };
+            out.push((name.clone(), attr.clone()));
         }
-        Ok(Some((parent as u64, out)))
+        Ok(Some((*parent, out)))
     }
 
     /// A segment's block map at `version`, if cached.
     pub fn block_map(&self, ino: Ino, seg: u64, version: u64) -> Result<Option<Vec<BlockRef>>> {
-        let text: Option<String> = self
-            .lock()
+        if let Some((v, refs)) = self.state().maps.get(&(ino, seg)) {
+            return Ok((*v == version).then(|| refs.clone()));
+        }
+        let text: Option<String> = locked(&self.shared.conn)
             .prepare_cached("SELECT refs FROM blockmaps WHERE ino=?1 AND seg=?2 AND version=?3")?
             .query_row(params![ino as i64, seg as i64, version as i64], |r| r.get(0))
             .optional()?;
@@ -157,64 +214,83 @@ impl MetaCache {
     // --- fills (callers first check that no push crossed the reply) ---
 
     pub fn put_attr(&self, attr: &Attr) -> Result<()> {
-        let text = serde_json::to_string(attr)?;
-        self.lock().prepare_cached("INSERT OR REPLACE INTO attrs(ino, attr) VALUES (?1, ?2)")?.execute(params![attr.ino as i64, text])?;
+        self.state().put_attr(attr.clone());
         Ok(())
     }
 
+    /// Cache what `name` in `parent` is: found with `attr`, or missing.
     pub fn put_entry(&self, parent: Ino, name: &[u8], attr: Option<&Attr>) -> Result<()> {
+        let mut st = self.state();
         if let Some(a) = attr {
-            self.merge_attr(a.ino, Some(a))?;
+            st.merge_attr(a);
         }
-        self.lock().prepare_cached("INSERT OR REPLACE INTO entries(parent, name, ino) VALUES (?1, ?2, ?3)")?.execute(params![
-            parent as i64,
-            name,
-            attr.map(|a| a.ino as i64)
-        ])?;
+        st.put_entry(parent, name, Some(attr.map(|a| a.ino)));
         Ok(())
     }
 
-    /// Cache a whole listing of `dir`.
+    /// Cache a whole listing of `dir` (entries by name; their attributes
+    /// are merged newest-wins).
     pub fn put_listing(&self, dir: Ino, parent: Ino, entries: &[(Vec<u8>, Attr)]) -> Result<()> {
-        let mut conn = self.lock();
-        let tx = conn.transaction()?;
-        tx.execute("DELETE FROM entries WHERE parent=?1 AND ino IS NOT NULL", params![dir as i64])?;
-        for (name, attr) in entries {
-            // Newest wins, as in `merge_attr`.
-            let cached: Option<String> =
-                tx.query_row("SELECT attr FROM attrs WHERE ino=?1", params![attr.ino as i64], |r| r.get(0)).optional()?;
-            let newer = match cached {
-                Some(text) => {
-                    let c: Attr = serde_json::from_str(&text)?;
-                    (c.version, c.ctime) > (attr.version, attr.ctime)
-                }
-                None => false,
-            };
-            if !newer {
-                tx.execute(
-                    "INSERT OR REPLACE INTO attrs(ino, attr) VALUES (?1, ?2)",
-                    params![attr.ino as i64, serde_json::to_string(attr)?],
-                )?;
-            }
-            tx.execute(
-                "INSERT OR REPLACE INTO entries(parent, name, ino) VALUES (?1, ?2, ?3)",
-                params![dir as i64, name, attr.ino as i64],
-            )?;
+        let mut st = self.state();
+        if let Some(names) = st.entries.get_mut(&dir) {
+            names.retain(|_, ino| ino.is_none());
         }
-        tx.execute("INSERT OR REPLACE INTO listed(dir, parent) VALUES (?1, ?2)", params![dir as i64, parent as i64])?;
-        tx.commit()?;
+        st.journal.push(Op::ClearEntries(dir));
+        for (name, attr) in entries {
+            st.merge_attr(attr);
+            st.put_entry(dir, name, Some(Some(attr.ino)));
+        }
+        st.listed.insert(dir, parent);
+        st.journal.push(Op::Listed(dir, Some(parent)));
         Ok(())
     }
 
     pub fn put_block_map(&self, ino: Ino, seg: u64, version: u64, refs: &[BlockRef]) -> Result<()> {
-        let text = serde_json::to_string(refs)?;
-        self.lock()
-            .prepare_cached("INSERT OR REPLACE INTO blockmaps(ino, seg, version, refs) VALUES (?1, ?2, ?3, ?4)")?
-            .execute(params![ino as i64, seg as i64, version as i64, text])?;
+        let mut st = self.state();
+        st.maps.insert((ino, seg), (version, refs.to_vec()));
+        st.journal.push(Op::Map(ino, seg, version, refs.to_vec()));
         Ok(())
     }
 
-    // --- invalidations ---
+    // --- this client's own namespace changes (no push crossed the reply) ---
+
+    /// A name this client just removed: it is now missing, and what it
+    /// named has changed (its attributes come back with the server's push).
+    /// A complete listing of `parent` stays complete.
+    pub fn remove_entry(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        let mut st = self.state();
+        if let Some(Some(ino)) = st.entries.get(&parent).and_then(|e| e.get(name)).copied() {
+            st.forget_attr(ino);
+        }
+        st.put_entry(parent, name, Some(None));
+        Ok(())
+    }
+
+    /// A rename this client just made: the new name names what the old one
+    /// did, whose attributes (and those of anything replaced) come back with
+    /// the server's pushes; complete listings stay complete. Without a
+    /// cached entry for the old name, both names are forgotten instead.
+    pub fn rename_entry(&self, parent: Ino, name: &[u8], new_parent: Ino, new_name: &[u8]) -> Result<()> {
+        let mut st = self.state();
+        let Some(Some(ino)) = st.entries.get(&parent).and_then(|e| e.get(name)).copied() else {
+            st.forget_entry(parent, name);
+            st.forget_entry(new_parent, new_name);
+            return Ok(());
+        };
+        if let Some(Some(replaced)) = st.entries.get(&new_parent).and_then(|e| e.get(new_name)).copied() {
+            st.forget_attr(replaced);
+        }
+        st.forget_attr(ino);
+        if let Some(p) = st.listed.get_mut(&ino) {
+            *p = new_parent;
+            st.journal.push(Op::Listed(ino, Some(new_parent)));
+        }
+        st.put_entry(parent, name, Some(None));
+        st.put_entry(new_parent, new_name, Some(Some(ino)));
+        Ok(())
+    }
+
+    // --- pushes and invalidations ---
 
     /// Merge attributes learnt from a push or a reply: they replace the
     /// cached ones unless those are newer (by data version, then ctime, both
@@ -222,51 +298,215 @@ impl MetaCache {
     /// inode is gone) forgets them. Returns whether the cache already held
     /// exactly this state.
     pub fn merge_attr(&self, ino: Ino, now: Option<&Attr>) -> Result<bool> {
-        let Some(now) = now else {
-            self.forget_attr(ino)?;
-            return Ok(false);
-        };
-        match self.attr(ino)? {
-            Some(cached) if cached == *now => Ok(true),
-            Some(cached) if (cached.version, cached.ctime) > (now.version, now.ctime) => Ok(false),
-            _ => self.put_attr(now).map(|_| false),
-        }
+        let mut st = self.state();
+        Ok(match now {
+            None => {
+                st.forget_attr(ino);
+                false
+            }
+            Some(now) => st.merge_attr(now),
+        })
     }
 
-    /// Apply a pushed entry change: keep the cached entry if it already
-    /// names `now` (`None`: known missing). Returns whether it was kept.
-    pub fn forget_entry_unless(&self, parent: Ino, name: &[u8], now: Option<Ino>) -> Result<bool> {
-        let cached: Option<Option<i64>> = self
-            .lock()
-            .prepare_cached("SELECT ino FROM entries WHERE parent=?1 AND name=?2")?
-            .query_row(params![parent as i64, name], |r| r.get(0))
-            .optional()?;
-        if cached.is_some_and(|c| c.map(|i| i as u64) == now) {
-            return Ok(true);
+    /// Apply a pushed entry change: `name` in `parent` now names `now`
+    /// (`None`: nothing). Complete listings stay complete. Returns whether
+    /// the cache already knew.
+    pub fn apply_entry(&self, parent: Ino, name: &[u8], now: Option<Ino>) -> Result<bool> {
+        let mut st = self.state();
+        let cached = st.entries.get(&parent).and_then(|e| e.get(name)).copied();
+        let known = match cached {
+            Some(c) => c == now,
+            None => now.is_none() && st.listed.contains_key(&parent),
+        };
+        if !known {
+            if let Some(Some(old)) = cached {
+                // A directory that moved away: its listing's `..` may be stale.
+                st.forget_listed(old);
+            }
+            st.put_entry(parent, name, Some(now));
         }
-        self.forget_entry(parent, name).map(|_| false)
+        Ok(known)
     }
 
     /// Forget an inode's attributes.
     pub fn forget_attr(&self, ino: Ino) -> Result<()> {
-        self.lock().prepare_cached("DELETE FROM attrs WHERE ino=?1")?.execute(params![ino as i64])?;
+        self.state().forget_attr(ino);
         Ok(())
     }
 
     /// Forget entry `name` of `parent`, the attributes of what it named, and
     /// the completeness of the parent's listing.
     pub fn forget_entry(&self, parent: Ino, name: &[u8]) -> Result<()> {
-        let conn = self.lock();
-        let named: Option<Option<i64>> = conn
-            .prepare_cached("SELECT ino FROM entries WHERE parent=?1 AND name=?2")?
-            .query_row(params![parent as i64, name], |r| r.get(0))
-            .optional()?;
-        if let Some(Some(ino)) = named {
-            conn.prepare_cached("DELETE FROM attrs WHERE ino=?1")?.execute(params![ino])?;
-        }
-        conn.prepare_cached("DELETE FROM entries WHERE parent=?1 AND name=?2")?.execute(params![parent as i64, name])?;
-        conn.prepare_cached("DELETE FROM listed WHERE dir=?1")?.execute(params![parent as i64])?;
+        self.state().forget_entry(parent, name);
         Ok(())
+    }
+}
+
+impl State {
+    fn put_attr(&mut self, attr: Attr) {
+        self.journal.push(Op::Attr(attr.ino, Some(attr.clone())));
+        self.attrs.insert(attr.ino, attr);
+    }
+
+    /// Newest wins; returns whether `now` was exactly what was cached.
+    fn merge_attr(&mut self, now: &Attr) -> bool {
+        match self.attrs.get(&now.ino) {
+            Some(cached) if cached == now => true,
+            Some(cached) if (cached.version, cached.ctime) > (now.version, now.ctime) => false,
+            _ => {
+                self.put_attr(now.clone());
+                false
+            }
+        }
+    }
+
+    fn forget_attr(&mut self, ino: Ino) {
+        if self.attrs.remove(&ino).is_some() {
+            self.journal.push(Op::Attr(ino, None));
+        }
+    }
+
+    fn put_entry(&mut self, parent: Ino, name: &[u8], value: Option<Option<Ino>>) {
+        let names = self.entries.entry(parent).or_default();
+        match value {
+            Some(v) => {
+                names.insert(name.to_vec(), v);
+            }
+            None => {
+                names.remove(name);
+            }
+        }
+        self.journal.push(Op::Entry(parent, name.to_vec(), value));
+    }
+
+    fn forget_entry(&mut self, parent: Ino, name: &[u8]) {
+        if let Some(Some(ino)) = self.entries.get(&parent).and_then(|e| e.get(name)).copied() {
+            self.forget_attr(ino);
+            // A directory that moved: its listing's `..` may be stale.
+            self.forget_listed(ino);
+        }
+        self.put_entry(parent, name, None);
+        self.forget_listed(parent);
+    }
+
+    fn forget_listed(&mut self, dir: Ino) {
+        if self.listed.remove(&dir).is_some() {
+            self.journal.push(Op::Listed(dir, None));
+        }
+    }
+}
+
+/// Read the persisted cache into memory.
+fn load(conn: &Connection) -> Result<State> {
+    let mut st = State::default();
+    let mut stmt = conn.prepare("SELECT attr FROM attrs")?;
+    for text in stmt.query_map([], |r| r.get::<_, String>(0))? {
+        let attr: Attr = serde_json::from_str(&text?)?;
+        st.attrs.insert(attr.ino, attr);
+    }
+    let mut stmt = conn.prepare("SELECT parent, name, ino FROM entries")?;
+    for row in stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, Option<i64>>(2)?)))? {
+        let (parent, name, ino) = row?;
+        st.entries.entry(parent as Ino).or_default().insert(name, ino.map(|i| i as Ino));
+    }
+    let mut stmt = conn.prepare("SELECT dir, parent FROM listed")?;
+    for row in stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))? {
+        let (dir, parent) = row?;
+        st.listed.insert(dir as Ino, parent as Ino);
+    }
+    st.seq =
+        conn.query_row("SELECT value FROM state WHERE key='seq'", [], |r| r.get::<_, String>(0)).optional()?.and_then(|s| s.parse().ok());
+    Ok(st)
+}
+
+fn flush_loop(shared: &Shared) {
+    loop {
+        let closed = {
+            let st = locked(&shared.state);
+            let (st, _) = shared.wake.wait_timeout_while(st, FLUSH_INTERVAL, |st| !st.closed).unwrap_or_else(|p| p.into_inner());
+            st.closed
+        };
+        if let Err(e) = write_journal(shared) {
+            tracing::warn!("{e}");
+        }
+        if closed {
+            return;
+        }
+    }
+}
+
+/// Commit the journal in one transaction. The connection lock is taken
+/// before the journal, so concurrent writers keep the journal's order.
+fn write_journal(shared: &Shared) -> Result<()> {
+    let mut conn = locked(&shared.conn);
+    let journal = std::mem::take(&mut locked(&shared.state).journal);
+    if journal.is_empty() {
+        return Ok(());
+    }
+    let tx = conn.transaction()?;
+    for op in &journal {
+        match op {
+            Op::Attr(ino, Some(a)) => {
+                tx.prepare_cached("INSERT OR REPLACE INTO attrs(ino, attr) VALUES (?1, ?2)")?
+                    .execute(params![*ino as i64, serde_json::to_string(a)?])?;
+            }
+            Op::Attr(ino, None) => {
+                tx.prepare_cached("DELETE FROM attrs WHERE ino=?1")?.execute(params![*ino as i64])?;
+            }
+            Op::Entry(parent, name, Some(ino)) => {
+                tx.prepare_cached("INSERT OR REPLACE INTO entries(parent, name, ino) VALUES (?1, ?2, ?3)")?.execute(params![
+                    *parent as i64,
+                    name,
+                    ino.map(|i| i as i64)
+                ])?;
+            }
+            Op::Entry(parent, name, None) => {
+                tx.prepare_cached("DELETE FROM entries WHERE parent=?1 AND name=?2")?.execute(params![*parent as i64, name])?;
+            }
+            Op::ClearEntries(dir) => {
+                tx.prepare_cached("DELETE FROM entries WHERE parent=?1 AND ino IS NOT NULL")?.execute(params![*dir as i64])?;
+            }
+            Op::Listed(dir, Some(parent)) => {
+                tx.prepare_cached("INSERT OR REPLACE INTO listed(dir, parent) VALUES (?1, ?2)")?
+                    .execute(params![*dir as i64, *parent as i64])?;
+            }
+            Op::Listed(dir, None) => {
+                tx.prepare_cached("DELETE FROM listed WHERE dir=?1")?.execute(params![*dir as i64])?;
+            }
+            Op::Map(ino, seg, version, refs) => {
+                tx.prepare_cached("INSERT OR REPLACE INTO blockmaps(ino, seg, version, refs) VALUES (?1, ?2, ?3, ?4)")?
+                    .execute(params![*ino as i64, *seg as i64, *version as i64, serde_json::to_string(refs)?])?;
+            }
+            Op::Seq(seq) => {
+                tx.prepare_cached("INSERT OR REPLACE INTO state(key, value) VALUES ('seq', ?1)")?.execute(params![seq.to_string()])?;
+            }
+            Op::Wipe => {
+                tx.execute_batch(
+                    "DELETE FROM attrs; DELETE FROM entries; DELETE FROM listed; DELETE FROM blockmaps; DELETE FROM state WHERE key = 'seq';",
+                )?;
+            }
+        }
+    }
+    tx.commit()?;
+    // Written maps are served from SQLite from now on.
+    let mut st = locked(&shared.state);
+    for op in &journal {
+        if let Op::Map(ino, seg, version, _) = op
+            && st.maps.get(&(*ino, *seg)).is_some_and(|(v, _)| v == version)
+        {
+            st.maps.remove(&(*ino, *seg));
+        }
+    }
+    Ok(())
+}
+
+impl Drop for MetaCache {
+    fn drop(&mut self) {
+        self.state().closed = true;
+        self.shared.wake.notify_all();
+        if let Some(f) = self.flusher.take() {
+            let _ = f.join();
+        }
     }
 }
 
@@ -291,32 +531,88 @@ mod tests {
         assert_eq!(c.entry(1, b"other").unwrap(), None);
         c.put_listing(1, 1, &[(b"f".to_vec(), attr(5, 1)), (b"g".to_vec(), attr(6, 1))]).unwrap();
         assert_eq!(c.listing(1).unwrap().unwrap().1.len(), 2);
+        assert_eq!(c.entry(1, b"other").unwrap(), Some(Entry::Missing), "a complete listing knows what is missing");
         c.forget_entry(1, b"g").unwrap();
-        assert_eq!(c.listing(1).unwrap(), None, "a changed directory is no longer complete");
+        assert_eq!(c.listing(1).unwrap(), None, "a forgotten entry makes the listing incomplete");
         assert_eq!(c.entry(1, b"g").unwrap(), None);
+        assert_eq!(c.entry(1, b"other").unwrap(), None);
         c.forget_attr(5).unwrap();
         assert_eq!(c.entry(1, b"f").unwrap(), None, "an entry without attributes is a miss");
+    }
+
+    #[test]
+    fn changes_keep_a_listing_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = MetaCache::open(&dir.path().join("meta.db"), "bucket-a").unwrap();
+        c.put_listing(2, 1, &[]).unwrap();
+        c.put_entry(2, b"new", Some(&attr(7, 0))).unwrap();
+        assert_eq!(c.listing(2).unwrap().unwrap().1, vec![(b"new".to_vec(), attr(7, 0))]);
+        c.remove_entry(2, b"new").unwrap();
+        assert_eq!(c.entry(2, b"new").unwrap(), Some(Entry::Missing));
+        assert_eq!(c.attr(7).unwrap(), None, "what a removed name named has changed");
+        assert_eq!(c.listing(2).unwrap().unwrap().1, vec![]);
+        // The server's push confirming the removal is known.
+        assert!(c.apply_entry(2, b"new", None).unwrap());
+        // Another client's create, learnt from a push, joins the listing
+        // once its attributes (pushed with it) are merged.
+        assert!(!c.apply_entry(2, b"theirs", Some(9)).unwrap());
+        assert_eq!(c.listing(2).unwrap(), None);
+        c.merge_attr(9, Some(&attr(9, 0))).unwrap();
+        assert_eq!(c.listing(2).unwrap().unwrap().1, vec![(b"theirs".to_vec(), attr(9, 0))]);
+        assert!(!c.apply_entry(2, b"theirs", None).unwrap());
+        assert_eq!(c.entry(2, b"theirs").unwrap(), Some(Entry::Missing));
+        // A rename keeps both listings complete once the pushed attributes are back.
+        c.put_listing(3, 1, &[(b"a".to_vec(), attr(8, 0))]).unwrap();
+        c.put_listing(4, 1, &[]).unwrap();
+        c.rename_entry(3, b"a", 4, b"b").unwrap();
+        assert_eq!(c.entry(3, b"a").unwrap(), Some(Entry::Missing));
+        assert_eq!(c.listing(4).unwrap(), None, "the renamed inode's attributes are awaited");
+        c.merge_attr(8, Some(&attr(8, 0))).unwrap();
+        assert_eq!(c.listing(4).unwrap().unwrap().1, vec![(b"b".to_vec(), attr(8, 0))]);
+        assert_eq!(c.listing(3).unwrap().unwrap().1, vec![]);
     }
 
     #[test]
     fn block_maps_are_per_version_and_state_persists() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("meta.db");
+        let refs = vec![BlockRef { index: 0, hash: Hash::of(b"x"), len: 1 }];
         {
             let c = MetaCache::open(&path, "bucket-a").unwrap();
-            let refs = vec![BlockRef { index: 0, hash: Hash::of(b"x"), len: 1 }];
             c.put_block_map(5, 0, 3, &refs).unwrap();
-            assert_eq!(c.block_map(5, 0, 3).unwrap(), Some(refs));
+            assert_eq!(c.block_map(5, 0, 3).unwrap(), Some(refs.clone()), "served before it is written");
+            c.persist().unwrap();
+            assert_eq!(c.block_map(5, 0, 3).unwrap(), Some(refs.clone()), "and after");
             assert_eq!(c.block_map(5, 0, 4).unwrap(), None);
             c.set_applied_seq(42).unwrap();
             c.put_attr(&attr(5, 3)).unwrap();
+            c.put_listing(1, 1, &[(b"f".to_vec(), attr(5, 3))]).unwrap();
         }
         let c = MetaCache::open(&path, "bucket-a").unwrap();
         assert_eq!(c.applied_seq().unwrap(), Some(42));
         assert!(c.attr(5).unwrap().is_some());
+        assert_eq!(c.listing(1).unwrap().unwrap().1.len(), 1);
+        assert_eq!(c.block_map(5, 0, 3).unwrap(), Some(refs));
         drop(c); // one connection at a time: the cache locks its database
         let c = MetaCache::open(&path, "bucket-b").unwrap();
         assert_eq!(c.applied_seq().unwrap(), None, "another bucket starts empty");
         assert!(c.attr(5).unwrap().is_none());
+        assert_eq!(c.listing(1).unwrap(), None);
+    }
+
+    #[test]
+    fn a_wipe_reaches_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.db");
+        {
+            let c = MetaCache::open(&path, "bucket-a").unwrap();
+            c.put_attr(&attr(5, 3)).unwrap();
+            c.persist().unwrap();
+            c.wipe().unwrap();
+            c.put_attr(&attr(6, 1)).unwrap();
+        }
+        let c = MetaCache::open(&path, "bucket-a").unwrap();
+        assert!(c.attr(5).unwrap().is_none());
+        assert!(c.attr(6).unwrap().is_some());
     }
 }

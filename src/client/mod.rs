@@ -17,10 +17,10 @@ pub mod url;
 
 use futures_util::future::BoxFuture;
 use futures_util::{SinkExt, StreamExt};
-use restfs_proto::methods::{Hello, HelloParams, PushChanges, PushParams};
+use restfs_proto::methods::{Change, Hello, HelloParams, PushChanges, PushParams};
 use restfs_proto::rpc::{IdField, RawMessage, encode_request, split_frame};
-use restfs_proto::{Encoding, Errno, Id, MAX_FRAME, Method, PROTOCOL_VERSION, RpcError};
-use std::collections::HashMap;
+use restfs_proto::{Encoding, Errno, Id, Ino, MAX_FRAME, Method, PROTOCOL_VERSION, RpcError};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -56,7 +56,16 @@ struct Inner {
     server: Mutex<String>,
     reconnects: AtomicU64,
     pushes_seen: AtomicU64,
+    /// The directory entries named by the last [`RECENT_PUSHES`] pushes,
+    /// by push number (`None`: a reset, which touches everything).
+    recent: Mutex<VecDeque<(u64, Option<Vec<PushedEntry>>)>>,
 }
+
+/// A directory entry as a push reported it: parent, name, what it names.
+type PushedEntry = (Ino, Vec<u8>, Option<Ino>);
+
+/// Pushes remembered for [`Link::entries_crossed`].
+const RECENT_PUSHES: usize = 4096;
 
 struct State {
     /// Outgoing frames of the live connection.
@@ -148,6 +157,7 @@ impl Link {
                 server: Mutex::default(),
                 reconnects: AtomicU64::new(0),
                 pushes_seen: AtomicU64::new(0),
+                recent: Mutex::default(),
             }),
         };
         let reader = link.establish(timeout).await?;
@@ -299,7 +309,24 @@ impl Link {
             }
             _ if head.method.as_deref() == Some(PushChanges::NAME) => match m.params::<PushParams>() {
                 Ok(push) => {
-                    self.inner.pushes_seen.fetch_add(1, Ordering::AcqRel);
+                    let entries = (!push.reset).then(|| {
+                        push.changes
+                            .iter()
+                            .filter_map(|c| match c {
+                                Change::Entry { parent, name, ino, .. } => Some((*parent, name.0.clone(), *ino)),
+                                Change::Attr { .. } => None,
+                            })
+                            .collect()
+                    });
+                    {
+                        let mut recent = self.inner.recent.lock().unwrap_or_else(|p| p.into_inner());
+                        let n = self.inner.pushes_seen.load(Ordering::Acquire) + 1;
+                        recent.push_back((n, entries));
+                        if recent.len() > RECENT_PUSHES {
+                            recent.pop_front();
+                        }
+                        self.inner.pushes_seen.store(n, Ordering::Release);
+                    }
                     if let Some(tx) = self.inner.pushes.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
                         let _ = tx.send(push);
                     }
@@ -328,6 +355,26 @@ impl Link {
     /// Pushes received so far.
     pub fn pushes_seen(&self) -> u64 {
         self.inner.pushes_seen.load(Ordering::Acquire)
+    }
+
+    /// Did a push received after push number `before`, up to `at`, report
+    /// a directory entry for which `hit(parent, name, ino)` holds? When in
+    /// doubt (a reset, or pushes no longer remembered), yes.
+    pub fn entries_crossed(&self, before: u64, at: u64, hit: impl Fn(Ino, &[u8], Option<Ino>) -> bool) -> bool {
+        if at == before {
+            return false;
+        }
+        if at < before {
+            return true;
+        }
+        let recent = self.inner.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.front().is_none_or(|(n, _)| *n > before + 1) {
+            return true;
+        }
+        recent.iter().filter(|(n, _)| *n > before && *n <= at).any(|(_, entries)| match entries {
+            None => true,
+            Some(entries) => entries.iter().any(|(p, name, ino)| hit(*p, name, *ino)),
+        })
     }
 
     /// Call `M` on the current connection even while it is being restored

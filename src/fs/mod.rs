@@ -82,6 +82,8 @@ pub struct Fs {
     applied_seq: AtomicU64,
     /// The persistent metadata cache, if the mount has one.
     meta: Option<Arc<MetaCache>>,
+    /// Pushes applied so far (counted like [`Link::pushes_seen`]).
+    pushes_applied: AtomicU64,
     /// The metadata cache has caught up with the server and may answer.
     meta_live: std::sync::atomic::AtomicBool,
 }
@@ -118,6 +120,7 @@ impl Fs {
             page_versions: Mutex::default(),
             kernel: std::sync::OnceLock::new(),
             applied_seq: AtomicU64::new(0),
+            pushes_applied: AtomicU64::new(0),
             meta: None,
             meta_live: std::sync::atomic::AtomicBool::new(false),
         }
@@ -141,11 +144,33 @@ impl Fs {
         self.link().pushes_seen()
     }
 
-    /// Cache a server reply, unless a push arrived between the request
-    /// (`before`) and the reply (`at_reply`): it may be newer than the reply.
-    fn fill(&self, before: u64, at_reply: u64, f: impl FnOnce(&MetaCache) -> std::result::Result<(), MetaCacheError>) {
-        if before == at_reply
-            && let Some(m) = self.mc()
+    /// Could a push that arrived between a request (`before`) and its
+    /// reply (`at_reply`) be newer than the reply about entry `name` of
+    /// `parent` (any entry of it when `name` is `None`)? Not if it reports
+    /// the very value the reply implies (`value`; typically this client's
+    /// own change, pushed to it before the reply came). Also yes while
+    /// pushes received before the request are still being applied: they
+    /// would overwrite the reply.
+    fn crossed(&self, before: u64, at_reply: u64, parent: Ino, name: Option<&[u8]>, value: Option<Option<Ino>>) -> bool {
+        self.pushes_applied.load(Ordering::Acquire) < before
+            || self.link().entries_crossed(before, at_reply, |p, n, ino| {
+                p == parent && name.is_none_or(|name| name == n) && value.is_none_or(|v| v != ino)
+            })
+    }
+
+    /// Cache what a reply said about `parent` (entry `name`, or its whole
+    /// listing when `None`), unless a push crossed it (see [`Fs::crossed`]).
+    fn fill(
+        &self,
+        before: u64,
+        at_reply: u64,
+        parent: Ino,
+        name: Option<&[u8]>,
+        value: Option<Option<Ino>>,
+        f: impl FnOnce(&MetaCache) -> std::result::Result<(), MetaCacheError>,
+    ) {
+        if let Some(m) = self.mc()
+            && !self.crossed(before, at_reply, parent, name, value)
             && let Err(e) = f(m)
         {
             tracing::warn!("{e}");
@@ -215,6 +240,10 @@ impl Fs {
     // --- namespace ---
 
     pub async fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Attr> {
+        // Before any cache: a complete listing would answer ENOENT.
+        if name.len() > restfs_proto::NAME_MAX {
+            return Err(FsError::new(Errno::ENAMETOOLONG, "name longer than 255 bytes"));
+        }
         if let Some(m) = self.mc() {
             match m.entry(parent, name) {
                 Ok(Some(CachedEntry::Found(a))) => return Ok(self.overlay(a).await),
@@ -229,11 +258,11 @@ impl Fs {
         let (reply, seen) = self.link().call_seen::<Lookup>(EntryParams { parent, name: Name::from(name) }).await;
         match reply {
             Ok(attr) => {
-                self.fill(epoch, seen, |m| m.put_entry(parent, name, Some(&attr)));
+                self.fill(epoch, seen, parent, Some(name), Some(Some(attr.ino)), |m| m.put_entry(parent, name, Some(&attr)));
                 Ok(self.overlay(attr).await)
             }
             Err(e) if e.as_errno() == Errno::ENOENT => {
-                self.fill(epoch, seen, |m| m.put_entry(parent, name, None));
+                self.fill(epoch, seen, parent, Some(name), Some(None), |m| m.put_entry(parent, name, None));
                 Err(e.into())
             }
             Err(e) => Err(e.into()),
@@ -293,7 +322,9 @@ impl Fs {
         self.created(epoch, reply, parent, name)
     }
 
-    /// After a create in `parent`: cache the new entry, forget the parent's attributes.
+    /// After a create in `parent`: cache the new entry (a complete listing
+    /// of `parent` stays complete) and forget the parent's attributes. If a
+    /// push crossed the reply, the entry is forgotten instead.
     fn created(
         &self,
         epoch: u64,
@@ -302,11 +333,26 @@ impl Fs {
         name: &[u8],
     ) -> Result<Attr> {
         let (attr, seen) = reply;
-        // Forget unconditionally (a cached negative entry must go even if
-        // the fill below is skipped), then cache what the server said.
-        self.removed(parent, name);
-        let attr = attr?;
-        self.fill(epoch, seen, |m| m.put_entry(parent, name, Some(&attr)));
+        let attr = match attr {
+            Ok(a) => a,
+            Err(e) => {
+                self.removed(parent, name);
+                return Err(e.into());
+            }
+        };
+        self.forget(|m| m.forget_attr(parent));
+        match self.mc() {
+            Some(m) if !self.crossed(epoch, seen, parent, Some(name), Some(Some(attr.ino))) => {
+                let r = m.put_entry(parent, name, Some(&attr));
+                // A new directory is empty (unless another client was quick): its listing is known.
+                let empty = attr.kind == Kind::Dir && !self.crossed(epoch, seen, attr.ino, None, None);
+                let r = r.and_then(|_| if empty { m.put_listing(attr.ino, parent, &[]) } else { Ok(()) });
+                if let Err(e) = r {
+                    tracing::warn!("{e}");
+                }
+            }
+            _ => self.removed(parent, name),
+        }
         Ok(attr)
     }
 
@@ -337,15 +383,31 @@ impl Fs {
     }
 
     pub async fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()> {
-        let r = self.link().call::<Unlink>(EntryParams { parent, name: Name::from(name) }).await;
-        self.removed(parent, name);
+        let epoch = self.epoch();
+        let (r, seen) = self.link().call_seen::<Unlink>(EntryParams { parent, name: Name::from(name) }).await;
+        self.unlinked(epoch, seen, r.is_ok(), parent, name);
         Ok(r.map(|_| ())?)
     }
 
     pub async fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<()> {
-        let r = self.link().call::<Rmdir>(EntryParams { parent, name: Name::from(name) }).await;
-        self.removed(parent, name);
+        let epoch = self.epoch();
+        let (r, seen) = self.link().call_seen::<Rmdir>(EntryParams { parent, name: Name::from(name) }).await;
+        self.unlinked(epoch, seen, r.is_ok(), parent, name);
         Ok(r.map(|_| ())?)
+    }
+
+    /// After this client removed `name` from `parent` (`done`: the server
+    /// confirmed it and no push crossed the reply, so it is known missing
+    /// and a complete listing stays complete).
+    fn unlinked(&self, epoch: u64, seen: u64, done: bool, parent: Ino, name: &[u8]) {
+        match self.mc() {
+            Some(m) if done && !self.crossed(epoch, seen, parent, Some(name), Some(None)) => {
+                if let Err(e) = m.remove_entry(parent, name).and_then(|_| m.forget_attr(parent)) {
+                    tracing::warn!("{e}");
+                }
+            }
+            _ => self.removed(parent, name),
+        }
     }
 
     /// After a name in `parent` was removed or replaced.
@@ -358,9 +420,34 @@ impl Fs {
 
     pub async fn rename(&self, parent: Ino, name: &[u8], new_parent: Ino, new_name: &[u8], noreplace: bool, exchange: bool) -> Result<()> {
         let p = RenameParams { parent, name: Name::from(name), new_parent, new_name: Name::from(new_name), noreplace, exchange };
-        let r = self.link().call::<Rename>(p).await;
-        self.removed(parent, name);
-        self.removed(new_parent, new_name);
+        // What moves, if known: its push under the new name may come first.
+        let moving = match self.mc().and_then(|m| m.entry(parent, name).ok().flatten()) {
+            Some(CachedEntry::Found(a)) => Some(Some(a.ino)),
+            _ => None,
+        };
+        let epoch = self.epoch();
+        let (r, seen) = self.link().call_seen::<Rename>(p).await;
+        if exchange {
+            self.removed(parent, name);
+            self.removed(new_parent, new_name);
+        } else {
+            match self.mc() {
+                Some(m)
+                    if r.is_ok()
+                        && !self.crossed(epoch, seen, parent, Some(name), Some(None))
+                        && !self.crossed(epoch, seen, new_parent, Some(new_name), moving) =>
+                {
+                    let done = m.rename_entry(parent, name, new_parent, new_name);
+                    if let Err(e) = done.and_then(|_| m.forget_attr(parent)).and_then(|_| m.forget_attr(new_parent)) {
+                        tracing::warn!("{e}");
+                    }
+                }
+                _ => {
+                    self.removed(parent, name);
+                    self.removed(new_parent, new_name);
+                }
+            }
+        }
         Ok(r.map(|_| ())?)
     }
 
@@ -497,13 +584,14 @@ impl Fs {
         Ok(())
     }
 
-    /// Commit every open file (before unmounting).
+    /// Commit every open file and write the metadata cache (before unmounting).
     pub async fn flush_all(&self) -> Result<()> {
         let files: Vec<Arc<File>> = lock(&self.files).values().cloned().collect();
         for file in files {
             let mut st = file.state.lock().await;
             self.commit(&mut st).await?;
         }
+        self.forget(|m| m.persist());
         Ok(())
     }
 
@@ -606,7 +694,7 @@ impl Fs {
             for (change, known) in push.changes.iter().zip(known.iter_mut()) {
                 let r = match change {
                     Change::Attr { ino, attr, .. } => m.merge_attr(*ino, attr.as_ref()),
-                    Change::Entry { parent, name, ino, .. } => m.forget_entry_unless(*parent, name.as_bytes(), *ino),
+                    Change::Entry { parent, name, ino, .. } => m.apply_entry(*parent, name.as_bytes(), *ino),
                 };
                 *known = r.unwrap_or_else(|e| {
                     tracing::warn!("{e}");
@@ -616,6 +704,7 @@ impl Fs {
         }
         self.forget(|m| m.set_applied_seq(push.through));
         self.applied_seq.fetch_max(push.through, Ordering::AcqRel);
+        self.pushes_applied.fetch_add(1, Ordering::AcqRel);
         let Some(kernel) = self.kernel.get() else { return };
         for (change, known) in push.changes.into_iter().zip(known) {
             if known {
@@ -655,7 +744,7 @@ impl Fs {
                 let epoch = self.epoch();
                 let snapshot = DirSnapshot::fetch(self.link(), ino).await?;
                 let listing: Vec<(Vec<u8>, Attr)> = snapshot.entries.iter().map(|e| (e.name.0.clone(), e.attr.clone())).collect();
-                self.fill(epoch, self.epoch(), |m| m.put_listing(ino, snapshot.parent, &listing));
+                self.fill(epoch, self.epoch(), ino, None, None, |m| m.put_listing(ino, snapshot.parent, &listing));
                 snapshot
             }
         };

@@ -114,6 +114,8 @@ impl SqliteMeta {
     pub fn open(path: &Path) -> Result<SqliteMeta> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        // Every statement is prepared once and reused: parsing SQL dominated small operations.
+        conn.set_prepared_statement_cache_capacity(256);
         // restfsd alone uses this database: exclusive locking spares a lock
         // syscall pair per statement.
         conn.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
@@ -121,7 +123,7 @@ impl SqliteMeta {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "OFF")?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        let tables: i64 = conn.query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table'", [], |r| r.get(0))?;
+        let tables: i64 = conn.prepare_cached("SELECT count(*) FROM sqlite_master WHERE type = 'table'")?.query_row([], |r| r.get(0))?;
         if tables > 0 && version != SCHEMA_VERSION {
             return Err(Error::Corrupt(format!(
                 "{} has metadata schema version {version}; this restfsd needs {SCHEMA_VERSION}",
@@ -138,10 +140,7 @@ impl SqliteMeta {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let out = f(&tx)?;
         // The changes this transaction noted carry seq + 1: claim that number.
-        tx.execute(
-            "UPDATE buckets SET seq = seq + 1 WHERE EXISTS (SELECT 1 FROM changes c WHERE c.bucket = buckets.id AND c.seq = buckets.seq + 1)",
-            [],
-        )?;
+        tx.prepare_cached("UPDATE buckets SET seq = seq + 1 WHERE EXISTS (SELECT 1 FROM changes c WHERE c.bucket = buckets.id AND c.seq = buckets.seq + 1)")?.execute([],)?;
         tx.commit()?;
         Ok(out)
     }
@@ -192,7 +191,7 @@ fn finish(pair: (Attr, i64)) -> Result<Attr> {
 
 fn load(tx: &Connection, b: BucketId, ino: Ino) -> Result<Attr> {
     let sql = format!("SELECT {ATTR_COLS} FROM inodes WHERE bucket = ?1 AND ino = ?2");
-    let found = tx.query_row(&sql, params![b, ino as i64], |r| attr_at(r, 0)).optional()?;
+    let found = tx.prepare_cached(&sql)?.query_row(params![b, ino as i64], |r| attr_at(r, 0)).optional()?;
     match found {
         Some(pair) => finish(pair),
         None => Err(Error::fs(Errno::ENOENT, format!("inode {ino}"))),
@@ -226,45 +225,49 @@ fn note_entry(tx: &Connection, b: BucketId, parent: Ino, name: &[u8]) -> Result<
 
 fn save(tx: &Connection, b: BucketId, a: &Attr) -> Result<()> {
     note_attr(tx, b, a.ino)?;
-    tx.execute(
+    tx.prepare_cached(
         "UPDATE inodes SET mode=?3, uid=?4, gid=?5, nlink=?6, size=?7, atime_s=?8, atime_ns=?9, mtime_s=?10, mtime_ns=?11,
          ctime_s=?12, ctime_ns=?13, rdev=?14, version=?15 WHERE bucket=?1 AND ino=?2",
-        params![
-            b,
-            a.ino as i64,
-            a.mode as i64,
-            a.uid as i64,
-            a.gid as i64,
-            a.nlink as i64,
-            a.size as i64,
-            a.atime.sec,
-            a.atime.nsec as i64,
-            a.mtime.sec,
-            a.mtime.nsec as i64,
-            a.ctime.sec,
-            a.ctime.nsec as i64,
-            a.rdev as i64,
-            a.version as i64
-        ],
-    )?;
+    )?
+    .execute(params![
+        b,
+        a.ino as i64,
+        a.mode as i64,
+        a.uid as i64,
+        a.gid as i64,
+        a.nlink as i64,
+        a.size as i64,
+        a.atime.sec,
+        a.atime.nsec as i64,
+        a.mtime.sec,
+        a.mtime.nsec as i64,
+        a.ctime.sec,
+        a.ctime.nsec as i64,
+        a.rdev as i64,
+        a.version as i64
+    ])?;
     Ok(())
 }
 
 fn child(tx: &Connection, b: BucketId, parent: Ino, name: &[u8]) -> Result<Option<Ino>> {
     let ino: Option<i64> = tx
-        .query_row("SELECT ino FROM dentries WHERE bucket=?1 AND parent=?2 AND name=?3", params![b, parent as i64, name], |r| r.get(0))
+        .prepare_cached("SELECT ino FROM dentries WHERE bucket=?1 AND parent=?2 AND name=?3")?
+        .query_row(params![b, parent as i64, name], |r| r.get(0))
         .optional()?;
     Ok(ino.map(|i| i as u64))
 }
 
 fn parent_of(tx: &Connection, b: BucketId, dir: Ino) -> Result<Ino> {
-    let p: i64 = tx.query_row("SELECT parent FROM inodes WHERE bucket=?1 AND ino=?2", params![b, dir as i64], |r| r.get(0))?;
+    let p: i64 =
+        tx.prepare_cached("SELECT parent FROM inodes WHERE bucket=?1 AND ino=?2")?.query_row(params![b, dir as i64], |r| r.get(0))?;
     Ok(p as u64)
 }
 
 fn is_empty_dir(tx: &Connection, b: BucketId, dir: Ino) -> Result<bool> {
-    let any: Option<i64> =
-        tx.query_row("SELECT 1 FROM dentries WHERE bucket=?1 AND parent=?2 LIMIT 1", params![b, dir as i64], |r| r.get(0)).optional()?;
+    let any: Option<i64> = tx
+        .prepare_cached("SELECT 1 FROM dentries WHERE bucket=?1 AND parent=?2 LIMIT 1")?
+        .query_row(params![b, dir as i64], |r| r.get(0))
+        .optional()?;
     Ok(any.is_none())
 }
 
@@ -288,29 +291,35 @@ fn touch_dir(tx: &Connection, b: BucketId, dir: &mut Attr, now: Timespec) -> Res
 }
 
 fn add_entry(tx: &Connection, b: BucketId, parent: Ino, name: &[u8], ino: Ino) -> Result<()> {
-    tx.execute("INSERT INTO dentries(bucket, parent, name, ino) VALUES (?1, ?2, ?3, ?4)", params![b, parent as i64, name, ino as i64])?;
+    tx.prepare_cached("INSERT INTO dentries(bucket, parent, name, ino) VALUES (?1, ?2, ?3, ?4)")?.execute(params![
+        b,
+        parent as i64,
+        name,
+        ino as i64
+    ])?;
     note_entry(tx, b, parent, name)
 }
 
 fn remove_entry(tx: &Connection, b: BucketId, parent: Ino, name: &[u8]) -> Result<()> {
-    tx.execute("DELETE FROM dentries WHERE bucket=?1 AND parent=?2 AND name=?3", params![b, parent as i64, name])?;
+    tx.prepare_cached("DELETE FROM dentries WHERE bucket=?1 AND parent=?2 AND name=?3")?.execute(params![b, parent as i64, name])?;
     note_entry(tx, b, parent, name)
 }
 
 fn change_refs(tx: &Connection, hash: &[u8], delta: i64) -> Result<()> {
-    tx.execute("UPDATE blocks SET refs = refs + ?2, created = ?3 WHERE hash = ?1", params![hash, delta, Timespec::now().sec])?;
+    tx.prepare_cached("UPDATE blocks SET refs = refs + ?2, created = ?3 WHERE hash = ?1")?.execute(params![
+        hash,
+        delta,
+        Timespec::now().sec
+    ])?;
     Ok(())
 }
 
 /// Delete block-map slots from index `from` on, dropping their references.
 fn drop_slots_from(tx: &Connection, b: BucketId, ino: Ino, from: u64) -> Result<()> {
-    tx.execute(
-        "UPDATE blocks SET refs = refs - (SELECT count(*) FROM blockmap m WHERE m.bucket=?1 AND m.ino=?2 AND m.idx>=?3 AND m.hash=blocks.hash),
+    tx.prepare_cached("UPDATE blocks SET refs = refs - (SELECT count(*) FROM blockmap m WHERE m.bucket=?1 AND m.ino=?2 AND m.idx>=?3 AND m.hash=blocks.hash),
                            created = ?4
-         WHERE hash IN (SELECT hash FROM blockmap WHERE bucket=?1 AND ino=?2 AND idx>=?3)",
-        params![b, ino as i64, from as i64, Timespec::now().sec],
-    )?;
-    tx.execute("DELETE FROM blockmap WHERE bucket=?1 AND ino=?2 AND idx>=?3", params![b, ino as i64, from as i64])?;
+         WHERE hash IN (SELECT hash FROM blockmap WHERE bucket=?1 AND ino=?2 AND idx>=?3)")?.execute(params![b, ino as i64, from as i64, Timespec::now().sec],)?;
+    tx.prepare_cached("DELETE FROM blockmap WHERE bucket=?1 AND ino=?2 AND idx>=?3")?.execute(params![b, ino as i64, from as i64])?;
     Ok(())
 }
 
@@ -321,18 +330,20 @@ fn truncate_map(tx: &Connection, b: BucketId, ino: Ino, size: u64, block_size: u
     if size % block_size != 0 {
         let last = size / block_size;
         let tail = (size % block_size) as i64;
-        tx.execute(
-            "UPDATE blockmap SET len = min(len, ?4) WHERE bucket=?1 AND ino=?2 AND idx=?3",
-            params![b, ino as i64, last as i64, tail],
-        )?;
+        tx.prepare_cached("UPDATE blockmap SET len = min(len, ?4) WHERE bucket=?1 AND ino=?2 AND idx=?3")?.execute(params![
+            b,
+            ino as i64,
+            last as i64,
+            tail
+        ])?;
     }
     Ok(())
 }
 
 fn delete_inode(tx: &Connection, b: BucketId, ino: Ino) -> Result<()> {
     drop_slots_from(tx, b, ino, 0)?;
-    tx.execute("DELETE FROM xattrs WHERE bucket=?1 AND ino=?2", params![b, ino as i64])?;
-    tx.execute("DELETE FROM inodes WHERE bucket=?1 AND ino=?2", params![b, ino as i64])?;
+    tx.prepare_cached("DELETE FROM xattrs WHERE bucket=?1 AND ino=?2")?.execute(params![b, ino as i64])?;
+    tx.prepare_cached("DELETE FROM inodes WHERE bucket=?1 AND ino=?2")?.execute(params![b, ino as i64])?;
     note_attr(tx, b, ino)
 }
 
@@ -344,20 +355,17 @@ fn drop_link(tx: &Connection, b: BucketId, mut attr: Attr, now: Timespec, is_ope
 }
 
 fn block_size_of(tx: &Connection, b: BucketId) -> Result<u64> {
-    let bs: i64 = tx.query_row("SELECT block_size FROM buckets WHERE id=?1", params![b], |r| r.get(0))?;
+    let bs: i64 = tx.prepare_cached("SELECT block_size FROM buckets WHERE id=?1")?.query_row(params![b], |r| r.get(0))?;
     Ok(bs as u64)
 }
 
 fn bucket_info(tx: &Connection, id: BucketId) -> Result<BucketInfo> {
-    let (name, block_size, segment_blocks, s, ns): (String, i64, i64, i64, i64) =
-        tx.query_row("SELECT name, block_size, segment_blocks, created_s, created_ns FROM buckets WHERE id=?1", params![id], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-        })?;
-    let (objects, bytes): (i64, i64) = tx.query_row(
-        "SELECT count(*), coalesce(sum(CASE WHEN kind = ?2 THEN size ELSE 0 END), 0) FROM inodes WHERE bucket=?1",
-        params![id, kind_code(Kind::File)],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )?;
+    let (name, block_size, segment_blocks, s, ns): (String, i64, i64, i64, i64) = tx
+        .prepare_cached("SELECT name, block_size, segment_blocks, created_s, created_ns FROM buckets WHERE id=?1")?
+        .query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?;
+    let (objects, bytes): (i64, i64) = tx
+        .prepare_cached("SELECT count(*), coalesce(sum(CASE WHEN kind = ?2 THEN size ELSE 0 END), 0) FROM inodes WHERE bucket=?1")?
+        .query_row(params![id, kind_code(Kind::File)], |r| Ok((r.get(0)?, r.get(1)?)))?;
     Ok(BucketInfo {
         name,
         block_size: block_size as u32,
@@ -389,22 +397,28 @@ fn resolve(t: SetTime, now: Timespec) -> Timespec {
 impl MetaStore for SqliteMeta {
     fn create_bucket(&self, name: &str, block_size: u32, segment_blocks: u32) -> Result<BucketInfo> {
         self.with_tx(|tx| {
-            let exists: Option<i64> = tx.query_row("SELECT id FROM buckets WHERE name=?1", params![name], |r| r.get(0)).optional()?;
+            let exists: Option<i64> =
+                tx.prepare_cached("SELECT id FROM buckets WHERE name=?1")?.query_row(params![name], |r| r.get(0)).optional()?;
             if exists.is_some() {
                 return Err(Error::fs(Errno::EEXIST, format!("bucket {name:?} exists")));
             }
             let now = Timespec::now();
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT INTO buckets(name, block_size, segment_blocks, created_s, created_ns, next_ino) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![name, block_size as i64, segment_blocks as i64, now.sec, now.nsec as i64, (ROOT_INO + 1) as i64],
-            )?;
+            )?
+            .execute(params![
+                name,
+                block_size as i64,
+                segment_blocks as i64,
+                now.sec,
+                now.nsec as i64,
+                (ROOT_INO + 1) as i64
+            ])?;
             let id = tx.last_insert_rowid();
-            tx.execute(
-                &format!(
-                    "INSERT INTO inodes(bucket, {ATTR_COLS}, parent) VALUES (?1, ?2, ?3, ?4, 0, 0, 2, 0, ?5, ?6, ?5, ?6, ?5, ?6, 0, 0, ?2)"
-                ),
-                params![id, ROOT_INO as i64, kind_code(Kind::Dir), 0o755, now.sec, now.nsec as i64],
-            )?;
+            tx.prepare_cached(&format!(
+                "INSERT INTO inodes(bucket, {ATTR_COLS}, parent) VALUES (?1, ?2, ?3, ?4, 0, 0, 2, 0, ?5, ?6, ?5, ?6, ?5, ?6, 0, 0, ?2)"
+            ))?
+            .execute(params![id, ROOT_INO as i64, kind_code(Kind::Dir), 0o755, now.sec, now.nsec as i64])?;
             bucket_info(tx, id)
         })
     }
@@ -412,14 +426,15 @@ impl MetaStore for SqliteMeta {
     fn list_buckets(&self) -> Result<Vec<BucketInfo>> {
         self.with_conn(|c| {
             let ids: Vec<i64> =
-                c.prepare("SELECT id FROM buckets ORDER BY name")?.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+                c.prepare_cached("SELECT id FROM buckets ORDER BY name")?.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
             ids.into_iter().map(|id| bucket_info(c, id)).collect()
         })
     }
 
     fn bucket(&self, name: &str) -> Result<(BucketId, BucketInfo)> {
         self.with_conn(|c| {
-            let id: Option<i64> = c.query_row("SELECT id FROM buckets WHERE name=?1", params![name], |r| r.get(0)).optional()?;
+            let id: Option<i64> =
+                c.prepare_cached("SELECT id FROM buckets WHERE name=?1")?.query_row(params![name], |r| r.get(0)).optional()?;
             let id = id.ok_or_else(|| Error::fs(Errno::ENOENT, format!("no bucket {name:?}")))?;
             Ok((id, bucket_info(c, id)?))
         })
@@ -431,20 +446,21 @@ impl MetaStore for SqliteMeta {
 
     fn delete_bucket(&self, name: &str, force: bool) -> Result<()> {
         self.with_tx(|tx| {
-            let id: Option<i64> = tx.query_row("SELECT id FROM buckets WHERE name=?1", params![name], |r| r.get(0)).optional()?;
+            let id: Option<i64> =
+                tx.prepare_cached("SELECT id FROM buckets WHERE name=?1")?.query_row(params![name], |r| r.get(0)).optional()?;
             let id = id.ok_or_else(|| Error::fs(Errno::ENOENT, format!("no bucket {name:?}")))?;
             if !force && !is_empty_dir(tx, id, ROOT_INO)? {
                 return Err(Error::fs(Errno::ENOTEMPTY, format!("bucket {name:?} is not empty")));
             }
-            tx.execute(
+            tx.prepare_cached(
                 "UPDATE blocks SET refs = refs - (SELECT count(*) FROM blockmap m WHERE m.bucket=?1 AND m.hash=blocks.hash), created=?2
                  WHERE hash IN (SELECT hash FROM blockmap WHERE bucket=?1)",
-                params![id, Timespec::now().sec],
-            )?;
+            )?
+            .execute(params![id, Timespec::now().sec])?;
             for table in ["blockmap", "xattrs", "dentries", "inodes", "changes"] {
-                tx.execute(&format!("DELETE FROM {table} WHERE bucket=?1"), params![id])?;
+                tx.prepare_cached(&format!("DELETE FROM {table} WHERE bucket=?1"))?.execute(params![id])?;
             }
-            tx.execute("DELETE FROM buckets WHERE id=?1", params![id])?;
+            tx.prepare_cached("DELETE FROM buckets WHERE id=?1")?.execute(params![id])?;
             Ok(())
         })
     }
@@ -457,7 +473,7 @@ impl MetaStore for SqliteMeta {
                  WHERE d.bucket=?1 AND d.parent=?2 AND d.name=?3",
                 ATTR_COLS.split(", ").map(|col| format!("i.{col}")).collect::<Vec<_>>().join(", ")
             );
-            match c.query_row(&sql, params![b, parent as i64, name], |r| attr_at(r, 0)).optional()? {
+            match c.prepare_cached(&sql)?.query_row(params![b, parent as i64, name], |r| attr_at(r, 0)).optional()? {
                 Some(pair) => finish(pair),
                 None => {
                     load_dir(c, b, parent)?;
@@ -519,8 +535,8 @@ impl MetaStore for SqliteMeta {
             if child(tx, b, p.parent, p.name.as_bytes())?.is_some() {
                 return Err(Error::fs(Errno::EEXIST, format!("{:?} exists", p.name)));
             }
-            let ino: i64 = tx.query_row("SELECT next_ino FROM buckets WHERE id=?1", params![b], |r| r.get(0))?;
-            tx.execute("UPDATE buckets SET next_ino = next_ino + 1 WHERE id=?1", params![b])?;
+            let ino: i64 = tx.prepare_cached("SELECT next_ino FROM buckets WHERE id=?1")?.query_row(params![b], |r| r.get(0))?;
+            tx.prepare_cached("UPDATE buckets SET next_ino = next_ino + 1 WHERE id=?1")?.execute(params![b])?;
             let now = Timespec::now();
             let mut mode = p.mode & 0o7777;
             let mut gid = p.gid;
@@ -537,10 +553,7 @@ impl MetaStore for SqliteMeta {
                 _ => (1, 0),
             };
             let rdev = if matches!(p.kind, Kind::CharDev | Kind::BlockDev) { p.rdev } else { 0 };
-            tx.execute(
-                &format!("INSERT INTO inodes(bucket, {ATTR_COLS}, parent, target) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?9, ?10, ?9, ?10, ?11, 0, ?12, ?13)"),
-                params![b, ino, kind_code(p.kind), mode as i64, p.uid as i64, gid as i64, nlink, size as i64, now.sec, now.nsec as i64, rdev as i64, p.parent as i64, target],
-            )?;
+            tx.prepare_cached(&format!("INSERT INTO inodes(bucket, {ATTR_COLS}, parent, target) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?9, ?10, ?9, ?10, ?11, 0, ?12, ?13)"))?.execute(params![b, ino, kind_code(p.kind), mode as i64, p.uid as i64, gid as i64, nlink, size as i64, now.sec, now.nsec as i64, rdev as i64, p.parent as i64, target],)?;
             note_attr(tx, b, ino as u64)?;
             add_entry(tx, b, p.parent, p.name.as_bytes(), ino as u64)?;
             if p.kind == Kind::Dir {
@@ -557,8 +570,9 @@ impl MetaStore for SqliteMeta {
             if a.kind != Kind::Symlink {
                 return Err(Error::fs(Errno::EINVAL, "not a symlink"));
             }
-            let t: Option<Vec<u8>> =
-                c.query_row("SELECT target FROM inodes WHERE bucket=?1 AND ino=?2", params![b, ino as i64], |r| r.get(0))?;
+            let t: Option<Vec<u8>> = c
+                .prepare_cached("SELECT target FROM inodes WHERE bucket=?1 AND ino=?2")?
+                .query_row(params![b, ino as i64], |r| r.get(0))?;
             t.ok_or_else(|| Error::Corrupt(format!("symlink {ino} has no target")))
         })
     }
@@ -652,21 +666,29 @@ impl MetaStore for SqliteMeta {
                 {
                     return Err(Error::fs(Errno::EINVAL, "would move a directory into itself"));
                 }
-                tx.execute(
-                    "UPDATE dentries SET ino=?4 WHERE bucket=?1 AND parent=?2 AND name=?3",
-                    params![b, p.parent as i64, name, dst_ino as i64],
-                )?;
-                tx.execute(
-                    "UPDATE dentries SET ino=?4 WHERE bucket=?1 AND parent=?2 AND name=?3",
-                    params![b, p.new_parent as i64, new_name, src_ino as i64],
-                )?;
+                tx.prepare_cached("UPDATE dentries SET ino=?4 WHERE bucket=?1 AND parent=?2 AND name=?3")?.execute(params![
+                    b,
+                    p.parent as i64,
+                    name,
+                    dst_ino as i64
+                ])?;
+                tx.prepare_cached("UPDATE dentries SET ino=?4 WHERE bucket=?1 AND parent=?2 AND name=?3")?.execute(params![
+                    b,
+                    p.new_parent as i64,
+                    new_name,
+                    src_ino as i64
+                ])?;
                 note_entry(tx, b, p.parent, name)?;
                 note_entry(tx, b, p.new_parent, new_name)?;
                 for (node, to) in [(&mut src, p.new_parent), (&mut dst, p.parent)] {
                     node.ctime = now;
                     save(tx, b, node)?;
                     if node.kind == Kind::Dir {
-                        tx.execute("UPDATE inodes SET parent=?3 WHERE bucket=?1 AND ino=?2", params![b, node.ino as i64, to as i64])?;
+                        tx.prepare_cached("UPDATE inodes SET parent=?3 WHERE bucket=?1 AND ino=?2")?.execute(params![
+                            b,
+                            node.ino as i64,
+                            to as i64
+                        ])?;
                     }
                 }
                 let delta = (src.kind == Kind::Dir) as i64 - (dst.kind == Kind::Dir) as i64;
@@ -714,7 +736,11 @@ impl MetaStore for SqliteMeta {
             save(tx, b, &src)?;
             let moved_dir = src.kind == Kind::Dir && p.parent != p.new_parent;
             if src.kind == Kind::Dir {
-                tx.execute("UPDATE inodes SET parent=?3 WHERE bucket=?1 AND ino=?2", params![b, src_ino as i64, p.new_parent as i64])?;
+                tx.prepare_cached("UPDATE inodes SET parent=?3 WHERE bucket=?1 AND ino=?2")?.execute(params![
+                    b,
+                    src_ino as i64,
+                    p.new_parent as i64
+                ])?;
             }
             let mut old_dir = load(tx, b, p.parent)?;
             if moved_dir {
@@ -770,7 +796,7 @@ impl MetaStore for SqliteMeta {
     fn purge_all(&self) -> Result<u64> {
         self.with_tx(|tx| {
             let orphans: Vec<(i64, i64)> = tx
-                .prepare("SELECT bucket, ino FROM inodes WHERE nlink = 0")?
+                .prepare_cached("SELECT bucket, ino FROM inodes WHERE nlink = 0")?
                 .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<rusqlite::Result<_>>()?;
             for (b, ino) in &orphans {
@@ -788,7 +814,8 @@ impl MetaStore for SqliteMeta {
         self.with_tx(|tx| {
             let mut a = load(tx, b, ino)?;
             let exists: Option<i64> = tx
-                .query_row("SELECT 1 FROM xattrs WHERE bucket=?1 AND ino=?2 AND name=?3", params![b, ino as i64, name], |r| r.get(0))
+                .prepare_cached("SELECT 1 FROM xattrs WHERE bucket=?1 AND ino=?2 AND name=?3")?
+                .query_row(params![b, ino as i64, name], |r| r.get(0))
                 .optional()?;
             match (mode, exists.is_some()) {
                 (XattrMode::Create, true) => return Err(Error::fs(Errno::EEXIST, "xattr exists")),
@@ -797,10 +824,8 @@ impl MetaStore for SqliteMeta {
                 }
                 _ => {}
             }
-            tx.execute(
-                "INSERT OR REPLACE INTO xattrs(bucket, ino, name, value) VALUES (?1, ?2, ?3, ?4)",
-                params![b, ino as i64, name, value],
-            )?;
+            tx.prepare_cached("INSERT OR REPLACE INTO xattrs(bucket, ino, name, value) VALUES (?1, ?2, ?3, ?4)")?
+                .execute(params![b, ino as i64, name, value])?;
             a.ctime = Timespec::now();
             save(tx, b, &a)
         })
@@ -810,7 +835,8 @@ impl MetaStore for SqliteMeta {
         self.with_conn(|c| {
             load(c, b, ino)?;
             let v: Option<Vec<u8>> = c
-                .query_row("SELECT value FROM xattrs WHERE bucket=?1 AND ino=?2 AND name=?3", params![b, ino as i64, name], |r| r.get(0))
+                .prepare_cached("SELECT value FROM xattrs WHERE bucket=?1 AND ino=?2 AND name=?3")?
+                .query_row(params![b, ino as i64, name], |r| r.get(0))
                 .optional()?;
             v.ok_or_else(|| Error::fs(Errno::ENODATA, "no such xattr"))
         })
@@ -820,7 +846,7 @@ impl MetaStore for SqliteMeta {
         self.with_conn(|c| {
             load(c, b, ino)?;
             let names = c
-                .prepare("SELECT name FROM xattrs WHERE bucket=?1 AND ino=?2 ORDER BY name")?
+                .prepare_cached("SELECT name FROM xattrs WHERE bucket=?1 AND ino=?2 ORDER BY name")?
                 .query_map(params![b, ino as i64], |r| r.get(0))?
                 .collect::<rusqlite::Result<_>>()?;
             Ok(names)
@@ -831,7 +857,8 @@ impl MetaStore for SqliteMeta {
         check_xattr_name(name)?;
         self.with_tx(|tx| {
             let mut a = load(tx, b, ino)?;
-            let n = tx.execute("DELETE FROM xattrs WHERE bucket=?1 AND ino=?2 AND name=?3", params![b, ino as i64, name])?;
+            let n =
+                tx.prepare_cached("DELETE FROM xattrs WHERE bucket=?1 AND ino=?2 AND name=?3")?.execute(params![b, ino as i64, name])?;
             if n == 0 {
                 return Err(Error::fs(Errno::ENODATA, "no such xattr"));
             }
@@ -872,15 +899,14 @@ impl MetaStore for SqliteMeta {
                     return Err(Error::fs(Errno::EINVAL, format!("block {} lies past the size {size}", slot.index)));
                 }
                 let old: Option<Vec<u8>> = tx
-                    .query_row(
-                        "SELECT hash FROM blockmap WHERE bucket=?1 AND ino=?2 AND idx=?3",
-                        params![b, ino as i64, slot.index as i64],
-                        |r| r.get(0),
-                    )
+                    .prepare_cached("SELECT hash FROM blockmap WHERE bucket=?1 AND ino=?2 AND idx=?3")?
+                    .query_row(params![b, ino as i64, slot.index as i64], |r| r.get(0))
                     .optional()?;
                 if let Some((hash, len)) = slot.block {
-                    let block_len: Option<i64> =
-                        tx.query_row("SELECT size FROM blocks WHERE hash=?1", params![&hash.0[..]], |r| r.get(0)).optional()?;
+                    let block_len: Option<i64> = tx
+                        .prepare_cached("SELECT size FROM blocks WHERE hash=?1")?
+                        .query_row(params![&hash.0[..]], |r| r.get(0))
+                        .optional()?;
                     let block_len = block_len.ok_or_else(|| Error::fs(Errno::EAGAIN, format!("block {hash} is not on the server")))?;
                     if len as i64 > block_len || len as u64 > bs {
                         return Err(Error::fs(
@@ -889,12 +915,14 @@ impl MetaStore for SqliteMeta {
                         ));
                     }
                     change_refs(tx, &hash.0, 1)?;
-                    tx.execute(
-                        "INSERT OR REPLACE INTO blockmap(bucket, ino, idx, hash, len) VALUES (?1, ?2, ?3, ?4, ?5)",
-                        params![b, ino as i64, slot.index as i64, &hash.0[..], len as i64],
-                    )?;
+                    tx.prepare_cached("INSERT OR REPLACE INTO blockmap(bucket, ino, idx, hash, len) VALUES (?1, ?2, ?3, ?4, ?5)")?
+                        .execute(params![b, ino as i64, slot.index as i64, &hash.0[..], len as i64])?;
                 } else {
-                    tx.execute("DELETE FROM blockmap WHERE bucket=?1 AND ino=?2 AND idx=?3", params![b, ino as i64, slot.index as i64])?;
+                    tx.prepare_cached("DELETE FROM blockmap WHERE bucket=?1 AND ino=?2 AND idx=?3")?.execute(params![
+                        b,
+                        ino as i64,
+                        slot.index as i64
+                    ])?;
                 }
                 if let Some(old) = old {
                     change_refs(tx, &old, -1)?;
@@ -920,11 +948,11 @@ impl MetaStore for SqliteMeta {
 
     fn add_block(&self, hash: &Hash, size: u32, inline: Option<&[u8]>) -> Result<()> {
         self.with_tx(|tx| {
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT INTO blocks(hash, size, refs, created, data) VALUES (?1, ?2, 0, ?3, ?4)
                  ON CONFLICT(hash) DO UPDATE SET created = excluded.created",
-                params![&hash.0[..], size as i64, Timespec::now().sec, inline],
-            )?;
+            )?
+            .execute(params![&hash.0[..], size as i64, Timespec::now().sec, inline])?;
             Ok(())
         })
     }
@@ -932,7 +960,7 @@ impl MetaStore for SqliteMeta {
     fn block_location(&self, hash: &Hash) -> Result<BlockLocation> {
         self.with_conn(|c| {
             let found: Option<Option<Vec<u8>>> =
-                c.query_row("SELECT data FROM blocks WHERE hash=?1", params![&hash.0[..]], |r| r.get(0)).optional()?;
+                c.prepare_cached("SELECT data FROM blocks WHERE hash=?1")?.query_row(params![&hash.0[..]], |r| r.get(0)).optional()?;
             match found {
                 None => Err(Error::fs(Errno::ENOENT, format!("no block {hash}"))),
                 Some(Some(data)) => Ok(BlockLocation::Inline(data)),
@@ -945,12 +973,12 @@ impl MetaStore for SqliteMeta {
         self.with_tx(|tx| {
             let cutoff = Timespec::now().sec - min_age_secs as i64;
             let rows: Vec<(Vec<u8>, i64, bool)> = tx
-                .prepare("SELECT hash, size, data IS NULL FROM blocks WHERE refs <= 0 AND created <= ?1")?
+                .prepare_cached("SELECT hash, size, data IS NULL FROM blocks WHERE refs <= 0 AND created <= ?1")?
                 .query_map(params![cutoff], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
                 .collect::<rusqlite::Result<_>>()?;
             let mut g = Garbage::default();
             for (hash, size, external) in rows {
-                tx.execute("DELETE FROM blocks WHERE hash=?1", params![&hash])?;
+                tx.prepare_cached("DELETE FROM blocks WHERE hash=?1")?.execute(params![&hash])?;
                 g.blocks += 1;
                 g.bytes += size as u64;
                 if external {
@@ -965,7 +993,8 @@ impl MetaStore for SqliteMeta {
     fn changes_since(&self, b: BucketId, since: u64, limit: u64) -> Result<ChangeLog> {
         self.with_conn(|c| {
             let (seq, log_start): (i64, i64) = c
-                .query_row("SELECT seq, log_start FROM buckets WHERE id=?1", params![b], |r| Ok((r.get(0)?, r.get(1)?)))
+                .prepare_cached("SELECT seq, log_start FROM buckets WHERE id=?1")?
+                .query_row(params![b], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()?
                 .ok_or_else(|| Error::fs(Errno::ENOENT, "bucket is gone"))?;
             let (seq, log_start) = (seq as u64, log_start as u64);
@@ -991,8 +1020,9 @@ impl MetaStore for SqliteMeta {
     fn trim_changes(&self, keep: u64) -> Result<()> {
         self.with_tx(|tx| {
             let keep = keep.min(i64::MAX as u64) as i64;
-            tx.execute("DELETE FROM changes WHERE seq <= (SELECT b.seq FROM buckets b WHERE b.id = changes.bucket) - ?1", params![keep])?;
-            tx.execute("UPDATE buckets SET log_start = max(log_start, seq - ?1)", params![keep])?;
+            tx.prepare_cached("DELETE FROM changes WHERE seq <= (SELECT b.seq FROM buckets b WHERE b.id = changes.bucket) - ?1")?
+                .execute(params![keep])?;
+            tx.prepare_cached("UPDATE buckets SET log_start = max(log_start, seq - ?1)")?.execute(params![keep])?;
             Ok(())
         })
     }
@@ -1019,7 +1049,8 @@ impl MetaStore for SqliteMeta {
 
     fn trim_replies(&self, secs: u64) -> Result<()> {
         self.with_conn(|c| {
-            c.execute("DELETE FROM replies WHERE at < ?1", params![Timespec::now().sec - secs.min(i64::MAX as u64) as i64])?;
+            c.prepare_cached("DELETE FROM replies WHERE at < ?1")?
+                .execute(params![Timespec::now().sec - secs.min(i64::MAX as u64) as i64])?;
             Ok(())
         })
     }
@@ -1027,7 +1058,8 @@ impl MetaStore for SqliteMeta {
     fn sync(&self) -> Result<()> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         conn.pragma_update(None, "synchronous", "FULL")?;
-        let marked = conn.execute("INSERT INTO sync_marker(id, n) VALUES (1, 1) ON CONFLICT(id) DO UPDATE SET n = n + 1", []);
+        let marked =
+            conn.prepare_cached("INSERT INTO sync_marker(id, n) VALUES (1, 1) ON CONFLICT(id) DO UPDATE SET n = n + 1")?.execute([]);
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         marked?;
         Ok(())
