@@ -315,7 +315,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyData,
     ) {
         self.run(|fs, _| async move {
-            match fs.read(fh.0, offset, size).await {
+            match fs.read_buf(fh.0, offset, size).await {
                 Ok(data) => reply.data(&data),
                 Err(e) => reply_error!(reply, e),
             }

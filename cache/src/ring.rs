@@ -1,28 +1,32 @@
 //! The on-disk circular block cache.
 //!
 //! One file of fixed size (the capacity) holds records laid end to end:
-//! a 64-byte header (magic, sequence number, hash, length, header checksum)
-//! then the block, padded to 4 KiB. New records go at the head, which
+//! a 64-byte header (magic, sequence number, hash, length, block checksum,
+//! header checksum) then the block, padded to 4 KiB. New records go at the head, which
 //! sweeps around the ring; a record in the way is evicted unless it was
 //! used since the head last passed (CLOCK: it keeps its place and loses
 //! its mark) or is pinned. A hit costs O(1): set the mark.
 //!
-//! Crash safety without fsync: blocks are addressed by their SHA-256 and
-//! every read is verified, so a torn or overwritten record can only be a
-//! miss, never wrong data (it is dropped and counted as corrupt). The
+//! Integrity and crash safety without fsync: a block's SHA-256 address is
+//! checked before it enters the ring (by the caller: fetched blocks are
+//! verified, written ones hashed), and the record carries an XXH3-64
+//! checksum of the bytes written, verified on every read (at memory speed,
+//! where re-hashing SHA-256 would halve cold-read throughput). A torn,
+//! overwritten or corrupted record is therefore a miss, never wrong data
+//! (it is dropped and counted as corrupt). The
 //! index is rebuilt at open by walking record headers; the head resumes
 //! after the newest record.
 
 use restfs_proto::Hash;
-use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use xxhash_rust::xxh3::xxh3_64;
 
-const MAGIC: u64 = 0x5245_5354_4653_4331; // "RESTFSC1"
+const MAGIC: u64 = 0x5245_5354_4653_4332; // "RESTFSC2"
 const HEADER: u64 = 64;
 const ALIGN: u64 = 4096;
 
@@ -92,25 +96,53 @@ pub struct BlockRing {
     evictions: AtomicU64,
 }
 
-fn header_bytes(seq: u64, hash: &Hash, len: u32) -> [u8; HEADER as usize] {
+/// A record header: magic, seq, SHA-256 address, length, XXH3-64 of the
+/// block, and the low 32 bits of the XXH3-64 of all that.
+fn header_bytes(seq: u64, hash: &Hash, data: &[u8]) -> [u8; HEADER as usize] {
     let mut h = [0u8; HEADER as usize];
     h[0..8].copy_from_slice(&MAGIC.to_le_bytes());
     h[8..16].copy_from_slice(&seq.to_le_bytes());
     h[16..48].copy_from_slice(&hash.0);
-    h[48..52].copy_from_slice(&len.to_le_bytes());
-    let sum = Sha256::digest(&h[0..52]);
-    h[52..60].copy_from_slice(&sum[0..8]);
+    h[48..52].copy_from_slice(&(data.len() as u32).to_le_bytes());
+    h[52..60].copy_from_slice(&xxh3_64(data).to_le_bytes());
+    let sum = xxh3_64(&h[0..60]) as u32;
+    h[60..64].copy_from_slice(&sum.to_le_bytes());
     h
 }
 
-fn parse_header(h: &[u8; HEADER as usize]) -> Option<(u64, Hash, u32)> {
-    if u64::from_le_bytes(h[0..8].try_into().ok()?) != MAGIC || Sha256::digest(&h[0..52])[0..8] != h[52..60] {
+/// A record header's (seq, address, length, block checksum), if intact.
+fn parse_header(h: &[u8; HEADER as usize]) -> Option<(u64, Hash, u32, u64)> {
+    if u64::from_le_bytes(h[0..8].try_into().ok()?) != MAGIC || (xxh3_64(&h[0..60]) as u32).to_le_bytes() != h[60..64] {
         return None;
     }
     let seq = u64::from_le_bytes(h[8..16].try_into().ok()?);
     let hash = Hash(h[16..48].try_into().ok()?);
     let len = u32::from_le_bytes(h[48..52].try_into().ok()?);
-    Some((seq, hash, len))
+    let sum = u64::from_le_bytes(h[52..60].try_into().ok()?);
+    Some((seq, hash, len, sum))
+}
+
+/// Read `len` bytes at `offset` into a new buffer, without zeroing it first
+/// (a block is up to 8 MiB; zeroing cost as much as the read).
+fn read_fresh(file: &File, len: usize, offset: u64) -> std::io::Result<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    let mut buf: Vec<u8> = Vec::with_capacity(len);
+    let mut done = 0;
+    while done < len {
+        // SAFETY: pread writes at most `len - done` bytes into the spare
+        // capacity past `done`, all of which the allocation holds.
+        let n =
+            unsafe { libc::pread(file.as_raw_fd(), buf.as_mut_ptr().add(done).cast(), len - done, (offset + done as u64) as libc::off_t) };
+        match n {
+            n if n > 0 => done += n as usize,
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+            _ => return Err(std::io::Error::last_os_error()),
+        }
+    }
+    // SAFETY: the first `len` bytes were written by pread above.
+    unsafe { buf.set_len(len) };
+    Ok(buf)
 }
 
 impl BlockRing {
@@ -146,7 +178,7 @@ impl BlockRing {
         while offset + HEADER <= self.capacity {
             self.file.read_exact_at(&mut header, offset)?;
             match parse_header(&header) {
-                Some((seq, hash, len)) if offset + record_span(len as u64) <= self.capacity => {
+                Some((seq, hash, len, _)) if offset + record_span(len as u64) <= self.capacity => {
                     let entry = Entry { offset, len, seq, referenced: false, pins: 0, ready: true };
                     let keep = ix.by_hash.get(&hash).is_none_or(|e| e.seq < seq);
                     if keep {
@@ -229,12 +261,11 @@ impl BlockRing {
                 }
             }
         };
-        let mut buf = vec![0u8; (HEADER + len as u64) as usize];
-        let read = self.file.read_exact_at(&mut buf, offset);
-        let header: &[u8; HEADER as usize] = buf[..HEADER as usize].try_into().expect("buffer holds a header");
-        let whole = read.is_ok()
-            && parse_header(header).is_some_and(|(_, h, l)| h == *hash && l == len)
-            && Hash::of(&buf[HEADER as usize..]) == *hash;
+        let mut header = [0u8; HEADER as usize];
+        let read = self.file.read_exact_at(&mut header, offset).and_then(|_| read_fresh(&self.file, len as usize, offset + HEADER));
+        let whole = read
+            .as_ref()
+            .is_ok_and(|buf| parse_header(&header).is_some_and(|(_, h, l, sum)| h == *hash && l == len && xxh3_64(buf) == sum));
         let mut ix = self.lock();
         if let Some(e) = ix.by_hash.get_mut(hash) {
             e.pins -= 1;
@@ -249,8 +280,7 @@ impl BlockRing {
         }
         drop(ix);
         self.hits.fetch_add(1, Ordering::Relaxed);
-        buf.drain(..HEADER as usize);
-        Some(buf)
+        read.ok()
     }
 
     pub fn contains(&self, hash: &Hash) -> bool {
@@ -291,7 +321,7 @@ impl BlockRing {
             (offset, seq)
         };
         let mut record = Vec::with_capacity(span as usize);
-        record.extend_from_slice(&header_bytes(seq, hash, data.len() as u32));
+        record.extend_from_slice(&header_bytes(seq, hash, data));
         record.extend_from_slice(data);
         let written = self.file.write_all_at(&record, offset);
         let mut ix = self.lock();

@@ -20,6 +20,83 @@ use std::sync::atomic::AtomicU32;
 /// Dirty blocks held in memory before full ones are uploaded early.
 const DIRTY_LIMIT: usize = 32;
 
+/// Blocks fetched ahead of sequential reads.
+const READ_AHEAD_BLOCKS: u64 = 8;
+
+/// Where the bytes of one block's share of a read come from.
+pub enum Part {
+    /// Already here (dirty data, or zeros of a hole).
+    Local(Vec<u8>),
+    /// Bytes `from..to` of a stored block whose valid length is `len`.
+    Stored { hash: Hash, len: u32, from: usize, to: usize },
+}
+
+/// Bytes `from..to` of a block whose valid bytes are `bytes`; zeros past them.
+fn padded(bytes: &[u8], from: usize, to: usize) -> Vec<u8> {
+    let avail = bytes.len().clamp(from, to);
+    let mut out = Vec::with_capacity(to - from);
+    out.extend_from_slice(bytes.get(from..avail).unwrap_or_default());
+    out.resize(to - from, 0);
+    out
+}
+
+/// The bytes a read returns: its own buffer, or a range of one cached block
+/// (the common case of a read within one block costs no copy).
+pub enum ReadBuf {
+    Owned(Vec<u8>),
+    Shared(std::sync::Arc<Vec<u8>>, std::ops::Range<usize>),
+}
+
+impl std::ops::Deref for ReadBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            ReadBuf::Owned(v) => v,
+            ReadBuf::Shared(block, range) => &block[range.clone()],
+        }
+    }
+}
+
+impl ReadBuf {
+    pub fn into_vec(self) -> Vec<u8> {
+        match self {
+            ReadBuf::Owned(v) => v,
+            ReadBuf::Shared(..) => self.to_vec(),
+        }
+    }
+}
+
+/// Fetch the stored parts of a planned read (concurrently) and join them.
+pub async fn assemble(r: &Remote, parts: Vec<Part>) -> Result<ReadBuf> {
+    let fetched = futures_util::future::try_join_all(parts.iter().map(|p| async move {
+        match p {
+            Part::Stored { hash, .. } => r.block(*hash).await.map(Some),
+            Part::Local(_) => Ok(None),
+        }
+    }))
+    .await?;
+    if let ([Part::Stored { len, from, to, .. }], [Some(data)]) = (&parts[..], &fetched[..])
+        && *to <= (*len as usize).min(data.len())
+    {
+        return Ok(ReadBuf::Shared(data.clone(), *from..*to));
+    }
+    let mut out = Vec::new();
+    for (part, data) in parts.into_iter().zip(fetched) {
+        match part {
+            Part::Local(bytes) if out.is_empty() => out = bytes,
+            Part::Local(bytes) => out.extend_from_slice(&bytes),
+            Part::Stored { len, from, to, .. } => {
+                let data = data.expect("every stored part was fetched");
+                let valid = &data[..(len as usize).min(data.len())];
+                let avail = valid.len().clamp(from, to);
+                out.extend_from_slice(valid.get(from..avail).unwrap_or_default());
+                out.resize(out.len() + (to - avail), 0);
+            }
+        }
+    }
+    Ok(ReadBuf::Owned(out))
+}
+
 pub struct File {
     pub ino: Ino,
     pub state: tokio::sync::Mutex<FileData>,
@@ -39,6 +116,10 @@ pub struct FileData {
     empty_base: bool,
     /// Size or content changed since the last commit.
     changed: bool,
+    /// Where the next sequential read would start.
+    next_read: u64,
+    /// Blocks below this index were already fetched ahead.
+    read_ahead_to: u64,
 }
 
 impl File {
@@ -54,6 +135,8 @@ impl File {
                 map_version: attr.version,
                 empty_base: attr.size == 0,
                 changed: false,
+                next_read: 0,
+                read_ahead_to: 0,
             }),
             handles: AtomicU32::new(0),
         }
@@ -78,6 +161,7 @@ impl FileData {
     }
 
     fn forget_map(&mut self) {
+        self.read_ahead_to = 0;
         self.map.clear();
         self.loaded.clear();
         self.map_version = 0;
@@ -119,36 +203,50 @@ impl FileData {
         }
     }
 
-    pub async fn read(&mut self, r: &Remote, offset: u64, size: u32) -> Result<Vec<u8>> {
+    /// Plan a read of `size` bytes at `offset`: local bytes are copied
+    /// now, stored blocks are named for [`assemble`] to fetch.
+    pub async fn plan_read(&mut self, r: &Remote, offset: u64, size: u32) -> Result<Vec<Part>> {
         let end = self.attr.size.min(offset.saturating_add(size as u64));
-        if offset >= end {
-            return Ok(Vec::new());
-        }
         let bs = r.block_size;
-        let mut out = Vec::with_capacity((end - offset) as usize);
+        let mut parts = Vec::new();
         let mut pos = offset;
         while pos < end {
             let idx = pos / bs;
             let (from, to) = ((pos % bs) as usize, ((end - idx * bs).min(bs)) as usize);
-            let stored;
-            let bytes: &[u8] = match self.dirty.get(&idx) {
-                Some(buf) => buf,
+            parts.push(match self.dirty.get(&idx) {
+                Some(buf) => Part::Local(padded(buf, from, to)),
                 None => match self.slot(r, idx).await? {
-                    None => &[],
-                    Some((hash, len)) => {
-                        stored = r.block(hash).await?;
-                        &stored[..(len as usize).min(stored.len())]
-                    }
+                    None => Part::Local(vec![0; to - from]),
+                    Some((hash, len)) => Part::Stored { hash, len, from, to },
                 },
-            };
-            let avail = bytes.len().clamp(from, to);
-            if avail > from {
-                out.extend_from_slice(&bytes[from..avail]);
-            }
-            out.resize(out.len() + (to - avail), 0);
+            });
             pos = idx * bs + to as u64;
         }
-        Ok(out)
+        Ok(parts)
+    }
+
+    /// After a read at `offset`: if reads go sequentially, the stored
+    /// blocks to fetch ahead of them (each block once).
+    pub async fn read_ahead(&mut self, r: &Remote, offset: u64, size: u32) -> Vec<Hash> {
+        let sequential =
+            offset == self.next_read || (offset > 0 && offset / r.block_size == self.next_read.saturating_sub(1) / r.block_size);
+        self.next_read = offset + size as u64;
+        if !sequential {
+            self.read_ahead_to = 0;
+            return Vec::new();
+        }
+        let first = self.next_read.div_ceil(r.block_size).max(self.read_ahead_to);
+        let last = (self.next_read / r.block_size + READ_AHEAD_BLOCKS).min(self.attr.size.div_ceil(r.block_size));
+        let mut hashes = Vec::new();
+        for idx in first..last {
+            if !self.dirty.contains_key(&idx)
+                && let Ok(Some((hash, _))) = self.slot(r, idx).await
+            {
+                hashes.push(hash);
+            }
+        }
+        self.read_ahead_to = self.read_ahead_to.max(last);
+        hashes
     }
 
     pub async fn write(&mut self, r: &Remote, offset: u64, data: &[u8]) -> Result<()> {

@@ -70,7 +70,7 @@ enum Handle {
 }
 
 pub struct Fs {
-    remote: Remote,
+    remote: Arc<Remote>,
     pub bucket: BucketInfo,
     files: Mutex<HashMap<Ino, Arc<File>>>,
     handles: Mutex<HashMap<u64, Handle>>,
@@ -96,23 +96,17 @@ impl Fs {
     /// A core over a link whose connection has mounted `bucket`, caching
     /// blocks in `ring` (on disk) and `memory_bytes` of memory.
     pub fn with_ring(link: Link, bucket: BucketInfo, memory_bytes: usize, ring: Option<Arc<restfs_cache::BlockRing>>) -> Fs {
-        let mut fs = Fs::new(link, bucket, memory_bytes);
-        fs.remote.ring = ring;
-        fs
-    }
-
-    /// A core caching blocks in memory only.
-    pub fn new(link: Link, bucket: BucketInfo, cache_bytes: usize) -> Fs {
         let remote = Remote {
             link,
-            cache: BlockCache::new(cache_bytes),
-            ring: None,
+            cache: BlockCache::new(memory_bytes),
+            ring,
             meta: None,
             block_size: bucket.block_size as u64,
             segment_blocks: bucket.segment_blocks as u64,
+            inflight: Mutex::default(),
         };
         Fs {
-            remote,
+            remote: Arc::new(remote),
             bucket,
             files: Mutex::default(),
             handles: Mutex::default(),
@@ -126,9 +120,14 @@ impl Fs {
         }
     }
 
+    /// A core caching blocks in memory only.
+    pub fn new(link: Link, bucket: BucketInfo, cache_bytes: usize) -> Fs {
+        Fs::with_ring(link, bucket, cache_bytes, None)
+    }
+
     /// Add the persistent metadata cache (before `subscribe`).
     pub fn with_meta_cache(mut self, meta: Arc<MetaCache>) -> Fs {
-        self.remote.meta = Some(meta.clone());
+        Arc::get_mut(&mut self.remote).expect("the metadata cache is added before the core is shared").meta = Some(meta.clone());
         self.meta = Some(meta);
         self
     }
@@ -509,10 +508,25 @@ impl Fs {
         Ok(Opened { fh, keep_cache })
     }
 
-    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+    /// Read: plan under the file's lock, fetch the blocks concurrently
+    /// without it, and, when reads go sequentially, prefetch ahead.
+    pub async fn read_buf(&self, fh: u64, offset: u64, size: u32) -> Result<file::ReadBuf> {
         let file = self.file_handle(fh)?;
-        let mut st = file.state.lock().await;
-        st.read(&self.remote, offset, size).await
+        let (parts, ahead) = {
+            let mut st = file.state.lock().await;
+            let parts = st.plan_read(&self.remote, offset, size).await?;
+            let ahead = st.read_ahead(&self.remote, offset, size).await;
+            (parts, ahead)
+        };
+        for hash in ahead {
+            let remote = self.remote.clone();
+            tokio::spawn(async move { remote.prefetch(hash).await });
+        }
+        file::assemble(&self.remote, parts).await
+    }
+
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        Ok(self.read_buf(fh, offset, size).await?.into_vec())
     }
 
     pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {

@@ -8,7 +8,9 @@ use restfs_proto::methods::{
     BlockData, BlockGet, BlockGetParams, BlockHas, BlockHasParams, BlockPut, BlockPutParams, SegmentGet, SegmentGetParams,
 };
 use restfs_proto::{BlockRef, Bytes, Errno, Hash, Ino};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tokio::sync::OnceCell;
 
 use crate::client::Link;
 
@@ -25,7 +27,12 @@ pub struct Remote {
     pub meta: Option<Arc<restfs_cache::MetaCache>>,
     pub block_size: u64,
     pub segment_blocks: u64,
+    /// Blocks being fetched: a second reader (or a prefetch) waits for the
+    /// first fetch instead of starting its own.
+    pub inflight: Mutex<HashMap<Hash, Arc<Fetch>>>,
 }
+
+type Fetch = OnceCell<Result<Arc<Vec<u8>>>>;
 
 /// An uploaded block: its slot index, address and length.
 pub type Uploaded = (u64, Hash, u32);
@@ -36,6 +43,24 @@ impl Remote {
         if let Some(data) = self.cache.get(&hash) {
             return Ok(data);
         }
+        let fetch = self.inflight.lock().unwrap_or_else(|p| p.into_inner()).entry(hash).or_default().clone();
+        let got = fetch.get_or_init(|| self.fetch(hash)).await.clone();
+        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        if inflight.get(&hash).is_some_and(|f| Arc::ptr_eq(f, &fetch)) {
+            inflight.remove(&hash);
+        }
+        got
+    }
+
+    /// Fetch a block into the memory cache ahead of a read.
+    pub async fn prefetch(&self, hash: Hash) {
+        if let Err(e) = self.block(hash).await {
+            tracing::debug!("prefetch of block {hash}: {e}");
+        }
+    }
+
+    /// A block from the disk cache, else the server.
+    async fn fetch(&self, hash: Hash) -> Result<Arc<Vec<u8>>> {
         if let Some(ring) = &self.ring {
             let ring = ring.clone();
             // The ring verifies what it reads; a corrupt copy is a miss.
