@@ -216,9 +216,17 @@ fn lock_cache_dir(dir: &Path) -> Result<File, String> {
 /// If `path` is a dead FUSE mount ("Transport endpoint is not connected"),
 /// detach it so it can be mounted again.
 fn clear_stale_mount(path: &Path) {
-    if let Err(e) = std::fs::metadata(path)
-        && e.raw_os_error() == Some(libc::ENOTCONN)
-    {
+    // Not stat(): with long TTLs the kernel may answer it from its caches.
+    // statfs() always reaches the daemon, or fails if there is none.
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return };
+    // SAFETY: a valid C string and a zeroed out-buffer of the right type.
+    let failed = unsafe {
+        let mut buf: libc::statfs = std::mem::zeroed();
+        libc::statfs(c_path.as_ptr(), &mut buf) != 0
+    };
+    let errno = std::io::Error::last_os_error().raw_os_error();
+    if failed && matches!(errno, Some(libc::ENOTCONN) | Some(libc::ECONNABORTED)) {
         tracing::warn!("{} is a stale mount; detaching it", path.display());
         let _ = lazy_unmount(path);
     }
@@ -231,7 +239,7 @@ const READAHEAD_KB: u32 = 4096;
 
 /// The newest mount at `path` in /proc/self/mountinfo: (device "major:minor",
 /// filesystem type). Read without touching the mount itself.
-fn mountinfo(path: &Path) -> Option<(String, String)> {
+pub fn mountinfo(path: &Path) -> Option<(String, String)> {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     let target = path.to_string_lossy();
     mounts.lines().rev().find_map(|l| {
@@ -451,6 +459,7 @@ fn serve(args: &MountArgs, ready: &mut Option<File>) -> Result<(), String> {
     raise_readahead(&args.mountpoint);
     fs.set_kernel_cache(Box::new(crate::fuse::KernelNotifier::new(session.notifier())));
     rt.block_on(fs.subscribe()).map_err(|e| format!("cannot subscribe to changes: {e}"))?;
+    rt.block_on(fs.recover_unacked());
     tracing::info!("mounted {} at {}", args.source, args.mountpoint.display());
     if let Some(mut ready) = ready.take() {
         let _ = ready.write_all(b"OK");

@@ -119,6 +119,8 @@ fn client_killed_mid_write_remounts_with_fsynced_data_intact() {
     let m = Mount::new(&server, "k", &mnt, &opts);
 
     let dir = mnt.clone();
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let done = progress.clone();
     let writer = std::thread::spawn(move || {
         let mut synced = Vec::new();
         for i in 0..10_000u32 {
@@ -131,10 +133,16 @@ fn client_killed_mid_write_remounts_with_fsynced_data_intact() {
                 Ok(()) => synced.push((i, data)),
                 Err(_) => break, // the client died under us
             }
+            done.store(synced.len(), std::sync::atomic::Ordering::Release);
         }
         synced
     });
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // Kill mid-workload, once some files are fsync'd (however slow the machine).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while progress.load(std::sync::atomic::Ordering::Acquire) < 5 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
     m.kill();
     let synced = writer.join().unwrap();
     assert!(synced.len() > 3, "the workload should have fsync'd files before the kill");
@@ -143,5 +151,47 @@ fn client_killed_mid_write_remounts_with_fsynced_data_intact() {
     for (i, data) in &synced {
         assert!(std::fs::read(mnt.join(format!("w{i}"))).unwrap() == *data, "fsync'd file w{i} after the crash");
     }
+    m.unmount();
+}
+
+/// A close the server never acknowledged (it was stopped) leaves its blocks
+/// pinned in the disk cache and the commit journaled: after a `kill -9` of
+/// the client, the next mount completes it.
+#[test]
+fn unacknowledged_close_is_completed_by_the_next_mount() {
+    let root = scratch("e2e-unacked");
+    let server = Server::start(&root.join("data"));
+    server.create_bucket("u");
+    let mnt = root.join("mnt");
+    let opts = format!("cache_dir={},cache_size=64M", root.join("cache").display());
+    let m = Mount::new(&server, "u", &mnt, &opts);
+    std::fs::write(mnt.join("f"), b"before").unwrap();
+    std::fs::write(mnt.join("untouched"), b"same").unwrap();
+
+    // Written while the server is up (only the close commits), then the
+    // close waits for a server that no longer answers, and the client dies
+    // under it.
+    let data = pattern(3 << 20, 7);
+    let mut f = std::fs::OpenOptions::new().write(true).open(mnt.join("f")).unwrap();
+    f.write_all(&data).unwrap();
+    server.signal(libc::SIGSTOP);
+    let closer = std::thread::spawn(move || -> std::io::Result<()> {
+        use std::os::fd::IntoRawFd;
+        // SAFETY: closing the descriptor this thread owns, once.
+        match unsafe { libc::close(f.into_raw_fd()) } {
+            0 => Ok(()),
+            _ => Err(std::io::Error::last_os_error()),
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(!closer.is_finished(), "the close cannot complete while the server is stopped");
+    m.kill();
+    assert!(closer.join().unwrap().is_err(), "the application saw the close fail");
+    server.signal(libc::SIGCONT);
+
+    let m = Mount::new(&server, "u", &mnt, &opts);
+    assert!(std::fs::read(mnt.join("f")).unwrap() == data, "the journaled commit was completed");
+    assert_eq!(std::fs::read(mnt.join("untouched")).unwrap(), b"same");
+    assert!(m.log().contains("completed the unacknowledged commit"), "{}", m.log());
     m.unmount();
 }

@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS attrs(ino INTEGER PRIMARY KEY, attr TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS entries(parent INTEGER NOT NULL, name BLOB NOT NULL, ino INTEGER, PRIMARY KEY(parent, name)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS listed(dir INTEGER PRIMARY KEY, parent INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS blockmaps(ino INTEGER NOT NULL, seg INTEGER NOT NULL, version INTEGER NOT NULL, refs TEXT NOT NULL, PRIMARY KEY(ino, seg)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS unacked(ino INTEGER PRIMARY KEY, record TEXT NOT NULL);
 ";
 
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +76,7 @@ enum Op {
     ClearEntries(Ino),
     Listed(Ino, Option<Ino>),
     Map(Ino, u64, u64, Vec<BlockRef>),
+    Unacked(Ino, Option<String>),
     Seq(u64),
     Wipe,
 }
@@ -88,6 +90,8 @@ struct State {
     listed: HashMap<Ino, Ino>,
     /// Block maps not yet written: (ino, segment) → (version, refs).
     maps: HashMap<(Ino, u64), (u64, Vec<BlockRef>)>,
+    /// Commits sent but not acknowledged, by inode (kept across wipes).
+    unacked: HashMap<Ino, String>,
     seq: Option<u64>,
     journal: Vec<Op>,
     closed: bool,
@@ -118,14 +122,16 @@ impl MetaCache {
         if version != SCHEMA_VERSION {
             conn.execute_batch(
                 "DROP TABLE IF EXISTS state; DROP TABLE IF EXISTS attrs; DROP TABLE IF EXISTS entries;
-                 DROP TABLE IF EXISTS listed; DROP TABLE IF EXISTS blockmaps;",
+                 DROP TABLE IF EXISTS listed; DROP TABLE IF EXISTS blockmaps; DROP TABLE IF EXISTS unacked;",
             )?;
             conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION};"))?;
         }
         conn.execute_batch(SCHEMA)?;
         let held: Option<String> = conn.query_row("SELECT value FROM state WHERE key='identity'", [], |r| r.get(0)).optional()?;
         if held.as_deref() != Some(identity) {
-            conn.execute_batch("DELETE FROM attrs; DELETE FROM entries; DELETE FROM listed; DELETE FROM blockmaps; DELETE FROM state;")?;
+            conn.execute_batch(
+                "DELETE FROM attrs; DELETE FROM entries; DELETE FROM listed; DELETE FROM blockmaps; DELETE FROM unacked; DELETE FROM state;",
+            )?;
             conn.execute("INSERT INTO state(key, value) VALUES ('identity', ?1)", params![identity])?;
         }
         let state = load(&conn)?;
@@ -144,11 +150,12 @@ impl MetaCache {
         write_journal(&self.shared)
     }
 
-    /// Forget everything but the bucket identity.
+    /// Forget everything but the bucket identity and unacknowledged commits.
     pub fn wipe(&self) -> Result<()> {
         let mut st = self.state();
         let journal = std::mem::take(&mut st.journal);
-        *st = State { journal, ..State::default() };
+        let unacked = std::mem::take(&mut st.unacked);
+        *st = State { journal, unacked, ..State::default() };
         st.journal.push(Op::Wipe);
         Ok(())
     }
@@ -252,6 +259,29 @@ impl MetaCache {
         Ok(())
     }
 
+    // --- commits not yet acknowledged (a journal, not a cache) ---
+
+    /// Record the commit of `ino` in flight (replacing an older one).
+    pub fn put_unacked(&self, ino: Ino, record: &str) -> Result<()> {
+        let mut st = self.state();
+        st.unacked.insert(ino, record.to_owned());
+        st.journal.push(Op::Unacked(ino, Some(record.to_owned())));
+        Ok(())
+    }
+
+    pub fn clear_unacked(&self, ino: Ino) -> Result<()> {
+        let mut st = self.state();
+        if st.unacked.remove(&ino).is_some() {
+            st.journal.push(Op::Unacked(ino, None));
+        }
+        Ok(())
+    }
+
+    /// Every commit in flight when the cache was last written.
+    pub fn unacked(&self) -> Result<Vec<(Ino, String)>> {
+        Ok(self.state().unacked.iter().map(|(i, r)| (*i, r.clone())).collect())
+    }
+
     // --- this client's own namespace changes (no push crossed the reply) ---
 
     /// A name this client just removed: it is now missing, and what it
@@ -296,7 +326,7 @@ impl MetaCache {
     /// cached ones unless those are newer (by data version, then ctime, both
     /// of which only grow), so arrival order does not matter. `None` (the
     /// inode is gone) forgets them. Returns whether the cache already held
-    /// exactly this state.
+    /// this state or a newer one.
     pub fn merge_attr(&self, ino: Ino, now: Option<&Attr>) -> Result<bool> {
         let mut st = self.state();
         Ok(match now {
@@ -348,11 +378,12 @@ impl State {
         self.attrs.insert(attr.ino, attr);
     }
 
-    /// Newest wins; returns whether `now` was exactly what was cached.
+    /// Newest wins; returns whether the cache already held `now` or newer
+    /// (news to nobody: this client learnt it first from its own replies).
     fn merge_attr(&mut self, now: &Attr) -> bool {
         match self.attrs.get(&now.ino) {
             Some(cached) if cached == now => true,
-            Some(cached) if (cached.version, cached.ctime) > (now.version, now.ctime) => false,
+            Some(cached) if (cached.version, cached.ctime) > (now.version, now.ctime) => true,
             _ => {
                 self.put_attr(now.clone());
                 false
@@ -413,6 +444,11 @@ fn load(conn: &Connection) -> Result<State> {
     for row in stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))? {
         let (dir, parent) = row?;
         st.listed.insert(dir as Ino, parent as Ino);
+    }
+    let mut stmt = conn.prepare("SELECT ino, record FROM unacked")?;
+    for row in stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))? {
+        let (ino, record) = row?;
+        st.unacked.insert(ino as Ino, record);
     }
     st.seq =
         conn.query_row("SELECT value FROM state WHERE key='seq'", [], |r| r.get::<_, String>(0)).optional()?.and_then(|s| s.parse().ok());
@@ -476,6 +512,12 @@ fn write_journal(shared: &Shared) -> Result<()> {
             Op::Map(ino, seg, version, refs) => {
                 tx.prepare_cached("INSERT OR REPLACE INTO blockmaps(ino, seg, version, refs) VALUES (?1, ?2, ?3, ?4)")?
                     .execute(params![*ino as i64, *seg as i64, *version as i64, serde_json::to_string(refs)?])?;
+            }
+            Op::Unacked(ino, Some(record)) => {
+                tx.prepare_cached("INSERT OR REPLACE INTO unacked(ino, record) VALUES (?1, ?2)")?.execute(params![*ino as i64, record])?;
+            }
+            Op::Unacked(ino, None) => {
+                tx.prepare_cached("DELETE FROM unacked WHERE ino=?1")?.execute(params![*ino as i64])?;
             }
             Op::Seq(seq) => {
                 tx.prepare_cached("INSERT OR REPLACE INTO state(key, value) VALUES ('seq', ?1)")?.execute(params![seq.to_string()])?;
@@ -614,5 +656,23 @@ mod tests {
         let c = MetaCache::open(&path, "bucket-a").unwrap();
         assert!(c.attr(5).unwrap().is_none());
         assert!(c.attr(6).unwrap().is_some());
+    }
+
+    #[test]
+    fn unacknowledged_commits_outlive_wipes_and_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.db");
+        {
+            let c = MetaCache::open(&path, "bucket-a").unwrap();
+            c.put_unacked(5, "five").unwrap();
+            c.put_unacked(6, "six").unwrap();
+            c.clear_unacked(6).unwrap();
+            c.wipe().unwrap();
+        }
+        let c = MetaCache::open(&path, "bucket-a").unwrap();
+        assert_eq!(c.unacked().unwrap(), vec![(5, "five".to_string())]);
+        drop(c);
+        let c = MetaCache::open(&path, "bucket-b").unwrap();
+        assert!(c.unacked().unwrap().is_empty(), "another bucket's journal is not ours");
     }
 }

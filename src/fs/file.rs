@@ -11,7 +11,7 @@
 //! length, and blocks with neither, read as zeros (holes).
 
 use super::error::{FsError, Result};
-use super::remote::Remote;
+use super::remote::{Remote, Staged};
 use restfs_proto::methods::{SegmentCommit, SegmentCommitParams};
 use restfs_proto::{Attr, BlockSlot, Errno, Hash, Ino, Timespec};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -106,6 +106,9 @@ pub struct File {
 
 pub struct FileData {
     pub attr: Attr,
+    /// The ctime of the newest attributes the server gave (`attr.ctime`
+    /// moves with local writes).
+    pub server_ctime: Timespec,
     dirty: BTreeMap<u64, Vec<u8>>,
     pending: BTreeMap<u64, Option<(Hash, u32)>>,
     map: HashMap<u64, (Hash, u32)>,
@@ -120,6 +123,28 @@ pub struct FileData {
     next_read: u64,
     /// Blocks below this index were already fetched ahead.
     read_ahead_to: u64,
+    /// Staged blocks not yet sent to the server.
+    unsent: Vec<Staged>,
+    /// Blocks pinned in the disk cache until the next commit succeeds.
+    pinned: Vec<Hash>,
+}
+
+/// A commit sent but not acknowledged, as journaled in the metadata cache.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Unacked {
+    /// The file's version the commit applies to.
+    pub base_version: u64,
+    pub commit: SegmentCommitParams,
+}
+
+fn journal(r: &Remote, record: &Unacked) {
+    let Some(meta) = &r.meta else { return };
+    let stored = serde_json::to_string(record)
+        .map_err(|e| e.to_string())
+        .and_then(|text| meta.put_unacked(record.commit.ino, &text).map_err(|e| e.to_string()));
+    if let Err(e) = stored {
+        tracing::warn!("cannot journal the commit of inode {}: {e}", record.commit.ino);
+    }
 }
 
 impl File {
@@ -127,6 +152,7 @@ impl File {
         File {
             ino: attr.ino,
             state: tokio::sync::Mutex::new(FileData {
+                server_ctime: attr.ctime,
                 attr: attr.clone(),
                 dirty: BTreeMap::new(),
                 pending: BTreeMap::new(),
@@ -137,6 +163,8 @@ impl File {
                 changed: false,
                 next_read: 0,
                 read_ahead_to: 0,
+                unsent: Vec::new(),
+                pinned: Vec::new(),
             }),
             handles: AtomicU32::new(0),
         }
@@ -153,6 +181,7 @@ impl FileData {
             return;
         }
         let (size, mtime) = (self.attr.size, self.attr.mtime);
+        self.server_ctime = fresh.ctime;
         self.attr = fresh;
         if self.changed {
             self.attr.size = size;
@@ -279,13 +308,15 @@ impl FileData {
         self.attr.ctime = now;
         self.changed = true;
         if self.dirty.len() > DIRTY_LIMIT {
-            self.upload_dirty(r, true).await?;
+            self.stage_dirty(r, true).await?;
+            self.send_staged(r).await?;
         }
         Ok(())
     }
 
-    /// Upload dirty blocks (all but the last one when `keep_last`) into `pending`.
-    async fn upload_dirty(&mut self, r: &Remote, keep_last: bool) -> Result<()> {
+    /// Stage dirty blocks (all but the last one when `keep_last`) in the
+    /// disk cache and move them to `pending`, to be sent.
+    async fn stage_dirty(&mut self, r: &Remote, keep_last: bool) -> Result<()> {
         let mut blocks = std::mem::take(&mut self.dirty);
         if keep_last && let Some((idx, buf)) = blocks.pop_last() {
             self.dirty.insert(idx, buf);
@@ -294,9 +325,18 @@ impl FileData {
         for (idx, _) in holes {
             self.pending.insert(idx, None);
         }
-        for (idx, hash, len) in r.upload(data).await? {
-            self.pending.insert(idx, Some((hash, len)));
+        for block in r.stage(data).await? {
+            self.pending.insert(block.index, Some((block.hash, block.data.len() as u32)));
+            self.pinned.push(block.hash);
+            self.unsent.push(block);
         }
+        Ok(())
+    }
+
+    /// Send staged blocks the server may lack.
+    async fn send_staged(&mut self, r: &Remote) -> Result<()> {
+        r.send(&self.unsent).await?;
+        self.unsent.clear();
         Ok(())
     }
 
@@ -309,13 +349,13 @@ impl FileData {
         }
     }
 
-    /// Publish local changes: upload, then commit atomically. Returns whether
-    /// anything was committed.
+    /// Publish local changes: stage, journal the commit, send the blocks,
+    /// then commit atomically. Returns whether anything was committed.
     pub async fn flush(&mut self, r: &Remote) -> Result<bool> {
         if !self.changed {
             return Ok(false);
         }
-        self.upload_dirty(r, false).await?;
+        self.stage_dirty(r, false).await?;
         let size = self.attr.size;
         let slots: Vec<BlockSlot> = self
             .pending
@@ -325,6 +365,10 @@ impl FileData {
             .collect();
         let params = SegmentCommitParams { ino: self.attr.ino, size, slots, mtime: Some(self.attr.mtime) };
         let before = self.attr.version;
+        // Until the server acknowledges, the commit is journaled (its blocks
+        // are pinned in the disk cache): a later mount completes it.
+        journal(r, &Unacked { base_version: before, commit: params.clone() });
+        self.send_staged(r).await?;
         let fresh = r.link.call::<SegmentCommit>(params).await.map_err(|e| {
             if e.as_errno() == Errno::EAGAIN {
                 FsError::new(Errno::EIO, format!("commit of inode {} lost blocks the server collected: {e}", self.attr.ino))
@@ -357,8 +401,21 @@ impl FileData {
             self.forget_map();
         }
         self.changed = false;
+        self.server_ctime = fresh.ctime;
         self.attr = fresh;
+        r.release(std::mem::take(&mut self.pinned));
+        if let Some(meta) = &r.meta
+            && let Err(e) = meta.clear_unacked(self.attr.ino)
+        {
+            tracing::warn!("{e}");
+        }
         Ok(true)
+    }
+
+    /// Let go of blocks pinned for a commit that will not happen here
+    /// (the last handle is gone; the journal still names them).
+    pub fn abandon(&mut self, r: &Remote) {
+        r.release(std::mem::take(&mut self.pinned));
     }
 
     /// Store the block map of every segment this client knows whole, under
@@ -386,6 +443,7 @@ impl FileData {
     /// After a server-side truncate: drop every cached slot.
     pub fn truncated(&mut self, fresh: Attr) {
         self.forget_map();
+        self.server_ctime = fresh.ctime;
         self.attr = fresh;
     }
 

@@ -82,10 +82,37 @@ pub struct Fs {
     applied_seq: AtomicU64,
     /// The persistent metadata cache, if the mount has one.
     meta: Option<Arc<MetaCache>>,
+    /// Extended attributes known per inode (see [`XattrsKnown`]).
+    xattrs: Mutex<HashMap<Ino, XattrsKnown>>,
     /// Pushes applied so far (counted like [`Link::pushes_seen`]).
     pushes_applied: AtomicU64,
     /// The metadata cache has caught up with the server and may answer.
     meta_live: std::sync::atomic::AtomicBool,
+}
+
+/// What this client knows of an inode's extended attributes. Valid while
+/// the inode's cached ctime is `ctime`: every xattr change moves ctime, and
+/// pushes bring the new one. The kernel asks for `security.capability`
+/// before every write, so this spares a round trip per write.
+struct XattrsKnown {
+    ctime: restfs_proto::Timespec,
+    /// Values by name; `None`: known absent.
+    values: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Names not in `values` are absent (a file this client just created).
+    complete: bool,
+    /// ctimes pushed since, other than `ctime`: a change by someone, maybe
+    /// to xattrs. Only this client's own commit may explain them.
+    suspects: Vec<restfs_proto::Timespec>,
+}
+
+impl XattrsKnown {
+    fn new(ctime: restfs_proto::Timespec, complete: bool) -> XattrsKnown {
+        XattrsKnown { ctime, values: HashMap::new(), complete, suspects: Vec::new() }
+    }
+
+    fn valid_at(&self, ctime: restfs_proto::Timespec) -> bool {
+        self.ctime == ctime && self.suspects.is_empty()
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -114,6 +141,7 @@ impl Fs {
             page_versions: Mutex::default(),
             kernel: std::sync::OnceLock::new(),
             applied_seq: AtomicU64::new(0),
+            xattrs: Mutex::default(),
             pushes_applied: AtomicU64::new(0),
             meta: None,
             meta_live: std::sync::atomic::AtomicBool::new(false),
@@ -155,6 +183,19 @@ impl Fs {
             || self.link().entries_crossed(before, at_reply, |p, n, ino| {
                 p == parent && name.is_none_or(|name| name == n) && value.is_none_or(|v| v != ino)
             })
+    }
+
+    /// Wait (briefly) until the pushes received before a request, numbered
+    /// up to `before`, are applied: applied after a fill, they would
+    /// overwrite the newer reply. If they take too long, [`Fs::crossed`]
+    /// says so and the fill is skipped.
+    async fn settle(&self, before: u64) {
+        for _ in 0..1000 {
+            if self.pushes_applied.load(Ordering::Acquire) >= before {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
     }
 
     /// Cache what a reply said about `parent` (entry `name`, or its whole
@@ -255,6 +296,7 @@ impl Fs {
         }
         let epoch = self.epoch();
         let (reply, seen) = self.link().call_seen::<Lookup>(EntryParams { parent, name: Name::from(name) }).await;
+        self.settle(epoch).await;
         match reply {
             Ok(attr) => {
                 self.fill(epoch, seen, parent, Some(name), Some(Some(attr.ino)), |m| m.put_entry(parent, name, Some(&attr)));
@@ -318,6 +360,7 @@ impl Fs {
         let p = NewNodeParams { parent, name: Name::from(name), kind, mode: mode & 0o7777, uid: ctx.uid, gid: ctx.gid, rdev };
         let epoch = self.epoch();
         let reply = self.link().call_seen::<Mknod>(p).await;
+        self.settle(epoch).await;
         self.created(epoch, reply, parent, name)
     }
 
@@ -340,6 +383,10 @@ impl Fs {
             }
         };
         self.forget(|m| m.forget_attr(parent));
+        if attr.nlink == 1 || attr.kind == Kind::Dir {
+            // Brand new: no extended attributes yet.
+            lock(&self.xattrs).insert(attr.ino, XattrsKnown::new(attr.ctime, true));
+        }
         match self.mc() {
             Some(m) if !self.crossed(epoch, seen, parent, Some(name), Some(Some(attr.ino))) => {
                 let r = m.put_entry(parent, name, Some(&attr));
@@ -359,6 +406,7 @@ impl Fs {
         let p = NewNodeParams { parent, name: Name::from(name), kind: Kind::Dir, mode: mode & 0o7777, uid: ctx.uid, gid: ctx.gid, rdev: 0 };
         let epoch = self.epoch();
         let reply = self.link().call_seen::<Mkdir>(p).await;
+        self.settle(epoch).await;
         self.created(epoch, reply, parent, name)
     }
 
@@ -366,6 +414,7 @@ impl Fs {
         let p = SymlinkParams { parent, name: Name::from(name), target: Name::from(target), uid: ctx.uid, gid: ctx.gid };
         let epoch = self.epoch();
         let reply = self.link().call_seen::<Symlink>(p).await;
+        self.settle(epoch).await;
         self.created(epoch, reply, parent, name)
     }
 
@@ -376,6 +425,7 @@ impl Fs {
     pub async fn link_node(&self, ino: Ino, parent: Ino, name: &[u8]) -> Result<Attr> {
         let epoch = self.epoch();
         let reply = self.link().call_seen::<m::Link>(LinkParams { ino, parent, name: Name::from(name) }).await;
+        self.settle(epoch).await;
         let attr = self.created(epoch, reply, parent, name)?;
         self.merge(&attr);
         Ok(self.overlay(attr).await)
@@ -384,6 +434,7 @@ impl Fs {
     pub async fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()> {
         let epoch = self.epoch();
         let (r, seen) = self.link().call_seen::<Unlink>(EntryParams { parent, name: Name::from(name) }).await;
+        self.settle(epoch).await;
         self.unlinked(epoch, seen, r.is_ok(), parent, name);
         Ok(r.map(|_| ())?)
     }
@@ -391,6 +442,7 @@ impl Fs {
     pub async fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<()> {
         let epoch = self.epoch();
         let (r, seen) = self.link().call_seen::<Rmdir>(EntryParams { parent, name: Name::from(name) }).await;
+        self.settle(epoch).await;
         self.unlinked(epoch, seen, r.is_ok(), parent, name);
         Ok(r.map(|_| ())?)
     }
@@ -426,6 +478,7 @@ impl Fs {
         };
         let epoch = self.epoch();
         let (r, seen) = self.link().call_seen::<Rename>(p).await;
+        self.settle(epoch).await;
         if exchange {
             self.removed(parent, name);
             self.removed(new_parent, new_name);
@@ -469,6 +522,7 @@ impl Fs {
         let p = CreateParams { parent, name: Name::from(name), mode: mode & 0o7777, uid: ctx.uid, gid: ctx.gid };
         let epoch = self.epoch();
         let reply = self.link().call_seen::<Create>(p).await;
+        self.settle(epoch).await;
         let attr = self.created(epoch, reply, parent, name)?;
         let keep_cache = self.keep_cache(&attr);
         let (_, fh) = self.attach(attr.clone());
@@ -538,10 +592,20 @@ impl Fs {
 
     /// Commit a file's local changes, keeping the caches in step.
     async fn commit(&self, st: &mut file::FileData) -> Result<bool> {
+        let ctime_before = st.server_ctime;
         let committed = st.flush(&self.remote).await;
         if matches!(committed, Ok(true)) {
             // The kernel's pages hold exactly what was committed.
             lock(&self.page_versions).insert(st.attr.ino, st.attr.version);
+            // A commit changes no extended attribute: what was known stays
+            // known, unless a push showed another change in between.
+            if let Some(known) = lock(&self.xattrs).get_mut(&st.attr.ino)
+                && known.ctime == ctime_before
+                && known.suspects.iter().all(|c| *c == st.attr.ctime)
+            {
+                known.ctime = st.attr.ctime;
+                known.suspects.clear();
+            }
             self.merge(&st.attr);
         }
         committed
@@ -571,6 +635,9 @@ impl Fs {
             self.commit(&mut st).await
         };
         if file.handles.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if flushed.is_err() {
+                file.state.lock().await.abandon(&self.remote);
+            }
             let mut files = lock(&self.files);
             if files.get(&file.ino).is_some_and(|f| Arc::ptr_eq(f, &file) && f.handles.load(Ordering::Acquire) == 0) {
                 files.remove(&file.ino);
@@ -607,6 +674,55 @@ impl Fs {
         }
         self.forget(|m| m.persist());
         Ok(())
+    }
+
+    /// Complete the commits a previous session journaled but never saw
+    /// acknowledged (it crashed, or lost the server for good). A commit is
+    /// applied only to the version it was made on; the blocks come from the
+    /// disk cache, where they were staged. Returns how many were completed.
+    pub async fn recover_unacked(&self) -> usize {
+        let Some(meta) = self.meta.as_deref() else { return 0 };
+        let mut completed = 0;
+        for (ino, record) in meta.unacked().unwrap_or_default() {
+            match self.recover_one(&record).await {
+                Ok(true) => {
+                    tracing::info!("completed the unacknowledged commit of inode {ino} from the last session");
+                    completed += 1;
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!("cannot complete the unacknowledged commit of inode {ino} from the last session: {e}"),
+            }
+            self.forget(|m| m.clear_unacked(ino));
+        }
+        completed
+    }
+
+    async fn recover_one(&self, record: &str) -> Result<bool> {
+        let rec: file::Unacked =
+            serde_json::from_str(record).map_err(|e| FsError::new(Errno::EIO, format!("unreadable journal record: {e}")))?;
+        let ino = rec.commit.ino;
+        let now = self.link().call::<GetAttr>(InoParams { ino }).await?;
+        if now.version != rec.base_version {
+            tracing::warn!(
+                "inode {ino} changed on the server (version {} is now {}): its unacknowledged commit is dropped",
+                rec.base_version,
+                now.version
+            );
+            return Ok(false);
+        }
+        let ring = self.remote.ring.as_ref().ok_or_else(|| FsError::new(Errno::EIO, "no disk cache"))?;
+        let mut staged = Vec::new();
+        for slot in &rec.commit.slots {
+            if let Some((hash, _)) = slot.block {
+                let data =
+                    ring.get(&hash).ok_or_else(|| FsError::new(Errno::EIO, format!("block {hash} is no longer in the disk cache")))?;
+                staged.push(remote::Staged { index: slot.index, hash, data: Arc::new(data) });
+            }
+        }
+        self.remote.send(&staged).await?;
+        let fresh = self.link().call::<SegmentCommit>(rec.commit).await?;
+        self.merge(&fresh);
+        Ok(true)
     }
 
     // --- server pushes ---
@@ -719,6 +835,26 @@ impl Fs {
         self.forget(|m| m.set_applied_seq(push.through));
         self.applied_seq.fetch_max(push.through, Ordering::AcqRel);
         self.pushes_applied.fetch_add(1, Ordering::AcqRel);
+        // Another ctime may be an xattr change (see `XattrsKnown`).
+        {
+            let mut xattrs = lock(&self.xattrs);
+            for change in &push.changes {
+                if let Change::Attr { ino, attr, .. } = change
+                    && let Some(known) = xattrs.get_mut(ino)
+                {
+                    let suspect = match attr {
+                        Some(a) if a.ctime == known.ctime => continue,
+                        Some(a) => a.ctime,
+                        None => restfs_proto::Timespec::default(),
+                    };
+                    if known.suspects.len() < 8 {
+                        known.suspects.push(suspect);
+                    } else {
+                        xattrs.remove(ino);
+                    }
+                }
+            }
+        }
         let Some(kernel) = self.kernel.get() else { return };
         for (change, known) in push.changes.into_iter().zip(known) {
             if known {
@@ -757,6 +893,7 @@ impl Fs {
             None => {
                 let epoch = self.epoch();
                 let snapshot = DirSnapshot::fetch(self.link(), ino).await?;
+                self.settle(epoch).await;
                 let listing: Vec<(Vec<u8>, Attr)> = snapshot.entries.iter().map(|e| (e.name.0.clone(), e.attr.clone())).collect();
                 self.fill(epoch, self.epoch(), ino, None, None, |m| m.put_listing(ino, snapshot.parent, &listing));
                 snapshot
@@ -782,12 +919,41 @@ impl Fs {
     pub async fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], mode: XattrMode) -> Result<()> {
         let p = SetXattrParams { ino, name: Name::from(name), value: Bytes(value.to_vec()), mode };
         let r = self.link().call::<SetXattr>(p).await;
+        lock(&self.xattrs).remove(&ino);
         self.forget(|m| m.forget_attr(ino));
         Ok(r.map(|_| ())?)
     }
 
     pub async fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
-        Ok(self.link().call::<GetXattr>(XattrParams { ino, name: Name::from(name) }).await?.value.0)
+        let ctime = || self.mc().and_then(|m| m.attr(ino).ok().flatten()).map(|a| a.ctime);
+        let before = ctime();
+        if let Some(c) = before
+            && let Some(known) = lock(&self.xattrs).get(&ino).filter(|k| k.valid_at(c))
+        {
+            match known.values.get(name) {
+                Some(Some(v)) => return Ok(v.clone()),
+                Some(None) => return Err(FsError::new(Errno::ENODATA, "no such xattr (cached)")),
+                None if known.complete => return Err(FsError::new(Errno::ENODATA, "no such xattr (cached)")),
+                None => {}
+            }
+        }
+        let r = self.link().call::<GetXattr>(XattrParams { ino, name: Name::from(name) }).await.map(|v| v.value.0);
+        let value = match &r {
+            Ok(v) => Some(Some(v.clone())),
+            Err(e) if e.as_errno() == Errno::ENODATA => Some(None),
+            Err(_) => None,
+        };
+        if let (Some(c), Some(value)) = (before, value)
+            && ctime() == Some(c)
+        {
+            let mut xattrs = lock(&self.xattrs);
+            let known = xattrs.entry(ino).or_insert_with(|| XattrsKnown::new(c, false));
+            if !known.valid_at(c) {
+                *known = XattrsKnown::new(c, false);
+            }
+            known.values.insert(name.to_vec(), value);
+        }
+        Ok(r?)
     }
 
     pub async fn listxattr(&self, ino: Ino) -> Result<Vec<Vec<u8>>> {
@@ -796,6 +962,7 @@ impl Fs {
 
     pub async fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
         let r = self.link().call::<RemoveXattr>(XattrParams { ino, name: Name::from(name) }).await;
+        lock(&self.xattrs).remove(&ino);
         self.forget(|m| m.forget_attr(ino));
         Ok(r.map(|_| ())?)
     }

@@ -110,30 +110,59 @@ impl Remote {
         Ok((r.version, r.blocks))
     }
 
-    /// Hash and upload blocks; only those the server lacks travel.
-    pub async fn upload(&self, blocks: Vec<(u64, Vec<u8>)>) -> Result<Vec<Uploaded>> {
+    /// Hash blocks and stage them in the disk cache, pinned until
+    /// [`Remote::release`]: from here on they survive a crash of this
+    /// client or an outage, waiting to be sent.
+    pub async fn stage(&self, blocks: Vec<(u64, Vec<u8>)>) -> Result<Vec<Staged>> {
         if blocks.is_empty() {
             return Ok(Vec::new());
         }
-        let hashed = tokio::task::spawn_blocking(move || blocks.into_iter().map(|(i, d)| (i, Hash::of(&d), d)).collect::<Vec<_>>())
-            .await
-            .map_err(|e| FsError::new(Errno::EIO, format!("hashing failed: {e}")))?;
-        let present = self.link.call::<BlockHas>(BlockHasParams { hashes: hashed.iter().map(|(_, h, _)| *h).collect() }).await?.present;
-        if present.len() != hashed.len() {
+        let ring = self.ring.clone();
+        tokio::task::spawn_blocking(move || {
+            blocks
+                .into_iter()
+                .map(|(index, data)| {
+                    let hash = Hash::of(&data);
+                    if let Some(ring) = &ring
+                        && let Err(e) = ring.insert(&hash, &data, true)
+                    {
+                        tracing::warn!("block cache: cannot stage block {hash}: {e}");
+                    }
+                    Staged { index, hash, data: Arc::new(data) }
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| FsError::new(Errno::EIO, format!("hashing failed: {e}")))
+    }
+
+    /// Release the pins [`Remote::stage`] took, once the blocks are committed.
+    pub fn release(&self, hashes: impl IntoIterator<Item = Hash>) {
+        if let Some(ring) = &self.ring {
+            for hash in hashes {
+                ring.unpin(&hash);
+            }
+        }
+    }
+
+    /// Send staged blocks; only those the server lacks travel.
+    pub async fn send(&self, staged: &[Staged]) -> Result<()> {
+        if staged.is_empty() {
+            return Ok(());
+        }
+        let present = self.link.call::<BlockHas>(BlockHasParams { hashes: staged.iter().map(|b| b.hash).collect() }).await?.present;
+        if present.len() != staged.len() {
             return Err(FsError::new(Errno::EIO, "server answered block.has with the wrong count"));
         }
-        let mut out = Vec::with_capacity(hashed.len());
         let mut batch: Vec<BlockData> = Vec::new();
         let mut batch_bytes = 0;
-        for ((index, hash, data), there) in hashed.into_iter().zip(present) {
-            out.push((index, hash, data.len() as u32));
-            if there || batch.iter().any(|b| b.hash == hash) {
+        for (block, there) in staged.iter().zip(present) {
+            self.cache.insert(block.hash, block.data.clone());
+            if there || batch.iter().any(|b| b.hash == block.hash) {
                 continue;
             }
-            let data = Arc::new(data);
-            self.keep(hash, data.clone()).await;
-            batch_bytes += data.len();
-            batch.push(BlockData { hash, data: Bytes(Arc::unwrap_or_clone(data)) });
+            batch_bytes += block.data.len();
+            batch.push(BlockData { hash: block.hash, data: Bytes(block.data.to_vec()) });
             if batch_bytes >= PUT_BATCH_BYTES {
                 self.link.call::<BlockPut>(BlockPutParams { blocks: std::mem::take(&mut batch) }).await?;
                 batch_bytes = 0;
@@ -142,6 +171,13 @@ impl Remote {
         if !batch.is_empty() {
             self.link.call::<BlockPut>(BlockPutParams { blocks: batch }).await?;
         }
-        Ok(out)
+        Ok(())
     }
+}
+
+/// A block hashed and staged in the disk cache, not yet committed.
+pub struct Staged {
+    pub index: u64,
+    pub hash: Hash,
+    pub data: Arc<Vec<u8>>,
 }

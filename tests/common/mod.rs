@@ -133,6 +133,12 @@ impl Mount {
         if let Err(e) = std::fs::create_dir_all(path) {
             assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "mountpoint {}: {e}", path.display());
         }
+        // A killed daemon's dead mount may still answer stat() from the
+        // kernel's caches (and device numbers and mount ids are reused):
+        // wait for the new daemon to say it is mounted.
+        let log_path = path.with_extension("mount.log");
+        let mounted = || std::fs::read_to_string(&log_path).unwrap_or_default().matches(" mounted ws://").count();
+        let before = mounted();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(path.with_extension("mount.log")).unwrap();
         let child = Command::new(RESTFS)
             .arg0("mount.restfs")
@@ -146,7 +152,8 @@ impl Mount {
             .expect("start mount.restfs");
         let mut m = Mount { path: path.to_path_buf(), child: Some(child) };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !(is_restfs_mount(path) && std::fs::metadata(path).is_ok()) {
+        let ours = || is_restfs_mount(path) && mounted() > before;
+        while !(ours() && std::fs::metadata(path).is_ok()) {
             if let Some(status) = m.child.as_mut().unwrap().try_wait().unwrap() {
                 let log = std::fs::read_to_string(path.with_extension("mount.log")).unwrap_or_default();
                 panic!("mount.restfs exited with {status}: {log}");
