@@ -257,9 +257,12 @@ impl FileData {
     /// After a read at `offset`: if reads go sequentially, the stored
     /// blocks to fetch ahead of them (each block once).
     pub async fn read_ahead(&mut self, r: &Remote, offset: u64, size: u32) -> Vec<Hash> {
-        let sequential =
-            offset == self.next_read || (offset > 0 && offset / r.block_size == self.next_read.saturating_sub(1) / r.block_size);
-        self.next_read = offset + size as u64;
+        // The kernel's readahead sends several reads at once, which may be
+        // planned out of order: reads near the last one count as sequential.
+        let window = READ_AHEAD_BLOCKS * r.block_size;
+        let sequential = offset > 0 && offset + window >= self.next_read && offset <= self.next_read + window;
+        let end = offset + size as u64;
+        self.next_read = if sequential { self.next_read.max(end) } else { end };
         if !sequential {
             self.read_ahead_to = 0;
             return Vec::new();
