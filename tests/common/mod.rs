@@ -42,11 +42,18 @@ pub struct Server {
 impl Server {
     pub fn start(data: &Path) -> Server {
         let mut s = Server { data: data.to_path_buf(), port: free_port(), child: None };
-        s.spawn();
-        s
+        // The free port may be taken again before restfsd binds it: pick another.
+        for _ in 0..5 {
+            if s.spawn() {
+                return s;
+            }
+            s.port = free_port();
+        }
+        panic!("restfsd could not bind a free port");
     }
 
-    fn spawn(&mut self) {
+    /// Start restfsd; false if its port was taken meanwhile.
+    fn spawn(&mut self) -> bool {
         let log = std::fs::File::create(self.data.with_extension("log")).unwrap();
         let child = Command::new(RESTFSD)
             .args(["--listen", &format!("127.0.0.1:{}", self.port), "--data"])
@@ -56,11 +63,24 @@ impl Server {
             .spawn()
             .expect("start restfsd");
         self.child = Some(child);
+        // Its own word, not a connect: another test may hold the port for a
+        // moment (free_port picks a port, then lets it go).
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        let listening = format!("listening on ws://127.0.0.1:{}", self.port);
+        // (The log was truncated above, so any such line is this start's.)
+        while !std::fs::read_to_string(self.data.with_extension("log")).unwrap_or_default().contains(&listening) {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                let log = std::fs::read_to_string(self.data.with_extension("log")).unwrap_or_default();
+                if log.contains("in use") {
+                    self.child = None;
+                    return false;
+                }
+                panic!("restfsd exited with {status}: {log}");
+            }
             assert!(Instant::now() < deadline, "restfsd did not start listening on {}", self.port);
             std::thread::sleep(Duration::from_millis(20));
         }
+        true
     }
 
     pub fn url(&self) -> String {
@@ -84,7 +104,7 @@ impl Server {
 
     pub fn restart(&mut self) {
         self.stop();
-        self.spawn();
+        assert!(self.spawn(), "restfsd could not bind its port {} again", self.port);
     }
 
     /// Run `restfs --server URL ARGS...`; returns (exit code, stdout+stderr).
