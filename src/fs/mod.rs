@@ -10,7 +10,9 @@
 pub mod dir;
 pub mod error;
 pub mod file;
+mod recovery;
 pub mod remote;
+mod xattr;
 
 use crate::client::Link;
 use dir::DirSnapshot;
@@ -20,7 +22,7 @@ use remote::Remote;
 use restfs_cache::meta::Entry as CachedEntry;
 use restfs_cache::{BlockCache, MetaCache, MetaCacheError};
 use restfs_proto::methods::{self as m, *};
-use restfs_proto::{Attr, BucketInfo, Bytes, Errno, Ino, Kind, Name, SetTime};
+use restfs_proto::{Attr, BucketInfo, Errno, Ino, Kind, Name, SetTime};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -82,37 +84,12 @@ pub struct Fs {
     applied_seq: AtomicU64,
     /// The persistent metadata cache, if the mount has one.
     meta: Option<Arc<MetaCache>>,
-    /// Extended attributes known per inode (see [`XattrsKnown`]).
-    xattrs: Mutex<HashMap<Ino, XattrsKnown>>,
+    /// What this client knows of extended attributes.
+    xattrs: xattr::XattrCache,
     /// Pushes applied so far (counted like [`Link::pushes_seen`]).
     pushes_applied: AtomicU64,
     /// The metadata cache has caught up with the server and may answer.
     meta_live: std::sync::atomic::AtomicBool,
-}
-
-/// What this client knows of an inode's extended attributes. Valid while
-/// the inode's cached ctime is `ctime`: every xattr change moves ctime, and
-/// pushes bring the new one. The kernel asks for `security.capability`
-/// before every write, so this spares a round trip per write.
-struct XattrsKnown {
-    ctime: restfs_proto::Timespec,
-    /// Values by name; `None`: known absent.
-    values: HashMap<Vec<u8>, Option<Vec<u8>>>,
-    /// Names not in `values` are absent (a file this client just created).
-    complete: bool,
-    /// ctimes pushed since, other than `ctime`: a change by someone, maybe
-    /// to xattrs. Only this client's own commit may explain them.
-    suspects: Vec<restfs_proto::Timespec>,
-}
-
-impl XattrsKnown {
-    fn new(ctime: restfs_proto::Timespec, complete: bool) -> XattrsKnown {
-        XattrsKnown { ctime, values: HashMap::new(), complete, suspects: Vec::new() }
-    }
-
-    fn valid_at(&self, ctime: restfs_proto::Timespec) -> bool {
-        self.ctime == ctime && self.suspects.is_empty()
-    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -141,7 +118,7 @@ impl Fs {
             page_versions: Mutex::default(),
             kernel: std::sync::OnceLock::new(),
             applied_seq: AtomicU64::new(0),
-            xattrs: Mutex::default(),
+            xattrs: xattr::XattrCache::default(),
             pushes_applied: AtomicU64::new(0),
             meta: None,
             meta_live: std::sync::atomic::AtomicBool::new(false),
@@ -385,7 +362,7 @@ impl Fs {
         self.forget(|m| m.forget_attr(parent));
         if attr.nlink == 1 || attr.kind == Kind::Dir {
             // Brand new: no extended attributes yet.
-            lock(&self.xattrs).insert(attr.ino, XattrsKnown::new(attr.ctime, true));
+            self.xattrs.created(attr.ino, attr.ctime);
         }
         match self.mc() {
             Some(m) if !self.crossed(epoch, seen, parent, Some(name), Some(Some(attr.ino))) => {
@@ -597,15 +574,7 @@ impl Fs {
         if matches!(committed, Ok(true)) {
             // The kernel's pages hold exactly what was committed.
             lock(&self.page_versions).insert(st.attr.ino, st.attr.version);
-            // A commit changes no extended attribute: what was known stays
-            // known, unless a push showed another change in between.
-            if let Some(known) = lock(&self.xattrs).get_mut(&st.attr.ino)
-                && known.ctime == ctime_before
-                && known.suspects.iter().all(|c| *c == st.attr.ctime)
-            {
-                known.ctime = st.attr.ctime;
-                known.suspects.clear();
-            }
+            self.xattrs.committed(st.attr.ino, ctime_before, st.attr.ctime);
             self.merge(&st.attr);
         }
         committed
@@ -674,55 +643,6 @@ impl Fs {
         }
         self.forget(|m| m.persist());
         Ok(())
-    }
-
-    /// Complete the commits a previous session journaled but never saw
-    /// acknowledged (it crashed, or lost the server for good). A commit is
-    /// applied only to the version it was made on; the blocks come from the
-    /// disk cache, where they were staged. Returns how many were completed.
-    pub async fn recover_unacked(&self) -> usize {
-        let Some(meta) = self.meta.as_deref() else { return 0 };
-        let mut completed = 0;
-        for (ino, record) in meta.unacked().unwrap_or_default() {
-            match self.recover_one(&record).await {
-                Ok(true) => {
-                    tracing::info!("completed the unacknowledged commit of inode {ino} from the last session");
-                    completed += 1;
-                }
-                Ok(false) => {}
-                Err(e) => tracing::warn!("cannot complete the unacknowledged commit of inode {ino} from the last session: {e}"),
-            }
-            self.forget(|m| m.clear_unacked(ino));
-        }
-        completed
-    }
-
-    async fn recover_one(&self, record: &str) -> Result<bool> {
-        let rec: file::Unacked =
-            serde_json::from_str(record).map_err(|e| FsError::new(Errno::EIO, format!("unreadable journal record: {e}")))?;
-        let ino = rec.commit.ino;
-        let now = self.link().call::<GetAttr>(InoParams { ino }).await?;
-        if now.version != rec.base_version {
-            tracing::warn!(
-                "inode {ino} changed on the server (version {} is now {}): its unacknowledged commit is dropped",
-                rec.base_version,
-                now.version
-            );
-            return Ok(false);
-        }
-        let ring = self.remote.ring.as_ref().ok_or_else(|| FsError::new(Errno::EIO, "no disk cache"))?;
-        let mut staged = Vec::new();
-        for slot in &rec.commit.slots {
-            if let Some((hash, _)) = slot.block {
-                let data =
-                    ring.get(&hash).ok_or_else(|| FsError::new(Errno::EIO, format!("block {hash} is no longer in the disk cache")))?;
-                staged.push(remote::Staged { index: slot.index, hash, data: Arc::new(data) });
-            }
-        }
-        self.remote.send(&staged).await?;
-        let fresh = self.link().call::<SegmentCommit>(rec.commit).await?;
-        self.merge(&fresh);
-        Ok(true)
     }
 
     // --- server pushes ---
@@ -835,26 +755,7 @@ impl Fs {
         self.forget(|m| m.set_applied_seq(push.through));
         self.applied_seq.fetch_max(push.through, Ordering::AcqRel);
         self.pushes_applied.fetch_add(1, Ordering::AcqRel);
-        // Another ctime may be an xattr change (see `XattrsKnown`).
-        {
-            let mut xattrs = lock(&self.xattrs);
-            for change in &push.changes {
-                if let Change::Attr { ino, attr, .. } = change
-                    && let Some(known) = xattrs.get_mut(ino)
-                {
-                    let suspect = match attr {
-                        Some(a) if a.ctime == known.ctime => continue,
-                        Some(a) => a.ctime,
-                        None => restfs_proto::Timespec::default(),
-                    };
-                    if known.suspects.len() < 8 {
-                        known.suspects.push(suspect);
-                    } else {
-                        xattrs.remove(ino);
-                    }
-                }
-            }
-        }
+        self.xattrs.pushed(&push.changes);
         let Some(kernel) = self.kernel.get() else { return };
         for (change, known) in push.changes.into_iter().zip(known) {
             if known {
@@ -914,58 +815,7 @@ impl Fs {
         lock(&self.handles).remove(&fh);
     }
 
-    // --- xattrs, statfs ---
-
-    pub async fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], mode: XattrMode) -> Result<()> {
-        let p = SetXattrParams { ino, name: Name::from(name), value: Bytes(value.to_vec()), mode };
-        let r = self.link().call::<SetXattr>(p).await;
-        lock(&self.xattrs).remove(&ino);
-        self.forget(|m| m.forget_attr(ino));
-        Ok(r.map(|_| ())?)
-    }
-
-    pub async fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
-        let ctime = || self.mc().and_then(|m| m.attr(ino).ok().flatten()).map(|a| a.ctime);
-        let before = ctime();
-        if let Some(c) = before
-            && let Some(known) = lock(&self.xattrs).get(&ino).filter(|k| k.valid_at(c))
-        {
-            match known.values.get(name) {
-                Some(Some(v)) => return Ok(v.clone()),
-                Some(None) => return Err(FsError::new(Errno::ENODATA, "no such xattr (cached)")),
-                None if known.complete => return Err(FsError::new(Errno::ENODATA, "no such xattr (cached)")),
-                None => {}
-            }
-        }
-        let r = self.link().call::<GetXattr>(XattrParams { ino, name: Name::from(name) }).await.map(|v| v.value.0);
-        let value = match &r {
-            Ok(v) => Some(Some(v.clone())),
-            Err(e) if e.as_errno() == Errno::ENODATA => Some(None),
-            Err(_) => None,
-        };
-        if let (Some(c), Some(value)) = (before, value)
-            && ctime() == Some(c)
-        {
-            let mut xattrs = lock(&self.xattrs);
-            let known = xattrs.entry(ino).or_insert_with(|| XattrsKnown::new(c, false));
-            if !known.valid_at(c) {
-                *known = XattrsKnown::new(c, false);
-            }
-            known.values.insert(name.to_vec(), value);
-        }
-        Ok(r?)
-    }
-
-    pub async fn listxattr(&self, ino: Ino) -> Result<Vec<Vec<u8>>> {
-        Ok(self.link().call::<ListXattr>(InoParams { ino }).await?.names.into_iter().map(|n| n.0).collect())
-    }
-
-    pub async fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
-        let r = self.link().call::<RemoveXattr>(XattrParams { ino, name: Name::from(name) }).await;
-        lock(&self.xattrs).remove(&ino);
-        self.forget(|m| m.forget_attr(ino));
-        Ok(r.map(|_| ())?)
-    }
+    // --- statfs ---
 
     pub async fn statfs(&self) -> Result<StatfsResult> {
         Ok(self.link().call::<Statfs>(Empty {}).await?)
