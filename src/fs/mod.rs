@@ -549,7 +549,11 @@ impl Fs {
             let ahead = st.read_ahead(&self.remote, offset, size).await;
             (parts, ahead)
         };
-        for hash in ahead {
+        // Only blocks that must come from the server: for blocks in the disk
+        // cache the kernel's own readahead keeps enough reads in flight, and
+        // extra concurrent reads of the ring measured slower (0.8 vs 1.2 GB/s).
+        let from_server = |h: &restfs_proto::Hash| self.remote.ring.as_ref().is_none_or(|ring| !ring.contains(h));
+        for hash in ahead.into_iter().filter(from_server) {
             let remote = self.remote.clone();
             tokio::spawn(async move { remote.prefetch(hash).await });
         }
