@@ -11,17 +11,24 @@ use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
+/// A server with bucket `bucket`, under a fresh scratch dir: (server,
+/// mountpoint, cache dir, mount options with a cache of `cache_size`).
+fn cached_setup(name: &str, bucket: &str, cache_size: &str) -> (Server, std::path::PathBuf, std::path::PathBuf, String) {
+    let root = scratch(name);
+    let server = Server::start(&root.join("data"));
+    server.create_bucket(bucket);
+    let cache = root.join("cache");
+    let opts = format!("cache_dir={},cache_size={cache_size}", cache.display());
+    (server, root.join("mnt"), cache, opts)
+}
+
 fn pattern(len: usize, seed: u32) -> Vec<u8> {
     (0..len as u32).map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed) >> 13) as u8).collect()
 }
 
 #[test]
 fn remount_is_warm_the_server_serves_no_block() {
-    let root = scratch("e2e-warm");
-    let server = Server::start(&root.join("data"));
-    server.create_bucket("w");
-    let mnt = root.join("mnt");
-    let opts = format!("cache_dir={},cache_size=1G", root.join("cache").display());
+    let (server, mnt, _, opts) = cached_setup("e2e-warm", "w", "1G");
     let data = pattern(256 << 20, 1);
     let m = Mount::new(&server, "w", &mnt, &opts);
     std::fs::write(mnt.join("big"), &data).unwrap();
@@ -47,12 +54,7 @@ fn remount_is_warm_the_server_serves_no_block() {
 
 #[test]
 fn corrupt_cached_block_is_refetched_and_counted() {
-    let root = scratch("e2e-corrupt");
-    let server = Server::start(&root.join("data"));
-    server.create_bucket("c");
-    let mnt = root.join("mnt");
-    let cache = root.join("cache");
-    let opts = format!("cache_dir={},cache_size=64M", cache.display());
+    let (server, mnt, cache, opts) = cached_setup("e2e-corrupt", "c", "64M");
     let data = pattern(3 << 20, 2);
     let m = Mount::new(&server, "c", &mnt, &opts);
     std::fs::write(mnt.join("f"), &data).unwrap();
@@ -82,14 +84,10 @@ fn disk_usage(dir: &Path) -> u64 {
 
 #[test]
 fn cache_stays_within_its_size_during_a_larger_copy() {
-    let root = scratch("e2e-capacity");
-    let server = Server::start(&root.join("data"));
-    server.create_bucket("cap");
-    let mnt = root.join("mnt");
-    let cache = root.join("cache");
     const SIZE: u64 = 32 << 20;
     const SLACK: u64 = 1 << 20; // the lock file and filesystem rounding
-    let m = Mount::new(&server, "cap", &mnt, &format!("cache_dir={},cache_size={SIZE}", cache.display()));
+    let (server, mnt, cache, opts) = cached_setup("e2e-capacity", "cap", &SIZE.to_string());
+    let m = Mount::new(&server, "cap", &mnt, &opts);
     let mut peak = 0;
     for i in 0..16u32 {
         let mut f = std::fs::File::create(mnt.join(format!("f{i}"))).unwrap();
@@ -111,11 +109,7 @@ fn cache_stays_within_its_size_during_a_larger_copy() {
 
 #[test]
 fn client_killed_mid_write_remounts_with_fsynced_data_intact() {
-    let root = scratch("e2e-crash");
-    let server = Server::start(&root.join("data"));
-    server.create_bucket("k");
-    let mnt = root.join("mnt");
-    let opts = format!("cache_dir={},cache_size=64M", root.join("cache").display());
+    let (server, mnt, _, opts) = cached_setup("e2e-crash", "k", "64M");
     let m = Mount::new(&server, "k", &mnt, &opts);
 
     let dir = mnt.clone();
@@ -159,11 +153,7 @@ fn client_killed_mid_write_remounts_with_fsynced_data_intact() {
 /// the client, the next mount completes it.
 #[test]
 fn unacknowledged_close_is_completed_by_the_next_mount() {
-    let root = scratch("e2e-unacked");
-    let server = Server::start(&root.join("data"));
-    server.create_bucket("u");
-    let mnt = root.join("mnt");
-    let opts = format!("cache_dir={},cache_size=64M", root.join("cache").display());
+    let (server, mnt, _, opts) = cached_setup("e2e-unacked", "u", "64M");
     let m = Mount::new(&server, "u", &mnt, &opts);
     std::fs::write(mnt.join("f"), b"before").unwrap();
     std::fs::write(mnt.join("untouched"), b"same").unwrap();

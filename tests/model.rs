@@ -1050,10 +1050,7 @@ async fn exec(fs: &Fs, root: Ino, op: &Op, held: &mut Vec<u64>) -> Result<(Vec<O
             let parent = walk(fs, root, p.parent()).await?;
             fs.unlink(parent, p.name().as_bytes()).await.map_err(en)?;
             let nlink = fs.getattr(ino).await.map_err(en)?.nlink;
-            write(fs, h, w).await?;
-            let data = read_all(fs, h).await?;
-            let size = fs.getattr(ino).await.map_err(en)?.size;
-            close(fs, h).await?;
+            let (data, size) = write_read_close(fs, ino, h, w).await?;
             Ok((vec![Obs::Nlink(nlink), Obs::Data(data), Obs::Size(size)], None))
         }
         Op::ReplaceOpen(from, to, w) => {
@@ -1069,13 +1066,20 @@ async fn exec(fs: &Fs, root: Ino, op: &Op, held: &mut Vec<u64>) -> Result<(Vec<O
                 return Err(e);
             }
             let nlink = fs.getattr(ino).await.map_err(en)?.nlink;
-            write(fs, h, w).await?;
-            let data = read_all(fs, h).await?;
-            let size = fs.getattr(ino).await.map_err(en)?.size;
-            close(fs, h).await?;
+            let (data, size) = write_read_close(fs, ino, h, w).await?;
             Ok((vec![Obs::Nlink(nlink), Obs::Data(data), Obs::Size(size)], None))
         }
     }
+}
+
+/// Write `w` through handle `h` of `ino`, read the whole file back, note its
+/// size, and close: what a file that lost its name still does.
+async fn write_read_close(fs: &Fs, ino: Ino, h: u64, w: &Wr) -> Result<(Vec<u8>, u64), Errno> {
+    write(fs, h, w).await?;
+    let data = read_all(fs, h).await?;
+    let size = fs.getattr(ino).await.map_err(en)?.size;
+    close(fs, h).await?;
+    Ok((data, size))
 }
 
 /// Read a file's whole content through a fresh handle.

@@ -33,11 +33,16 @@ pub enum Part {
 
 /// Bytes `from..to` of a block whose valid bytes are `bytes`; zeros past them.
 fn padded(bytes: &[u8], from: usize, to: usize) -> Vec<u8> {
-    let avail = bytes.len().clamp(from, to);
     let mut out = Vec::with_capacity(to - from);
-    out.extend_from_slice(bytes.get(from..avail).unwrap_or_default());
-    out.resize(to - from, 0);
+    append_padded(&mut out, bytes, from, to);
     out
+}
+
+/// Append what [`padded`] returns.
+fn append_padded(out: &mut Vec<u8>, bytes: &[u8], from: usize, to: usize) {
+    let avail = bytes.len().clamp(from, to);
+    out.extend_from_slice(bytes.get(from..avail).unwrap_or_default());
+    out.resize(out.len() + (to - avail), 0);
 }
 
 /// The bytes a read returns: its own buffer, or a range of one cached block
@@ -87,10 +92,7 @@ pub async fn assemble(r: &Remote, parts: Vec<Part>) -> Result<ReadBuf> {
             Part::Local(bytes) => out.extend_from_slice(&bytes),
             Part::Stored { len, from, to, .. } => {
                 let data = data.expect("every stored part was fetched");
-                let valid = &data[..(len as usize).min(data.len())];
-                let avail = valid.len().clamp(from, to);
-                out.extend_from_slice(valid.get(from..avail).unwrap_or_default());
-                out.resize(out.len() + (to - avail), 0);
+                append_padded(&mut out, &data[..(len as usize).min(data.len())], from, to);
             }
         }
     }

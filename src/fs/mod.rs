@@ -258,9 +258,7 @@ impl Fs {
 
     pub async fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Attr> {
         // Before any cache: a complete listing would answer ENOENT.
-        if name.len() > restfs_proto::NAME_MAX {
-            return Err(FsError::new(Errno::ENAMETOOLONG, "name longer than 255 bytes"));
-        }
+        restfs_proto::check_name(name).map_err(|e| FsError::new(e, "invalid name"))?;
         if let Some(m) = self.mc() {
             match m.entry(parent, name) {
                 Ok(Some(CachedEntry::Found(a))) => return Ok(self.overlay(a).await),
