@@ -426,7 +426,9 @@ fn serve(args: &MountArgs, ready: &mut Option<File>) -> Result<(), String> {
     let identity = format!("{}/{}/{}.{}", args.source.authority, b.name, b.created.sec, b.created.nsec);
     let meta = restfs_cache::MetaCache::open(&cache_dir.join("meta.db"), &identity)
         .map_err(|e| format!("cannot open the metadata cache in {}: {e}", cache_dir.display()))?;
-    let fs = Arc::new(Fs::with_ring(link, mounted.bucket, MEMORY_CACHE_BYTES, Some(Arc::new(ring))).with_meta_cache(Arc::new(meta)));
+    // Blocks in the memory cache may pin their ring records: keep it a small share.
+    let memory_cache = MEMORY_CACHE_BYTES.min(ring.capacity() as usize / 4);
+    let fs = Arc::new(Fs::with_ring(link, mounted.bucket, memory_cache, Some(Arc::new(ring))).with_meta_cache(Arc::new(meta)));
     let mut config = fuser::Config::default();
     config.n_threads = Some(2);
     if args.options.allow_other {

@@ -1,5 +1,6 @@
 //! A byte-bounded LRU cache of immutable blocks, safe to share across threads.
 
+use crate::block::BlockBytes;
 use lru::LruCache;
 use restfs_proto::Hash;
 use std::sync::{Arc, Mutex};
@@ -9,7 +10,7 @@ pub struct BlockCache {
 }
 
 struct Inner {
-    lru: LruCache<Hash, Arc<Vec<u8>>>,
+    lru: LruCache<Hash, Arc<BlockBytes>>,
     bytes: usize,
     capacity: usize,
 }
@@ -20,11 +21,11 @@ impl BlockCache {
         BlockCache { inner: Mutex::new(Inner { lru: LruCache::unbounded(), bytes: 0, capacity }) }
     }
 
-    pub fn get(&self, hash: &Hash) -> Option<Arc<Vec<u8>>> {
+    pub fn get(&self, hash: &Hash) -> Option<Arc<BlockBytes>> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner()).lru.get(hash).cloned()
     }
 
-    pub fn insert(&self, hash: Hash, data: Arc<Vec<u8>>) {
+    pub fn insert(&self, hash: Hash, data: Arc<BlockBytes>) {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if data.len() > inner.capacity {
             return;
@@ -54,7 +55,7 @@ mod tests {
     #[test]
     fn evicts_least_recently_used_within_capacity() {
         let cache = BlockCache::new(100);
-        let block = |b: u8| (Hash::of(&[b]), Arc::new(vec![b; 40]));
+        let block = |b: u8| (Hash::of(&[b]), Arc::new(BlockBytes::from(vec![b; 40])));
         let (a, b, c) = (block(1), block(2), block(3));
         cache.insert(a.0, a.1.clone());
         cache.insert(b.0, b.1.clone());
@@ -68,7 +69,7 @@ mod tests {
     #[test]
     fn oversized_blocks_are_not_cached() {
         let cache = BlockCache::new(10);
-        cache.insert(Hash::of(b"x"), Arc::new(vec![0; 11]));
+        cache.insert(Hash::of(b"x"), Arc::new(BlockBytes::from(vec![0; 11])));
         assert_eq!(cache.bytes(), 0);
     }
 }

@@ -16,14 +16,23 @@
 //! (it is dropped and counted as corrupt). The
 //! index is rebuilt at open by walking record headers; the head resumes
 //! after the newest record.
+//!
+//! Reads are zero-copy: the ring file is mapped, a record's pages are
+//! faulted in with one `MADV_POPULATE_READ` (which reports I/O errors instead
+//! of raising SIGBUS), verified in place, and handed out as a
+//! [`MappedRecord`] that keeps the record pinned until dropped. The pages
+//! are unmapped again on drop, so they count against the page cache, not
+//! the process. Without that madvise (Linux < 5.14) reads fall back to
+//! `pread` into the heap.
 
+use crate::block::BlockBytes;
 use restfs_proto::Hash;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use xxhash_rust::xxh3::xxh3_64;
 
 const MAGIC: u64 = 0x5245_5354_4653_4332; // "RESTFSC2"
@@ -87,6 +96,10 @@ struct Index {
 
 pub struct BlockRing {
     file: File,
+    /// The whole file, mapped read-only; `None` if it could not be mapped.
+    map: Option<Mapping>,
+    /// `MADV_POPULATE_READ` works here (cleared on the first EINVAL).
+    populate: AtomicBool,
     capacity: u64,
     index: Mutex<Index>,
     hits: AtomicU64,
@@ -155,8 +168,11 @@ impl BlockRing {
             file.set_len(0)?;
             file.set_len(capacity)?;
         }
+        let map = Mapping::new(&file, capacity).map_err(|e| tracing::warn!("block cache is read with pread: cannot map it: {e}")).ok();
         let ring = BlockRing {
             file,
+            map,
+            populate: AtomicBool::new(true),
             capacity,
             index: Mutex::new(Index { by_hash: HashMap::new(), by_offset: BTreeMap::new(), head: 0, seq: 0, bytes: 0 }),
             hits: AtomicU64::new(0),
@@ -246,7 +262,7 @@ impl BlockRing {
     }
 
     /// A block's bytes, verified; `None` if absent or found corrupt.
-    pub fn get(&self, hash: &Hash) -> Option<Vec<u8>> {
+    pub fn get(self: &Arc<Self>, hash: &Hash) -> Option<BlockBytes> {
         let (offset, len) = {
             let mut ix = self.lock();
             match ix.by_hash.get_mut(hash) {
@@ -261,26 +277,65 @@ impl BlockRing {
                 }
             }
         };
-        let mut header = [0u8; HEADER as usize];
-        let read = self.file.read_exact_at(&mut header, offset).and_then(|_| read_fresh(&self.file, len as usize, offset + HEADER));
-        let whole = read
-            .as_ref()
-            .is_ok_and(|buf| parse_header(&header).is_some_and(|(_, h, l, sum)| h == *hash && l == len && xxh3_64(buf) == sum));
+        // The pin keeps the record from being overwritten while it is read.
+        let mapped = self.map.as_ref().filter(|m| self.populate.load(Ordering::Relaxed) && self.fault_in(m, offset, len));
+        let (header, data): ([u8; HEADER as usize], Option<BlockBytes>) = match mapped {
+            Some(m) => (m.bytes(offset, HEADER as usize).try_into().unwrap_or([0; HEADER as usize]), None),
+            None => {
+                let mut header = [0u8; HEADER as usize];
+                let read = self.file.read_exact_at(&mut header, offset).and_then(|_| read_fresh(&self.file, len as usize, offset + HEADER));
+                (header, read.ok().map(BlockBytes::Heap))
+            }
+        };
+        let sum = |bytes: &[u8]| xxh3_64(bytes);
+        let whole = parse_header(&header).is_some_and(|(_, h, l, expected)| {
+            h == *hash
+                && l == len
+                && match (mapped, &data) {
+                    (Some(m), _) => sum(m.bytes(offset + HEADER, len as usize)) == expected,
+                    (None, Some(d)) => sum(d) == expected,
+                    (None, None) => false,
+                }
+        });
+        if whole {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return match data {
+                Some(heap) => {
+                    self.unpin(hash);
+                    Some(heap)
+                }
+                // The record stays pinned until the MappedRecord is dropped.
+                None => Some(BlockBytes::Mapped(MappedRecord { ring: self.clone(), hash: *hash, offset, len: len as usize })),
+            };
+        }
+        if let Some(m) = mapped {
+            m.release(offset, record_span(len as u64));
+        }
         let mut ix = self.lock();
         if let Some(e) = ix.by_hash.get_mut(hash) {
             e.pins -= 1;
         }
-        if !whole {
-            self.corrupt.fetch_add(1, Ordering::Relaxed);
-            self.misses.fetch_add(1, Ordering::Relaxed);
-            if ix.by_hash.get(hash).is_some_and(|e| e.offset == offset && e.pins == 0) {
-                Self::forget(&mut ix, hash);
-            }
-            return None;
+        self.corrupt.fetch_add(1, Ordering::Relaxed);
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        if ix.by_hash.get(hash).is_some_and(|e| e.offset == offset && e.pins == 0) {
+            Self::forget(&mut ix, hash);
         }
-        drop(ix);
-        self.hits.fetch_add(1, Ordering::Relaxed);
-        read.ok()
+        None
+    }
+
+    /// Fault a record's pages in; false if it must be read with pread
+    /// instead (an I/O error shows up there as a corrupt record).
+    fn fault_in(&self, m: &Mapping, offset: u64, len: u32) -> bool {
+        match m.populate(offset, record_span(len as u64)) {
+            Ok(()) => true,
+            Err(e) => {
+                if e.raw_os_error() == Some(libc::EINVAL) {
+                    tracing::debug!("MADV_POPULATE_READ unsupported, block cache reads use pread");
+                    self.populate.store(false, Ordering::Relaxed);
+                }
+                false
+            }
+        }
     }
 
     pub fn contains(&self, hash: &Hash) -> bool {
@@ -398,6 +453,91 @@ impl BlockRing {
     }
 }
 
+/// A verified block read in place from the mapped ring. Its record stays
+/// pinned until this is dropped.
+pub struct MappedRecord {
+    ring: Arc<BlockRing>,
+    hash: Hash,
+    offset: u64,
+    len: usize,
+}
+
+impl MappedRecord {
+    pub fn bytes(&self) -> &[u8] {
+        match &self.ring.map {
+            Some(m) => m.bytes(self.offset + HEADER, self.len),
+            None => &[],
+        }
+    }
+}
+
+impl Drop for MappedRecord {
+    fn drop(&mut self) {
+        if let Some(m) = &self.ring.map {
+            m.release(self.offset, record_span(self.len as u64));
+        }
+        self.ring.unpin(&self.hash);
+    }
+}
+
+/// The ring file mapped shared and read-only.
+struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and only read at pinned records, which
+// nothing writes while they are pinned.
+unsafe impl Send for Mapping {}
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    fn new(file: &File, len: u64) -> std::io::Result<Mapping> {
+        use std::os::fd::AsRawFd;
+        let len = usize::try_from(len).map_err(|_| std::io::Error::from_raw_os_error(libc::EFBIG))?;
+        // SAFETY: a fresh shared read-only mapping of our own file; the kernel picks the address.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), 0) };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Mapping { ptr: ptr.cast(), len })
+    }
+
+    /// The mapped bytes at `offset`. Callers hold a pin on the record there.
+    fn bytes(&self, offset: u64, len: usize) -> &[u8] {
+        let offset = offset as usize;
+        assert!(offset + len <= self.len, "read past the ring");
+        // SAFETY: in bounds (checked above), mapped for the life of self.
+        unsafe { std::slice::from_raw_parts(self.ptr.add(offset), len) }
+    }
+
+    fn advise(&self, offset: u64, len: u64, advice: libc::c_int) -> std::io::Result<()> {
+        let (offset, len) = (offset as usize, (len as usize).min(self.len - offset as usize));
+        // SAFETY: a page-aligned range inside the mapping.
+        if unsafe { libc::madvise(self.ptr.add(offset).cast(), len, advice) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Read the pages of a range in (one call, I/O errors reported).
+    fn populate(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.advise(offset, len, libc::MADV_POPULATE_READ)
+    }
+
+    /// Unmap the pages of a range from this process (they stay in the page cache).
+    fn release(&self, offset: u64, len: u64) {
+        let _ = self.advise(offset, len, libc::MADV_DONTNEED);
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what new() mapped; no MappedRecord outlives the ring.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -413,25 +553,25 @@ mod tests {
         let path = dir.path().join("ring");
         let blocks: Vec<_> = (0..20).map(|i| block(i, 100_000 + i as usize)).collect();
         {
-            let ring = BlockRing::open(&path, MIN_CAPACITY).unwrap();
+            let ring = Arc::new(BlockRing::open(&path, MIN_CAPACITY).unwrap());
             for (h, d) in &blocks {
                 ring.insert(h, d, false).unwrap();
             }
             for (h, d) in &blocks {
-                assert_eq!(ring.get(h).as_ref(), Some(d));
+                assert_eq!(ring.get(h).as_deref(), Some(&d[..]));
             }
         }
-        let ring = BlockRing::open(&path, MIN_CAPACITY).unwrap();
+        let ring = Arc::new(BlockRing::open(&path, MIN_CAPACITY).unwrap());
         assert_eq!(ring.stats().blocks, 20);
         for (h, d) in &blocks {
-            assert_eq!(ring.get(h).as_ref(), Some(d), "warm after reopen");
+            assert_eq!(ring.get(h).as_deref(), Some(&d[..]), "warm after reopen");
         }
     }
 
     #[test]
     fn capacity_is_enforced_and_clock_keeps_hot_blocks() {
         let dir = tempfile::tempdir().unwrap();
-        let ring = BlockRing::open(&dir.path().join("ring"), MIN_CAPACITY).unwrap();
+        let ring = Arc::new(BlockRing::open(&dir.path().join("ring"), MIN_CAPACITY).unwrap());
         let hot = block(9999, 1 << 20);
         ring.insert(&hot.0, &hot.1, false).unwrap();
         for i in 0..200 {
@@ -448,22 +588,22 @@ mod tests {
     fn corruption_is_detected_dropped_and_counted() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ring");
-        let ring = BlockRing::open(&path, MIN_CAPACITY).unwrap();
+        let ring = Arc::new(BlockRing::open(&path, MIN_CAPACITY).unwrap());
         let (h, d) = block(1, 50_000);
         ring.insert(&h, &d, false).unwrap();
         let f = OpenOptions::new().write(true).open(&path).unwrap();
         f.write_all_at(&[d[1000] ^ 0xff], HEADER + 1000).unwrap();
-        assert_eq!(ring.get(&h), None);
+        assert!(ring.get(&h).is_none());
         assert_eq!(ring.stats().corrupt, 1);
         assert!(!ring.contains(&h));
         ring.insert(&h, &d, false).unwrap();
-        assert_eq!(ring.get(&h), Some(d));
+        assert_eq!(ring.get(&h).as_deref(), Some(&d[..]));
     }
 
     #[test]
     fn pinned_blocks_survive_pressure_until_unpinned() {
         let dir = tempfile::tempdir().unwrap();
-        let ring = BlockRing::open(&dir.path().join("ring"), MIN_CAPACITY).unwrap();
+        let ring = Arc::new(BlockRing::open(&dir.path().join("ring"), MIN_CAPACITY).unwrap());
         let dirty = block(7, 1 << 20);
         ring.insert(&dirty.0, &dirty.1, true).unwrap();
         for i in 0..100 {
@@ -480,26 +620,47 @@ mod tests {
     }
 
     #[test]
+    fn blocks_read_in_place_stay_intact_until_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = Arc::new(BlockRing::open(&dir.path().join("ring"), MIN_CAPACITY).unwrap());
+        let kept = block(5, 1 << 20);
+        ring.insert(&kept.0, &kept.1, false).unwrap();
+        let held = ring.get(&kept.0).unwrap();
+        assert!(matches!(held, BlockBytes::Mapped(_)), "reads are zero-copy on this kernel");
+        for i in 0..100 {
+            let (h, d) = block(500 + i, 1 << 20);
+            ring.insert(&h, &d, false).unwrap();
+        }
+        assert_eq!(*held, kept.1[..], "a record in use is never overwritten");
+        drop(held);
+        for i in 0..100 {
+            let (h, d) = block(700 + i, 1 << 20);
+            ring.insert(&h, &d, false).unwrap();
+        }
+        assert!(!ring.contains(&kept.0), "released once dropped");
+    }
+
+    #[test]
     fn torn_records_read_as_misses_after_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ring");
         let (h, d) = block(3, 200_000);
         {
-            let ring = BlockRing::open(&path, MIN_CAPACITY).unwrap();
+            let ring = Arc::new(BlockRing::open(&path, MIN_CAPACITY).unwrap());
             ring.insert(&h, &d, false).unwrap();
         }
         // Simulate a crash mid-write: the tail of the record never reached the disk.
         let f = OpenOptions::new().write(true).open(&path).unwrap();
         f.write_all_at(&vec![0u8; 100_000], HEADER + 100_000).unwrap();
-        let ring = BlockRing::open(&path, MIN_CAPACITY).unwrap();
-        assert_eq!(ring.get(&h), None);
+        let ring = Arc::new(BlockRing::open(&path, MIN_CAPACITY).unwrap());
+        assert!(ring.get(&h).is_none());
         assert_eq!(ring.stats().corrupt, 1);
     }
 
     #[test]
     fn concurrent_readers_and_writers() {
         let dir = tempfile::tempdir().unwrap();
-        let ring = std::sync::Arc::new(BlockRing::open(&dir.path().join("ring"), 32 << 20).unwrap());
+        let ring = Arc::new(BlockRing::open(&dir.path().join("ring"), 32 << 20).unwrap());
         let threads: Vec<_> = (0..4)
             .map(|t| {
                 let ring = ring.clone();
@@ -508,7 +669,7 @@ mod tests {
                         let (h, d) = block(t * 1000 + i % 50, 64 << 10);
                         ring.insert(&h, &d, false).unwrap();
                         if let Some(got) = ring.get(&h) {
-                            assert_eq!(got, d);
+                            assert_eq!(*got, d[..]);
                         }
                     }
                 })

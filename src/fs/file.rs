@@ -49,7 +49,7 @@ fn append_padded(out: &mut Vec<u8>, bytes: &[u8], from: usize, to: usize) {
 /// (the common case of a read within one block costs no copy).
 pub enum ReadBuf {
     Owned(Vec<u8>),
-    Shared(std::sync::Arc<Vec<u8>>, std::ops::Range<usize>),
+    Shared(std::sync::Arc<restfs_cache::BlockBytes>, std::ops::Range<usize>),
 }
 
 impl std::ops::Deref for ReadBuf {

@@ -3,7 +3,7 @@
 //! (hash, batched `has`, then `put` of only the missing ones).
 
 use super::error::{FsError, Result};
-use restfs_cache::{BlockCache, BlockRing};
+use restfs_cache::{BlockBytes, BlockCache, BlockRing};
 use restfs_proto::methods::{
     BlockData, BlockGet, BlockGetParams, BlockHas, BlockHasParams, BlockPut, BlockPutParams, SegmentGet, SegmentGetParams,
 };
@@ -32,14 +32,14 @@ pub struct Remote {
     pub inflight: Mutex<HashMap<Hash, Arc<Fetch>>>,
 }
 
-type Fetch = OnceCell<Result<Arc<Vec<u8>>>>;
+type Fetch = OnceCell<Result<Arc<BlockBytes>>>;
 
 /// An uploaded block: its slot index, address and length.
 pub type Uploaded = (u64, Hash, u32);
 
 impl Remote {
     /// A block's bytes, from the cache or the server; verified against its hash.
-    pub async fn block(&self, hash: Hash) -> Result<Arc<Vec<u8>>> {
+    pub async fn block(&self, hash: Hash) -> Result<Arc<BlockBytes>> {
         if let Some(data) = self.cache.get(&hash) {
             return Ok(data);
         }
@@ -60,7 +60,7 @@ impl Remote {
     }
 
     /// A block from the disk cache, else the server.
-    async fn fetch(&self, hash: Hash) -> Result<Arc<Vec<u8>>> {
+    async fn fetch(&self, hash: Hash) -> Result<Arc<BlockBytes>> {
         if let Some(ring) = &self.ring {
             let ring = ring.clone();
             // The ring verifies what it reads; a corrupt copy is a miss.
@@ -71,18 +71,17 @@ impl Remote {
             }
         }
         let data = self.link.call::<BlockGet>(BlockGetParams { hash }).await?.data.0;
-        let check = data.clone();
-        let ok = tokio::task::spawn_blocking(move || Hash::of(&check) == hash).await.unwrap_or(false);
-        if !ok {
+        let checked = tokio::task::spawn_blocking(move || (Hash::of(&data) == hash).then_some(data)).await.ok().flatten();
+        let Some(data) = checked else {
             return Err(FsError::new(Errno::EIO, format!("block {hash} arrived corrupt")));
-        }
-        let data = Arc::new(data);
+        };
+        let data = Arc::new(BlockBytes::Heap(data));
         self.keep(hash, data.clone()).await;
         Ok(data)
     }
 
     /// Cache a block in memory and on disk.
-    async fn keep(&self, hash: Hash, data: Arc<Vec<u8>>) {
+    async fn keep(&self, hash: Hash, data: Arc<BlockBytes>) {
         self.cache.insert(hash, data.clone());
         if let Some(ring) = &self.ring {
             let ring = ring.clone();
@@ -128,7 +127,7 @@ impl Remote {
                     {
                         tracing::warn!("block cache: cannot stage block {hash}: {e}");
                     }
-                    Staged { index, hash, data: Arc::new(data) }
+                    Staged { index, hash, data: Arc::new(BlockBytes::Heap(data)) }
                 })
                 .collect()
         })
@@ -179,5 +178,5 @@ impl Remote {
 pub struct Staged {
     pub index: u64,
     pub hash: Hash,
-    pub data: Arc<Vec<u8>>,
+    pub data: Arc<BlockBytes>,
 }

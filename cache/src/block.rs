@@ -1,0 +1,45 @@
+//! Immutable block bytes, shared without copying: either on the heap, or
+//! mapped straight from the on-disk ring, whose record then stays pinned
+//! (safe from eviction) for as long as the bytes are alive.
+
+use crate::ring::MappedRecord;
+
+pub enum BlockBytes {
+    Heap(Vec<u8>),
+    Mapped(MappedRecord),
+}
+
+impl std::ops::Deref for BlockBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            BlockBytes::Heap(v) => v,
+            BlockBytes::Mapped(m) => m.bytes(),
+        }
+    }
+}
+
+impl From<Vec<u8>> for BlockBytes {
+    fn from(v: Vec<u8>) -> BlockBytes {
+        BlockBytes::Heap(v)
+    }
+}
+
+impl std::fmt::Debug for BlockBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = if matches!(self, BlockBytes::Heap(_)) { "heap" } else { "mapped" };
+        write!(f, "BlockBytes({kind}, {} bytes)", self.len())
+    }
+}
+
+impl PartialEq<[u8]> for BlockBytes {
+    fn eq(&self, other: &[u8]) -> bool {
+        **self == *other
+    }
+}
+
+impl PartialEq<Vec<u8>> for BlockBytes {
+    fn eq(&self, other: &Vec<u8>) -> bool {
+        **self == **other
+    }
+}
