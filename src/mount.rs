@@ -287,6 +287,7 @@ fn init_logging(args: &MountArgs, log_file: Option<File>) {
 
 /// Run `mount.restfs`; returns the process exit code.
 pub fn main(args: &[String]) -> i32 {
+    restfs_server::cli::keep_large_buffers();
     let args = match parse_args(args) {
         Ok(a) => a,
         Err(e) => {

@@ -158,6 +158,27 @@ fn read_fresh(file: &File, len: usize, offset: u64) -> std::io::Result<Vec<u8>> 
     Ok(buf)
 }
 
+/// Write `head` then `body` at `offset` with as few `pwritev` calls as the
+/// kernel allows (no copy into one buffer first).
+fn write_all_vectored_at(file: &File, head: &[u8], body: &[u8], offset: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let total = head.len() + body.len();
+    let mut done = 0;
+    while done < total {
+        let parts: [&[u8]; 2] = if done < head.len() { [&head[done..], body] } else { [&[], &body[done - head.len()..]] };
+        let iov = parts.map(|p| libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: p.len() });
+        // SAFETY: both iovecs point into live slices of the stated lengths.
+        let n = unsafe { libc::pwritev(file.as_raw_fd(), iov.as_ptr(), 2, (offset + done as u64) as libc::off_t) };
+        match n {
+            n if n > 0 => done += n as usize,
+            0 => return Err(std::io::ErrorKind::WriteZero.into()),
+            _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+            _ => return Err(std::io::Error::last_os_error()),
+        }
+    }
+    Ok(())
+}
+
 impl BlockRing {
     /// Open or create the ring at `path` with `capacity` bytes (rounded down
     /// to 4 KiB). A ring of another size is started afresh.
@@ -375,10 +396,7 @@ impl BlockRing {
             ix.head = if offset + span >= self.capacity { 0 } else { offset + span };
             (offset, seq)
         };
-        let mut record = Vec::with_capacity(span as usize);
-        record.extend_from_slice(&header_bytes(seq, hash, data));
-        record.extend_from_slice(data);
-        let written = self.file.write_all_at(&record, offset);
+        let written = write_all_vectored_at(&self.file, &header_bytes(seq, hash, data), data, offset);
         let mut ix = self.lock();
         match written {
             Ok(()) => {

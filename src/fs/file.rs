@@ -14,11 +14,16 @@ use super::error::{FsError, Result};
 use super::remote::{Remote, Staged};
 use restfs_proto::methods::{SegmentCommit, SegmentCommitParams};
 use restfs_proto::{Attr, BlockSlot, Errno, Hash, Ino, Timespec};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
 
 /// Dirty blocks held in memory before full ones are uploaded early.
-const DIRTY_LIMIT: usize = 32;
+const DIRTY_LIMIT: usize = 8;
+
+/// Uploads of early-staged blocks in flight per file: writes go on while
+/// they travel, and wait (backpressure) when this many are under way.
+const UPLOADS_IN_FLIGHT: usize = 4;
 
 /// Blocks fetched ahead of sequential reads.
 const READ_AHEAD_BLOCKS: u64 = 8;
@@ -127,6 +132,8 @@ pub struct FileData {
     read_ahead_to: u64,
     /// Staged blocks not yet sent to the server.
     unsent: Vec<Staged>,
+    /// Uploads in flight, oldest first.
+    uploads: VecDeque<tokio::task::JoinHandle<Result<()>>>,
     /// Blocks pinned in the disk cache until the next commit succeeds.
     pinned: Vec<Hash>,
 }
@@ -166,6 +173,7 @@ impl File {
                 next_read: 0,
                 read_ahead_to: 0,
                 unsent: Vec::new(),
+                uploads: VecDeque::new(),
                 pinned: Vec::new(),
             }),
             handles: AtomicU32::new(0),
@@ -283,7 +291,7 @@ impl FileData {
         hashes
     }
 
-    pub async fn write(&mut self, r: &Remote, offset: u64, data: &[u8]) -> Result<()> {
+    pub async fn write(&mut self, r: &Arc<Remote>, offset: u64, data: &[u8]) -> Result<()> {
         let bs = r.block_size;
         let end = offset.checked_add(data.len() as u64).ok_or_else(|| FsError::new(Errno::EFBIG, "write past the largest offset"))?;
         if end > i64::MAX as u64 {
@@ -314,7 +322,10 @@ impl FileData {
         self.changed = true;
         if self.dirty.len() > DIRTY_LIMIT {
             self.stage_dirty(r, true).await?;
-            self.send_staged(r).await?;
+            self.start_upload(r);
+            while self.uploads.len() > UPLOADS_IN_FLIGHT {
+                self.finish_oldest_upload().await?;
+            }
         }
         Ok(())
     }
@@ -338,11 +349,33 @@ impl FileData {
         Ok(())
     }
 
-    /// Send staged blocks the server may lack.
-    async fn send_staged(&mut self, r: &Remote) -> Result<()> {
-        r.send(&self.unsent).await?;
-        self.unsent.clear();
-        Ok(())
+    /// Send staged blocks the server may lack, in the background.
+    fn start_upload(&mut self, r: &Arc<Remote>) {
+        if self.unsent.is_empty() {
+            return;
+        }
+        let (r, blocks) = (r.clone(), std::mem::take(&mut self.unsent));
+        self.uploads.push_back(tokio::spawn(async move { r.send(&blocks).await }));
+    }
+
+    async fn finish_oldest_upload(&mut self) -> Result<()> {
+        match self.uploads.pop_front() {
+            Some(task) => task.await.map_err(|e| FsError::new(Errno::EIO, format!("upload task failed: {e}")))?,
+            None => Ok(()),
+        }
+    }
+
+    /// Send what is staged and wait for every upload; the first error wins.
+    async fn send_staged(&mut self, r: &Arc<Remote>) -> Result<()> {
+        self.start_upload(r);
+        let mut first = Ok(());
+        while !self.uploads.is_empty() {
+            let done = self.finish_oldest_upload().await;
+            if first.is_ok() {
+                first = done;
+            }
+        }
+        first
     }
 
     /// Extend the size without writing (fallocate); the new range reads as zeros.
@@ -356,7 +389,7 @@ impl FileData {
 
     /// Publish local changes: stage, journal the commit, send the blocks,
     /// then commit atomically. Returns whether anything was committed.
-    pub async fn flush(&mut self, r: &Remote) -> Result<bool> {
+    pub async fn flush(&mut self, r: &Arc<Remote>) -> Result<bool> {
         if !self.changed {
             return Ok(false);
         }
