@@ -117,6 +117,8 @@ impl MetaCache {
     /// another, or was written by another schema version).
     pub fn open(path: &Path, identity: &str) -> Result<MetaCache> {
         let conn = Connection::open(path)?;
+        // Statements stay prepared whatever values are bound (see restfsd's store).
+        conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
         conn.execute_batch("PRAGMA locking_mode = EXCLUSIVE; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")?;
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         if version != SCHEMA_VERSION {
