@@ -14,7 +14,7 @@ use restfs_proto::methods::{NewNodeParams, RenameParams, SetAttrParams, XattrMod
 use restfs_proto::{
     Attr, BlockRef, BlockSlot, BucketInfo, DirEntry, Errno, Hash, Ino, Kind, Name, ROOT_INO, SetTime, Timespec, XATTR_SIZE_MAX, check_name,
 };
-use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, Row, params};
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -140,14 +140,24 @@ impl SqliteMeta {
         Ok(SqliteMeta { conn: Mutex::new(conn) })
     }
 
-    fn with_tx<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
-        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let out = f(&tx)?;
-        // The changes this transaction noted carry seq + 1: claim that number.
-        tx.prepare_cached("UPDATE buckets SET seq = seq + 1 WHERE EXISTS (SELECT 1 FROM changes c WHERE c.bucket = buckets.id AND c.seq = buckets.seq + 1)")?.execute([],)?;
-        tx.commit()?;
-        Ok(out)
+    /// Run `f` in one immediate transaction, committed if it succeeds and
+    /// rolled back otherwise. BEGIN and COMMIT are cached statements too
+    /// (rusqlite's `Transaction` parses them on every call).
+    fn with_tx<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+        let done = f(&conn).and_then(|out| {
+            // The changes this transaction noted carry seq + 1: claim that number.
+            conn.prepare_cached("UPDATE buckets SET seq = seq + 1 WHERE EXISTS (SELECT 1 FROM changes c WHERE c.bucket = buckets.id AND c.seq = buckets.seq + 1)")?.execute([])?;
+            conn.prepare_cached("COMMIT")?.execute([])?;
+            Ok(out)
+        });
+        if done.is_err() && !conn.is_autocommit() {
+            if let Err(e) = conn.prepare_cached("ROLLBACK").and_then(|mut s| s.execute([])) {
+                tracing::error!("rollback failed: {e}");
+            }
+        }
+        done
     }
 
     fn with_conn<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
