@@ -23,7 +23,9 @@
 //! [`MappedRecord`] that keeps the record pinned until dropped. The pages
 //! are unmapped again on drop, so they count against the page cache, not
 //! the process. Without that madvise (Linux < 5.14) reads fall back to
-//! `pread` into the heap.
+//! `pread` into the heap. One risk remains: if memory pressure evicts a
+//! populated page before it is read and reading it back from disk then
+//! fails, the access raises SIGBUS (a disk error on the cache device).
 
 use crate::block::BlockBytes;
 use restfs_proto::Hash;
