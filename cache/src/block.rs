@@ -31,15 +31,3 @@ impl std::fmt::Debug for BlockBytes {
         write!(f, "BlockBytes({kind}, {} bytes)", self.len())
     }
 }
-
-impl PartialEq<[u8]> for BlockBytes {
-    fn eq(&self, other: &[u8]) -> bool {
-        **self == *other
-    }
-}
-
-impl PartialEq<Vec<u8>> for BlockBytes {
-    fn eq(&self, other: &Vec<u8>) -> bool {
-        **self == **other
-    }
-}

@@ -301,45 +301,31 @@ impl BlockRing {
             }
         };
         // The pin keeps the record from being overwritten while it is read.
-        let mapped = self.map.as_ref().filter(|m| self.populate.load(Ordering::Relaxed) && self.fault_in(m, offset, len));
-        let (header, data): ([u8; HEADER as usize], Option<BlockBytes>) = match mapped {
-            Some(m) => (m.bytes(offset, HEADER as usize).try_into().unwrap_or([0; HEADER as usize]), None),
+        // A mapped read hands it on to the MappedRecord (dropping that
+        // unpins); a pread copy needs it no more once read.
+        let mut header = [0u8; HEADER as usize];
+        let candidate = match self.map.as_ref().filter(|m| self.populate.load(Ordering::Relaxed) && self.fault_in(m, offset, len)) {
+            Some(m) => {
+                header.copy_from_slice(m.bytes(offset, HEADER as usize));
+                Some(BlockBytes::Mapped(MappedRecord { ring: self.clone(), hash: *hash, offset, len: len as usize }))
+            }
             None => {
-                let mut header = [0u8; HEADER as usize];
                 let read = self.file.read_exact_at(&mut header, offset).and_then(|_| read_fresh(&self.file, len as usize, offset + HEADER));
-                (header, read.ok().map(BlockBytes::Heap))
+                self.unpin(hash);
+                read.ok().map(BlockBytes::Heap)
             }
         };
-        let sum = |bytes: &[u8]| xxh3_64(bytes);
-        let whole = parse_header(&header).is_some_and(|(_, h, l, expected)| {
-            h == *hash
-                && l == len
-                && match (mapped, &data) {
-                    (Some(m), _) => sum(m.bytes(offset + HEADER, len as usize)) == expected,
-                    (None, Some(d)) => sum(d) == expected,
-                    (None, None) => false,
-                }
-        });
+        let whole = candidate
+            .as_ref()
+            .is_some_and(|data| parse_header(&header).is_some_and(|(_, h, l, sum)| h == *hash && l == len && xxh3_64(data) == sum));
         if whole {
             self.hits.fetch_add(1, Ordering::Relaxed);
-            return match data {
-                Some(heap) => {
-                    self.unpin(hash);
-                    Some(heap)
-                }
-                // The record stays pinned until the MappedRecord is dropped.
-                None => Some(BlockBytes::Mapped(MappedRecord { ring: self.clone(), hash: *hash, offset, len: len as usize })),
-            };
+            return candidate;
         }
-        if let Some(m) = mapped {
-            m.release(offset, record_span(len as u64));
-        }
-        let mut ix = self.lock();
-        if let Some(e) = ix.by_hash.get_mut(hash) {
-            e.pins -= 1;
-        }
+        drop(candidate);
         self.corrupt.fetch_add(1, Ordering::Relaxed);
         self.misses.fetch_add(1, Ordering::Relaxed);
+        let mut ix = self.lock();
         if ix.by_hash.get(hash).is_some_and(|e| e.offset == offset && e.pins == 0) {
             Self::forget(&mut ix, hash);
         }
@@ -562,6 +548,18 @@ impl Drop for Mapping {
 mod tests {
     use super::*;
 
+    fn fresh_ring(dir: &tempfile::TempDir) -> Arc<BlockRing> {
+        Arc::new(BlockRing::open(&dir.path().join("ring"), MIN_CAPACITY).unwrap())
+    }
+
+    /// Insert `n` blocks of 1 MiB, seeds `first..first + n`.
+    fn fill(ring: &BlockRing, first: u32, n: u32) {
+        for i in first..first + n {
+            let (h, d) = block(i, 1 << 20);
+            ring.insert(&h, &d, false).unwrap();
+        }
+    }
+
     fn block(i: u32, len: usize) -> (Hash, Vec<u8>) {
         let data: Vec<u8> = (0..len).map(|j| (j as u32 ^ i.wrapping_mul(2654435761)) as u8).collect();
         (Hash::of(&data), data)
@@ -591,7 +589,7 @@ mod tests {
     #[test]
     fn capacity_is_enforced_and_clock_keeps_hot_blocks() {
         let dir = tempfile::tempdir().unwrap();
-        let ring = Arc::new(BlockRing::open(&dir.path().join("ring"), MIN_CAPACITY).unwrap());
+        let ring = fresh_ring(&dir);
         let hot = block(9999, 1 << 20);
         ring.insert(&hot.0, &hot.1, false).unwrap();
         for i in 0..200 {
@@ -623,40 +621,28 @@ mod tests {
     #[test]
     fn pinned_blocks_survive_pressure_until_unpinned() {
         let dir = tempfile::tempdir().unwrap();
-        let ring = Arc::new(BlockRing::open(&dir.path().join("ring"), MIN_CAPACITY).unwrap());
+        let ring = fresh_ring(&dir);
         let dirty = block(7, 1 << 20);
         ring.insert(&dirty.0, &dirty.1, true).unwrap();
-        for i in 0..100 {
-            let (h, d) = block(100 + i, 1 << 20);
-            ring.insert(&h, &d, false).unwrap();
-        }
+        fill(&ring, 100, 100);
         assert!(ring.contains(&dirty.0));
         ring.unpin(&dirty.0);
-        for i in 0..100 {
-            let (h, d) = block(300 + i, 1 << 20);
-            ring.insert(&h, &d, false).unwrap();
-        }
+        fill(&ring, 300, 100);
         assert!(!ring.contains(&dirty.0));
     }
 
     #[test]
     fn blocks_read_in_place_stay_intact_until_dropped() {
         let dir = tempfile::tempdir().unwrap();
-        let ring = Arc::new(BlockRing::open(&dir.path().join("ring"), MIN_CAPACITY).unwrap());
+        let ring = fresh_ring(&dir);
         let kept = block(5, 1 << 20);
         ring.insert(&kept.0, &kept.1, false).unwrap();
         let held = ring.get(&kept.0).unwrap();
         assert!(matches!(held, BlockBytes::Mapped(_)), "reads are zero-copy on this kernel");
-        for i in 0..100 {
-            let (h, d) = block(500 + i, 1 << 20);
-            ring.insert(&h, &d, false).unwrap();
-        }
+        fill(&ring, 500, 100);
         assert_eq!(*held, kept.1[..], "a record in use is never overwritten");
         drop(held);
-        for i in 0..100 {
-            let (h, d) = block(700 + i, 1 << 20);
-            ring.insert(&h, &d, false).unwrap();
-        }
+        fill(&ring, 700, 100);
         assert!(!ring.contains(&kept.0), "released once dropped");
     }
 

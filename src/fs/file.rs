@@ -130,10 +130,10 @@ pub struct FileData {
     next_read: u64,
     /// Blocks below this index were already fetched ahead.
     read_ahead_to: u64,
-    /// Staged blocks not yet sent to the server.
+    /// Uploads in flight, oldest first; each gives its blocks back.
+    uploads: VecDeque<tokio::task::JoinHandle<(Result<()>, Vec<Staged>)>>,
+    /// Staged blocks whose upload failed: sent again with the next one.
     unsent: Vec<Staged>,
-    /// Uploads in flight, oldest first.
-    uploads: VecDeque<tokio::task::JoinHandle<Result<()>>>,
     /// Blocks pinned in the disk cache until the next commit succeeds.
     pinned: Vec<Hash>,
 }
@@ -172,8 +172,8 @@ impl File {
                 changed: false,
                 next_read: 0,
                 read_ahead_to: 0,
-                unsent: Vec::new(),
                 uploads: VecDeque::new(),
+                unsent: Vec::new(),
                 pinned: Vec::new(),
             }),
             handles: AtomicU32::new(0),
@@ -321,8 +321,8 @@ impl FileData {
         self.attr.ctime = now;
         self.changed = true;
         if self.dirty.len() > DIRTY_LIMIT {
-            self.stage_dirty(r, true).await?;
-            self.start_upload(r);
+            let staged = self.stage_dirty(r, true).await?;
+            self.start_upload(r, staged);
             while self.uploads.len() > UPLOADS_IN_FLIGHT {
                 self.finish_oldest_upload().await?;
             }
@@ -331,8 +331,8 @@ impl FileData {
     }
 
     /// Stage dirty blocks (all but the last one when `keep_last`) in the
-    /// disk cache and move them to `pending`, to be sent.
-    async fn stage_dirty(&mut self, r: &Remote, keep_last: bool) -> Result<()> {
+    /// disk cache and move them to `pending`; returns them, to be sent.
+    async fn stage_dirty(&mut self, r: &Remote, keep_last: bool) -> Result<Vec<Staged>> {
         let mut blocks = std::mem::take(&mut self.dirty);
         if keep_last && let Some((idx, buf)) = blocks.pop_last() {
             self.dirty.insert(idx, buf);
@@ -341,33 +341,37 @@ impl FileData {
         for (idx, _) in holes {
             self.pending.insert(idx, None);
         }
+        let mut staged = Vec::new();
         for block in r.stage(data).await? {
             self.pending.insert(block.index, Some((block.hash, block.data.len() as u32)));
             self.pinned.push(block.hash);
-            self.unsent.push(block);
+            staged.push(block);
         }
-        Ok(())
+        Ok(staged)
     }
 
     /// Send staged blocks the server may lack, in the background.
-    fn start_upload(&mut self, r: &Arc<Remote>) {
-        if self.unsent.is_empty() {
+    fn start_upload(&mut self, r: &Arc<Remote>, mut blocks: Vec<Staged>) {
+        blocks.append(&mut self.unsent);
+        if blocks.is_empty() {
             return;
         }
-        let (r, blocks) = (r.clone(), std::mem::take(&mut self.unsent));
-        self.uploads.push_back(tokio::spawn(async move { r.send(&blocks).await }));
+        let r = r.clone();
+        self.uploads.push_back(tokio::spawn(async move { (r.send(&blocks).await, blocks) }));
     }
 
     async fn finish_oldest_upload(&mut self) -> Result<()> {
-        match self.uploads.pop_front() {
-            Some(task) => task.await.map_err(|e| FsError::new(Errno::EIO, format!("upload task failed: {e}")))?,
-            None => Ok(()),
+        let Some(task) = self.uploads.pop_front() else { return Ok(()) };
+        let (sent, blocks) = task.await.map_err(|e| FsError::new(Errno::EIO, format!("upload task failed: {e}")))?;
+        if sent.is_err() {
+            self.unsent.extend(blocks);
         }
+        sent
     }
 
-    /// Send what is staged and wait for every upload; the first error wins.
-    async fn send_staged(&mut self, r: &Arc<Remote>) -> Result<()> {
-        self.start_upload(r);
+    /// Send `blocks` and wait for every upload; the first error wins.
+    async fn send_all(&mut self, r: &Arc<Remote>, blocks: Vec<Staged>) -> Result<()> {
+        self.start_upload(r, blocks);
         let mut first = Ok(());
         while !self.uploads.is_empty() {
             let done = self.finish_oldest_upload().await;
@@ -393,7 +397,7 @@ impl FileData {
         if !self.changed {
             return Ok(false);
         }
-        self.stage_dirty(r, false).await?;
+        let staged = self.stage_dirty(r, false).await?;
         let size = self.attr.size;
         let slots: Vec<BlockSlot> = self
             .pending
@@ -406,7 +410,7 @@ impl FileData {
         // Until the server acknowledges, the commit is journaled (its blocks
         // are pinned in the disk cache): a later mount completes it.
         journal(r, &Unacked { base_version: before, commit: params.clone() });
-        self.send_staged(r).await?;
+        self.send_all(r, staged).await?;
         let fresh = r.link.call::<SegmentCommit>(params).await.map_err(|e| {
             if e.as_errno() == Errno::EAGAIN {
                 FsError::new(Errno::EIO, format!("commit of inode {} lost blocks the server collected: {e}", self.attr.ino))
