@@ -35,13 +35,23 @@ impl FuseAdapter {
         FuseAdapter { fs, rt, blksize }
     }
 
-    /// Run `job` on the runtime with a clone of the core.
+    /// Run `job` with a clone of the core: first right here, on the fuser
+    /// thread, and only if it has to wait (on the server, a lock, a timer)
+    /// as a task on the runtime. Requests answered from the caches thus
+    /// cost no thread hand-off, which was most of their price.
     fn run<F, Fut>(&self, job: F)
     where
         F: FnOnce(Arc<Fs>, u32) -> Fut,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
-        self.rt.spawn(job(self.fs.clone(), self.blksize));
+        let _runtime = self.rt.enter();
+        let mut job = Box::pin(job(self.fs.clone(), self.blksize));
+        // A wake-up lost to the no-op waker does no harm: a spawned task is
+        // polled at once, and from then on with the runtime's waker.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if job.as_mut().poll(&mut cx).is_pending() {
+            self.rt.spawn(job);
+        }
     }
 }
 
@@ -56,6 +66,8 @@ pub struct KernelNotifier {
 enum Inval {
     Inode(u64),
     Entry(u64, Vec<u8>),
+    /// Run once the invalidations queued before it are done.
+    Then(Box<dyn FnOnce() + Send>),
 }
 
 impl KernelNotifier {
@@ -66,9 +78,13 @@ impl KernelNotifier {
             .name("restfs-inval".into())
             .spawn(move || {
                 for inval in rx {
-                    let r = match &inval {
-                        Inval::Inode(ino) => worker.inval_inode(INodeNo(*ino), 0, 0),
-                        Inval::Entry(parent, name) => worker.inval_entry(INodeNo(*parent), OsStr::from_bytes(name)),
+                    let r = match inval {
+                        Inval::Inode(ino) => worker.inval_inode(INodeNo(ino), 0, 0),
+                        Inval::Entry(parent, name) => worker.inval_entry(INodeNo(parent), OsStr::from_bytes(&name)),
+                        Inval::Then(f) => {
+                            f();
+                            Ok(())
+                        }
                     };
                     // ENOENT: the kernel does not have it cached, nothing to do.
                     if let Err(e) = r
@@ -100,6 +116,12 @@ impl crate::fs::KernelCache for KernelNotifier {
 
     fn invalidate_entry(&self, parent: u64, name: &[u8]) {
         let _ = self.queue.send(Inval::Entry(parent, name.to_vec()));
+    }
+
+    fn after_invalidations(&self, then: Box<dyn FnOnce() + Send>) {
+        if let Err(std::sync::mpsc::SendError(Inval::Then(then))) = self.queue.send(Inval::Then(then)) {
+            then();
+        }
     }
 }
 
@@ -294,10 +316,18 @@ impl Filesystem for FuseAdapter {
         self.run(|fs, bs| async move { entry(reply, fs.link_node(ino.0, newparent.0, &name).await, bs) });
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        // Closing a read-only descriptor commits nothing: the kernel need not ask.
+        let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY;
         self.run(|fs, _| async move {
             match fs.open(ino.0).await {
-                Ok(o) => reply.opened(FileHandle(o.fh), if o.keep_cache { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() }),
+                Ok(o) => {
+                    let mut f = if o.keep_cache { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
+                    if read_only {
+                        f |= FopenFlags::FOPEN_NOFLUSH;
+                    }
+                    reply.opened(FileHandle(o.fh), f)
+                }
                 Err(e) => reply_error!(reply, e),
             }
         });

@@ -40,3 +40,10 @@ pub const DEFAULT_PORT: u16 = 7878;
 
 /// Capability: the server pushes change notifications (later protocol work).
 pub const CAP_PUSH: &str = "push";
+
+/// Capability: callbacks. The client acknowledges every push it applied
+/// (`push.ack`), and the server holds the reply to another connection's
+/// change until the client has acknowledged it or its lease ran out. A
+/// client whose lease is current may therefore answer opens from its
+/// caches and still see every change closed elsewhere (close-to-open).
+pub const CAP_CALLBACKS: &str = "callbacks";

@@ -70,6 +70,8 @@ methods! {
     Subscribe = "bucket.subscribe" (SubscribeParams) -> SubscribeResult;
     Stats = "admin.stats" (Empty) -> StatsResult;
     PushChanges = "push.changes" (PushParams) -> Empty;
+    PushAck = "push.ack" (PushAckParams) -> Empty;
+    Ping = "ping" (Empty) -> Empty;
 }
 
 /// No parameters, or no result.
@@ -113,6 +115,12 @@ pub struct HelloResult {
     pub server: String,
     /// Largest frame the server accepts, in bytes.
     pub max_frame: u64,
+    /// With the callbacks capability: how long after the server last heard
+    /// from the client it still waits for the client's push
+    /// acknowledgements. The client's lease runs this long from the moment
+    /// it sent a request that was answered.
+    #[serde(default)]
+    pub lease_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -408,6 +416,13 @@ pub enum Change {
     Attr { seq: u64, ino: Ino, attr: Option<Attr> },
     /// A directory entry changed; `ino` is what it names now, if anything.
     Entry { seq: u64, parent: Ino, name: Name, ino: Option<Ino> },
+}
+
+/// Client-to-server notification: every push through this sequence
+/// number is applied (caches updated, kernel caches invalidated).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PushAckParams {
+    pub through: u64,
 }
 
 /// Server counters since it started (block traffic, requests).

@@ -7,6 +7,7 @@
 //! envelope, unknown method, wrong params, filesystem error — gets a
 //! JSON-RPC error object.
 
+use crate::callbacks::Lease;
 use crate::meta::BucketId;
 use crate::service::{GC_MIN_AGE_SECS, Service};
 use restfs_proto::methods::*;
@@ -58,6 +59,10 @@ pub struct Session {
     pusher: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The client's stable id (from `hello`), for the replay cache.
     client_id: Mutex<Option<String>>,
+    /// The client asked for callbacks (`hello`).
+    wants_callbacks: std::sync::atomic::AtomicBool,
+    /// Its lease, once subscribed with callbacks.
+    lease: Mutex<Option<(BucketId, Arc<Lease>)>>,
 }
 
 /// Run `f` on the decoded params of `msg` and encode its outcome.
@@ -95,7 +100,38 @@ impl Session {
             encoding: Mutex::new(Encoding::Json),
             pusher: Mutex::new(None),
             client_id: Mutex::new(None),
+            wants_callbacks: Default::default(),
+            lease: Mutex::new(None),
         })
+    }
+
+    /// This connection's lease, if it holds one.
+    pub fn lease(&self) -> Option<Arc<Lease>> {
+        self.lease.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|(_, l)| l.clone())
+    }
+
+    /// A message arrived from the client.
+    pub fn heard(&self) {
+        if let Some(l) = self.lease() {
+            self.service.callbacks.heard(&l);
+        }
+    }
+
+    /// Before answering a change of bucket `b`: wait until the other
+    /// clients holding leases on it have applied it (see [`crate::callbacks`]).
+    /// Returns false, without waiting, when there are none.
+    pub async fn await_callbacks(&self, b: BucketId) -> bool {
+        let mine = self.lease();
+        let others = self.service.callbacks.others(b, mine.as_ref());
+        if others.is_empty() {
+            return false;
+        }
+        self.service.bump(b);
+        match self.service.meta(move |m| m.changes_since(b, u64::MAX, 0)).await {
+            Ok(log) => self.service.callbacks.wait(&others, log.seq).await,
+            Err(e) => tracing::warn!("change sequence of bucket {b} unknown: {e}"),
+        }
+        true
     }
 
     /// Answer one message; `None` for a notification.
@@ -128,7 +164,7 @@ impl Session {
         {
             return Some(earlier);
         }
-        self.service.counters.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.service.counters.count(method);
         let s = self.clone();
         let m = &msg;
         macro_rules! route {
@@ -176,6 +212,8 @@ impl Session {
             Subscribe => subscribe,
             Stats => stats,
             PushChanges => push_changes,
+            PushAck => push_ack,
+            Ping => ping,
         };
         if let Some((client, request)) = replay_key {
             self.service.remember(client, request, response.clone()).await;
@@ -187,6 +225,9 @@ impl Session {
     pub async fn close(&self) {
         if let Some(p) = self.pusher.lock().unwrap_or_else(|p| p.into_inner()).take() {
             p.abort();
+        }
+        if let Some((b, lease)) = self.lease.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            self.service.callbacks.drop_lease(b, &lease);
         }
         let opens: Vec<_> = self.opens.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
         for ((b, ino), n) in opens {
@@ -248,12 +289,17 @@ impl Session {
         let encoding = p.encodings.first().copied().unwrap_or(Encoding::Json);
         *self.encoding.lock().unwrap_or_else(|p| p.into_inner()) = encoding;
         *self.client_id.lock().unwrap_or_else(|p| p.into_inner()) = p.client_id.filter(|c| !c.is_empty() && c.len() <= 128);
+        let capabilities: Vec<String> =
+            p.capabilities.into_iter().filter(|c| c == restfs_proto::CAP_PUSH || c == restfs_proto::CAP_CALLBACKS).collect();
+        let callbacks = capabilities.iter().any(|c| c == restfs_proto::CAP_CALLBACKS);
+        self.wants_callbacks.store(callbacks, std::sync::atomic::Ordering::Release);
         Ok(HelloResult {
             version: PROTOCOL_VERSION,
             encoding,
-            capabilities: p.capabilities.into_iter().filter(|c| c == restfs_proto::CAP_PUSH).collect(),
+            capabilities,
             server: format!("restfsd {}", env!("CARGO_PKG_VERSION")),
             max_frame: MAX_FRAME as u64,
+            lease_ms: callbacks.then(|| crate::callbacks::LEASE.as_millis() as u64),
         })
     }
 
@@ -510,6 +556,12 @@ impl Session {
         if let Some(old) = self.pusher.lock().unwrap_or_else(|p| p.into_inner()).replace(task) {
             old.abort();
         }
+        if self.wants_callbacks.load(std::sync::atomic::Ordering::Acquire) {
+            let lease = self.service.callbacks.grant(b, cursor);
+            if let Some((ob, old)) = self.lease.lock().unwrap_or_else(|p| p.into_inner()).replace((b, lease)) {
+                self.service.callbacks.drop_lease(ob, &old);
+            }
+        }
         Ok(SubscribeResult { seq: log.seq, reset })
     }
 
@@ -552,6 +604,20 @@ impl Session {
 
     async fn stats(self: Arc<Self>, _: Empty) -> Outcome<StatsResult> {
         Ok(StatsResult { counters: self.service.counters.snapshot() })
+    }
+
+    async fn push_ack(self: Arc<Self>, p: PushAckParams) -> Outcome<Empty> {
+        match self.lease() {
+            Some(l) => {
+                l.ack(p.through);
+                Ok(Empty {})
+            }
+            None => Err(RpcError::errno(Errno::EINVAL, "push.ack without a callbacks subscription")),
+        }
+    }
+
+    async fn ping(self: Arc<Self>, _: Empty) -> Outcome<Empty> {
+        Ok(Empty {})
     }
 
     async fn push_changes(self: Arc<Self>, _: PushParams) -> Outcome<Empty> {

@@ -2,11 +2,12 @@
 //!
 //! Layers, outside in: [`ws`] (WebSocket front, frame limits) →
 //! [`dispatch`] (per-connection session, one handler per method) →
-//! [`service`] (open files, durability, GC) → the stores: [`meta`]
+//! [`service`] (open files, durability, GC, [`callbacks`]) → the stores: [`meta`]
 //! (`MetaStore`, SQLite by default) and [`blocks`] (`BlockStore`, a local
 //! directory by default).
 
 pub mod blocks;
+pub mod callbacks;
 pub mod cli;
 pub mod dispatch;
 pub mod error;

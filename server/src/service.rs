@@ -57,16 +57,32 @@ pub struct Service {
     /// One clone per live connection.
     connections: Arc<()>,
     pub counters: Counters,
+    pub callbacks: crate::callbacks::Callbacks,
 }
 
 /// Server-wide counters, reported by `admin.stats`.
-#[derive(Default)]
 pub struct Counters {
     pub block_gets: std::sync::atomic::AtomicU64,
     pub block_get_bytes: std::sync::atomic::AtomicU64,
     pub block_puts: std::sync::atomic::AtomicU64,
     pub block_put_bytes: std::sync::atomic::AtomicU64,
     pub requests: std::sync::atomic::AtomicU64,
+    /// Requests per method, by index in [`restfs_proto::methods::ALL_METHODS`].
+    pub by_method: Box<[std::sync::atomic::AtomicU64]>,
+}
+
+impl Default for Counters {
+    fn default() -> Counters {
+        let zero = std::sync::atomic::AtomicU64::default;
+        Counters {
+            block_gets: zero(),
+            block_get_bytes: zero(),
+            block_puts: zero(),
+            block_put_bytes: zero(),
+            requests: zero(),
+            by_method: restfs_proto::methods::ALL_METHODS.iter().map(|_| zero()).collect(),
+        }
+    }
 }
 
 impl Counters {
@@ -81,7 +97,22 @@ impl Counters {
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
+        .chain(
+            restfs_proto::methods::ALL_METHODS
+                .iter()
+                .zip(&self.by_method)
+                .map(|(name, n)| (format!("requests.{name}"), get(n)))
+                .filter(|(_, n)| *n > 0),
+        )
         .collect()
+    }
+
+    /// Count one request of `method`.
+    pub fn count(&self, method: &str) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if let Some(i) = restfs_proto::methods::ALL_METHODS.iter().position(|m| *m == method) {
+            self.by_method[i].fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -97,11 +128,22 @@ impl Service {
             closing: tokio::sync::watch::channel(false).0,
             connections: Arc::new(()),
             counters: Counters::default(),
+            callbacks: Default::default(),
         })
     }
 
-    /// Run a metadata call on the blocking pool.
+    /// Run a metadata call. Calls are short (an indexed lookup or a small
+    /// transaction in a local database), so they run in place: a hand-off
+    /// to the blocking pool and back cost more than the call itself (thread
+    /// wake-ups were the largest part of the server's CPU in metadata-heavy
+    /// work). Calls that may wait on the disk use [`Service::meta_blocking`].
     pub async fn meta<T: Send + 'static>(&self, f: impl FnOnce(&dyn MetaStore) -> Result<T> + Send + 'static) -> Result<T> {
+        f(self.meta.as_ref())
+    }
+
+    /// Run a metadata call that may wait on the disk (fsync, a full scan)
+    /// on the blocking pool.
+    pub async fn meta_blocking<T: Send + 'static>(&self, f: impl FnOnce(&dyn MetaStore) -> Result<T> + Send + 'static) -> Result<T> {
         let meta = self.meta.clone();
         tokio::task::spawn_blocking(move || f(meta.as_ref())).await.map_err(|e| Error::Corrupt(format!("task failed: {e}")))?
     }
@@ -237,7 +279,7 @@ impl Service {
     /// Make every commit so far durable.
     pub async fn sync(&self) -> Result<()> {
         self.dirty.store(false, Ordering::Release);
-        self.meta(|m| m.sync()).await
+        self.meta_blocking(|m| m.sync()).await
     }
 
     /// Forget unreferenced blocks older than `min_age_secs`; returns (blocks, bytes).
@@ -279,7 +321,11 @@ impl Service {
         };
         if last {
             let me = self.clone();
-            self.mutate(bucket, move |m| m.purge(bucket, ino, &|i| me.is_open(bucket, i))).await?;
+            // Most files released were never unlinked: a read, not a mutation.
+            if self.meta(move |m| m.purge(bucket, ino, &|i| me.is_open(bucket, i))).await? {
+                self.dirty.store(true, Ordering::Release);
+                self.bump(bucket);
+            }
         }
         Ok(())
     }
@@ -303,10 +349,10 @@ impl Service {
             let mut tick = tokio::time::interval(Duration::from_secs(60));
             loop {
                 tick.tick().await;
-                if let Err(e) = me.meta(|m| m.trim_changes(CHANGE_LOG_KEEP)).await {
+                if let Err(e) = me.meta_blocking(|m| m.trim_changes(CHANGE_LOG_KEEP)).await {
                     tracing::error!("change log trim failed: {e}");
                 }
-                if let Err(e) = me.meta(|m| m.trim_replies(REPLAY_KEEP_SECS)).await {
+                if let Err(e) = me.meta_blocking(|m| m.trim_replies(REPLAY_KEEP_SECS)).await {
                     tracing::error!("replay cache trim failed: {e}");
                 }
             }

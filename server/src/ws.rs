@@ -1,6 +1,9 @@
 //! The WebSocket front: accept connections on `/`, read frames, dispatch
 //! every message concurrently, write responses through one writer task.
 //!
+//! A change is answered only after other clients holding leases applied
+//! it ([`crate::callbacks`]); a connection whose lease is revoked closes.
+//!
 //! Limits: a message above [`MAX_FRAME`] bytes is answered with a
 //! `FRAME_TOO_LARGE` error and the connection is closed (code 1009); other
 //! connections are not affected. Text frames are JSON, binary frames BSON;
@@ -87,10 +90,23 @@ async fn connection(stream: TcpStream, service: Arc<Service>) -> Result<(), WsEr
     let mut closing = service.closing();
     let session = Session::new(service.clone(), tx.clone());
     let result = loop {
+        let lease = session.lease();
+        let revoked = async {
+            match &lease {
+                Some(l) if !l.is_revoked() => l.revocation.notified().await,
+                Some(_) => {}
+                None => std::future::pending().await,
+            }
+        };
         let next = tokio::select! {
             n = source.next() => n,
             _ = closing.changed() => break Ok(()),
+            _ = revoked => break Ok(()),
         };
+        session.heard();
+        if session.lease().is_some_and(|l| l.is_revoked()) {
+            break Ok(());
+        }
         let (encoding, bytes) = match next {
             Some(Ok(Message::Text(t))) => (Encoding::Json, t.as_bytes().to_vec()),
             Some(Ok(Message::Binary(b))) => (Encoding::Bson, b.to_vec()),
@@ -130,10 +146,16 @@ async fn connection(stream: TcpStream, service: Arc<Service>) -> Result<(), WsEr
                     }
                 })
                 .await;
+            // Other clients must have applied a change before it is answered
+            // (callbacks); without any, the reply goes first, then the push.
+            let waited = match bump {
+                Some(b) => session.await_callbacks(b).await,
+                None => false,
+            };
             if let Some(reply) = reply {
                 let _ = tx.send((encoding, reply)).await;
             }
-            if let Some(b) = bump {
+            if let (Some(b), false) = (bump, waited) {
                 service.bump(b);
             }
         });

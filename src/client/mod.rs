@@ -12,6 +12,10 @@
 //! its original id; the server's replay cache answers a repeated mutation
 //! without applying it twice. Calls made during the outage wait. Only an
 //! outage longer than the reconnect timeout fails them (ETIMEDOUT).
+//!
+//! With callbacks, every answer renews the client's lease, counted from
+//! when the request was sent; a ping renews it when the link is idle. The
+//! lease ends at once when the connection drops.
 
 pub mod url;
 
@@ -36,6 +40,9 @@ pub type RestoreHook = Arc<dyn Fn(Link) -> BoxFuture<'static, Result<(), RpcErro
 /// Longest wait between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
+/// Part of the server's lease the client relies on (margin for clock drift).
+const LEASE_USE: f64 = 0.9;
+
 /// A connection to restfsd that survives outages. Cheap to clone.
 #[derive(Clone)]
 pub struct Link {
@@ -59,6 +66,11 @@ struct Inner {
     /// The directory entries named by the last [`RECENT_PUSHES`] pushes,
     /// by push number (`None`: a reset, which touches everything).
     recent: Mutex<VecDeque<(u64, Option<Vec<PushedEntry>>)>>,
+    /// The lease the server grants with callbacks (from `hello`).
+    lease: Mutex<Option<Duration>>,
+    /// The lease runs until this many ns after `epoch` (0: none).
+    lease_until: AtomicU64,
+    epoch: Instant,
 }
 
 /// A directory entry as a push reported it: parent, name, what it names.
@@ -84,6 +96,9 @@ struct PendingCall {
     encoding: Encoding,
     /// Generation of the connection it was last sent on (0: not sent).
     sent_on: u64,
+    /// When it was (last) sent, or a moment before: its answer proves the
+    /// server heard from this client after that.
+    sent_at: Instant,
     /// The reply, and how many pushes had arrived before it.
     tx: oneshot::Sender<(RawMessage, u64)>,
 }
@@ -158,12 +173,58 @@ impl Link {
                 reconnects: AtomicU64::new(0),
                 pushes_seen: AtomicU64::new(0),
                 recent: Mutex::default(),
+                lease: Mutex::default(),
+                lease_until: AtomicU64::new(0),
+                epoch: Instant::now(),
             }),
         };
         let reader = link.establish(timeout).await?;
         link.finish_restore();
         link.watch_connection(reader);
+        link.keep_lease();
         Ok(link)
+    }
+
+    /// Did the server grant callbacks (and so expects push acknowledgements)?
+    pub fn has_callbacks(&self) -> bool {
+        self.inner.lease.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
+    /// Is the lease current? Then every change other clients made before
+    /// now has been pushed to this client, or the server is still waiting
+    /// for this client to acknowledge it (see `restfsd`'s callbacks).
+    pub fn lease_valid(&self) -> bool {
+        let until = self.inner.lease_until.load(Ordering::Acquire);
+        until > 0 && (self.inner.epoch.elapsed().as_nanos() as u64) < until && !self.state().restoring
+    }
+
+    /// An answer arrived to a request sent at `sent_at`: the lease runs
+    /// (a safety margin less than) a lease from then.
+    fn extend_lease(&self, sent_at: Instant) {
+        let Some(lease) = *self.inner.lease.lock().unwrap_or_else(|p| p.into_inner()) else { return };
+        let until = sent_at.saturating_duration_since(self.inner.epoch) + lease.mul_f64(LEASE_USE);
+        self.inner.lease_until.fetch_max(until.as_nanos() as u64, Ordering::AcqRel);
+    }
+
+    /// Renew the lease with a ping when no other answer did for a while.
+    fn keep_lease(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            loop {
+                let lease = match weak.upgrade() {
+                    Some(inner) => *inner.lease.lock().unwrap_or_else(|p| p.into_inner()),
+                    None => return,
+                };
+                let Some(lease) = lease else { return };
+                tokio::time::sleep(lease / 8).await;
+                let Some(inner) = weak.upgrade() else { return };
+                let link = Link { inner };
+                let left = (link.inner.lease_until.load(Ordering::Acquire) as u128).saturating_sub(link.inner.epoch.elapsed().as_nanos());
+                if left < (lease / 2).as_nanos() && !link.state().restoring {
+                    let _ = tokio::time::timeout(lease, link.call::<restfs_proto::methods::Ping>(restfs_proto::methods::Empty {})).await;
+                }
+            }
+        });
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -184,7 +245,7 @@ impl Link {
         let hello = HelloParams {
             versions: vec![PROTOCOL_VERSION],
             encodings: vec![Encoding::Bson, Encoding::Json],
-            capabilities: vec![restfs_proto::CAP_PUSH.to_string()],
+            capabilities: vec![restfs_proto::CAP_PUSH.to_string(), restfs_proto::CAP_CALLBACKS.to_string()],
             client: format!("restfs {}", env!("CARGO_PKG_VERSION")),
             client_id: Some(self.inner.client_id.clone()),
         };
@@ -198,6 +259,7 @@ impl Link {
                 st.encoding = reply.encoding;
             }
         }
+        *self.inner.lease.lock().unwrap_or_else(|p| p.into_inner()) = reply.lease_ms.map(Duration::from_millis);
         *self.inner.server.lock().unwrap_or_else(|p| p.into_inner()) = reply.server;
         Ok(reader)
     }
@@ -217,6 +279,7 @@ impl Link {
         for id in ids {
             let call = pending.get_mut(&id).expect("listed above");
             call.sent_on = generation;
+            call.sent_at = Instant::now();
             if out.try_send(frame_message(call.encoding, call.frame.clone())).is_err() {
                 // The queue is full or the socket died: the next reconnect resends.
                 call.sent_on = 0;
@@ -241,6 +304,8 @@ impl Link {
             st.out = None;
             st.restoring = true;
         }
+        // The server no longer waits for this client's acknowledgements.
+        self.inner.lease_until.store(0, Ordering::Release);
         let down_since = Instant::now();
         let mut backoff = Duration::from_millis(50);
         tracing::warn!("connection to {} lost; reconnecting", self.inner.url.authority);
@@ -303,7 +368,9 @@ impl Link {
         let Ok(head) = m.head() else { return };
         match head.id {
             IdField::Valid(Id::Num(id)) => {
-                if let Some(call) = self.inner.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id) {
+                let call = self.inner.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                if let Some(call) = call {
+                    self.extend_lease(call.sent_at);
                     let _ = call.tx.send((m, self.inner.pushes_seen.load(Ordering::Acquire)));
                 }
             }
@@ -409,7 +476,7 @@ impl Link {
             .pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id, PendingCall { frame: frame.clone(), encoding, sent_on, tx });
+            .insert(id, PendingCall { frame: frame.clone(), encoding, sent_on, sent_at: Instant::now(), tx });
         if let Some(out) = out
             && out.send(frame_message(encoding, frame)).await.is_err()
             && now

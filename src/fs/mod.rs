@@ -64,6 +64,10 @@ pub trait KernelCache: Send + std::marker::Sync {
     fn invalidate_inode(&self, ino: Ino);
     /// Forget the cached entry `name` of directory `parent` (queued; never blocks).
     fn invalidate_entry(&self, parent: Ino, name: &[u8]);
+    /// Run `then` once the invalidations queued so far are done.
+    fn after_invalidations(&self, then: Box<dyn FnOnce() + Send>) {
+        then()
+    }
 }
 
 enum Handle {
@@ -90,6 +94,9 @@ pub struct Fs {
     pushes_applied: AtomicU64,
     /// The metadata cache has caught up with the server and may answer.
     meta_live: std::sync::atomic::AtomicBool,
+    /// The server's change sequence number at the last subscription: the
+    /// cache is current only once pushes through it are applied.
+    subscribed_at: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -122,6 +129,7 @@ impl Fs {
             pushes_applied: AtomicU64::new(0),
             meta: None,
             meta_live: std::sync::atomic::AtomicBool::new(false),
+            subscribed_at: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -140,6 +148,17 @@ impl Fs {
     /// The metadata cache, when it may answer.
     fn mc(&self) -> Option<&MetaCache> {
         self.meta.as_deref().filter(|_| self.meta_live.load(Ordering::Acquire))
+    }
+
+    /// Is the metadata cache as current as the server, for this client's
+    /// purposes? Yes while the lease holds and every push received is
+    /// applied: the server answers no change by another client before this
+    /// client has acknowledged it (callbacks).
+    fn cache_is_current(&self) -> bool {
+        self.mc().is_some()
+            && self.link().lease_valid()
+            && self.applied_seq.load(Ordering::Acquire) >= self.subscribed_at.load(Ordering::Acquire)
+            && self.pushes_applied.load(Ordering::Acquire) >= self.link().pushes_seen()
     }
 
     /// Pushes received so far: taken before a call and compared with the
@@ -507,21 +526,27 @@ impl Fs {
     /// Open a file: fetch fresh attributes (close-to-open) and register the
     /// open with the server, which keeps an unlinked file alive until release.
     pub async fn open(&self, ino: Ino) -> Result<Opened> {
-        // Close-to-open: ask the server (this also registers the open). If it
-        // does not answer promptly and the cache knows the file, go on with
-        // the cached attributes, which pushes keep current: a paused or slow
-        // server does not stop reads of cached data.
         let cached = self.mc().and_then(|m| m.attr(ino).ok().flatten());
-        let asking = self.link().call::<Open>(InoParams { ino });
         let fresh = match cached {
-            Some(attr) => match tokio::time::timeout(OPEN_PATIENCE, asking).await {
+            // Close-to-open from the cache: with a current lease, every change
+            // closed elsewhere before this open is applied (callbacks). The
+            // open is registered without waiting for the answer.
+            Some(attr) if self.cache_is_current() => {
+                self.link().notify::<Open>(InoParams { ino }).await?;
+                attr
+            }
+            // Otherwise ask the server (this also registers the open). If it
+            // does not answer promptly, go on with the cached attributes,
+            // which pushes keep current: a paused or slow server does not
+            // stop reads of cached data.
+            Some(attr) => match tokio::time::timeout(OPEN_PATIENCE, self.link().call::<Open>(InoParams { ino })).await {
                 Ok(reply) => reply?,
                 Err(_) => {
                     tracing::debug!("open of inode {ino}: server slow, using cached attributes");
                     attr
                 }
             },
-            None => asking.await?,
+            None => self.link().call::<Open>(InoParams { ino }).await?,
         };
         self.merge(&fresh);
         if fresh.kind == Kind::Dir {
@@ -659,6 +684,7 @@ impl Fs {
             self.applied_seq.store(s, Ordering::Release);
         }
         let sub = self.link().call::<Subscribe>(SubscribeParams { since }).await?;
+        self.subscribed_at.store(sub.seq, Ordering::Release);
         if sub.reset || since.is_none() {
             self.forget(|m| m.wipe());
             self.applied_seq.store(sub.seq, Ordering::Release);
@@ -712,6 +738,7 @@ impl Fs {
         }
         let since = self.applied_seq.load(Ordering::Acquire);
         let sub = link.call_now::<Subscribe>(SubscribeParams { since: Some(since) }).await?;
+        self.subscribed_at.store(sub.seq, Ordering::Release);
         if sub.reset {
             tracing::warn!("missed changes during the outage are no longer logged; dropping cached state");
             self.forget_everything();
@@ -758,7 +785,11 @@ impl Fs {
         self.applied_seq.fetch_max(push.through, Ordering::AcqRel);
         self.pushes_applied.fetch_add(1, Ordering::AcqRel);
         self.xattrs.pushed(&push.changes);
-        let Some(kernel) = self.kernel.get() else { return };
+        let Some(kernel) = self.kernel.get() else {
+            self.acknowledge(push.through).await;
+            return;
+        };
+        let mut open_files = Vec::new();
         for (change, known) in push.changes.into_iter().zip(known) {
             if known {
                 continue;
@@ -766,7 +797,7 @@ impl Fs {
             match change {
                 Change::Attr { ino, attr, .. } => {
                     if let (Some(f), Some(a)) = (self.open_file(ino), &attr) {
-                        f.state.lock().await.refresh(a.clone());
+                        open_files.push((f, a.clone()));
                     }
                     let cached = lock(&self.page_versions).get(&ino).copied();
                     match attr {
@@ -780,6 +811,24 @@ impl Fs {
                 }
                 Change::Entry { parent, name, .. } => kernel.invalidate_entry(parent, name.as_bytes()),
             }
+        }
+        if self.link().has_callbacks() {
+            let (link, through, rt) = (self.link().clone(), push.through, tokio::runtime::Handle::current());
+            kernel.after_invalidations(Box::new(move || {
+                rt.spawn(async move { link.notify::<PushAck>(PushAckParams { through }).await });
+            }));
+        }
+        // After the acknowledgement: a file's lock may be held by a commit
+        // that waits for other clients' acknowledgements.
+        for (f, attr) in open_files {
+            f.state.lock().await.refresh(attr);
+        }
+    }
+
+    /// Tell the server every push through `through` is applied (callbacks).
+    async fn acknowledge(&self, through: u64) {
+        if self.link().has_callbacks() {
+            let _ = self.link().notify::<PushAck>(PushAckParams { through }).await;
         }
     }
 

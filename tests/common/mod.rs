@@ -193,6 +193,13 @@ impl Mount {
         }
     }
 
+    /// Send `sig` to the daemon (SIGSTOP to freeze it, SIGCONT to resume).
+    pub fn signal(&self, sig: i32) {
+        let pid = self.child.as_ref().expect("daemon running").id();
+        // SAFETY: signalling our own child process.
+        assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0);
+    }
+
     /// The daemon's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.path.with_extension("mount.log")).unwrap_or_default()

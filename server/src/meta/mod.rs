@@ -65,8 +65,8 @@ pub trait MetaStore: Send + Sync {
     /// Entries after `after` in name order, at most `limit`.
     fn readdir(&self, b: BucketId, ino: Ino, after: Option<&[u8]>, limit: u32) -> Result<Listing>;
     /// Delete an unlinked (nlink 0) inode unless `is_open` says someone
-    /// holds it again (checked inside the transaction).
-    fn purge(&self, b: BucketId, ino: Ino, is_open: IsOpen<'_>) -> Result<()>;
+    /// holds it again (checked inside the transaction). True if it was deleted.
+    fn purge(&self, b: BucketId, ino: Ino, is_open: IsOpen<'_>) -> Result<bool>;
     /// Delete every unlinked inode (at start-up, when no client holds any).
     fn purge_all(&self) -> Result<u64>;
 

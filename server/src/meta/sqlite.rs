@@ -4,7 +4,9 @@
 //! Durability: commits run with `synchronous=NORMAL` (a crash of restfsd
 //! loses nothing; a power cut may lose the last commits but never tears
 //! one). [`MetaStore::sync`] makes everything committed so far durable by
-//! committing a marker under `synchronous=FULL`, which fsyncs the WAL.
+//! committing a marker under `synchronous=FULL`, which fsyncs the WAL, and
+//! then checkpoints the WAL into the database (no commit checkpoints on its
+//! own, so none stalls a request on fsyncs).
 //!
 //! Reference counts: each block-map slot naming a block is one reference.
 
@@ -126,6 +128,9 @@ impl SqliteMeta {
         conn.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // Checkpoints (which fsync) run in `sync`, on the blocking pool, not
+        // inside whichever commit happens to fill the WAL.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         conn.pragma_update(None, "foreign_keys", "OFF")?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         let tables: i64 = conn.prepare_cached("SELECT count(*) FROM sqlite_master WHERE type = 'table'")?.query_row([], |r| r.get(0))?;
@@ -800,10 +805,10 @@ impl MetaStore for SqliteMeta {
         })
     }
 
-    fn purge(&self, b: BucketId, ino: Ino, is_open: IsOpen<'_>) -> Result<()> {
+    fn purge(&self, b: BucketId, ino: Ino, is_open: IsOpen<'_>) -> Result<bool> {
         self.with_tx(|tx| match load(tx, b, ino) {
-            Ok(a) if a.nlink == 0 && !is_open(ino) => delete_inode(tx, b, ino),
-            Ok(_) | Err(Error::Fs(Errno::ENOENT, _)) => Ok(()),
+            Ok(a) if a.nlink == 0 && !is_open(ino) => delete_inode(tx, b, ino).map(|_| true),
+            Ok(_) | Err(Error::Fs(Errno::ENOENT, _)) => Ok(false),
             Err(e) => Err(e),
         })
     }
@@ -1077,6 +1082,7 @@ impl MetaStore for SqliteMeta {
             conn.prepare_cached("INSERT INTO sync_marker(id, n) VALUES (1, 1) ON CONFLICT(id) DO UPDATE SET n = n + 1")?.execute([]);
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         marked?;
+        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
         Ok(())
     }
 }
