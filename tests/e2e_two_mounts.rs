@@ -156,3 +156,42 @@ fn a_frozen_mount_delays_changes_elsewhere_by_at_most_its_lease() {
     a.unmount();
     b.unmount();
 }
+
+/// Opens answered from the cache are unknown to the server until the file
+/// loses its last name: then they are registered (with the acknowledgement
+/// on another mount, before the unlink on the same one), so the file lives
+/// on until closed.
+#[test]
+fn files_held_open_survive_their_unlinking() {
+    use std::io::Read;
+    let root = scratch("e2e-held");
+    let server = Server::start(&root.join("data"));
+    server.create_bucket("shared");
+    let (pa, pb) = (root.join("a"), root.join("b"));
+    let a = Mount::new(&server, "shared", &pa, &format!("cache_dir={}", root.join("cache-a").display()));
+    let b = Mount::new(&server, "shared", &pb, &format!("cache_dir={}", root.join("cache-b").display()));
+    let content: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+    for name in ["elsewhere", "here"] {
+        std::fs::write(pa.join(name), &content).unwrap();
+    }
+
+    // Known by attributes only (no data cached), so the open is local and
+    // every byte must still come from the server after the unlinking.
+    std::fs::metadata(pb.join("elsewhere")).unwrap();
+    let mut held = std::fs::File::open(pb.join("elsewhere")).unwrap();
+    std::fs::remove_file(pa.join("elsewhere")).unwrap();
+    let mut got = Vec::new();
+    held.read_to_end(&mut got).unwrap();
+    assert!(got == content, "the file held open on B lost its content when A unlinked it");
+    drop(held);
+
+    std::fs::metadata(pa.join("here")).unwrap();
+    let mut held = std::fs::File::open(pa.join("here")).unwrap();
+    std::fs::remove_file(pa.join("here")).unwrap();
+    let mut got = Vec::new();
+    held.read_to_end(&mut got).unwrap();
+    assert!(got == content, "the file held open on A lost its content when A unlinked it");
+    drop(held);
+    a.unmount();
+    b.unmount();
+}

@@ -323,7 +323,7 @@ pub struct SegmentGetResult {
 }
 
 /// Publish new content: set block slots and the size in one atomic step.
-/// Every block named must already be on the server.
+/// Every block named must already be on the server, or come in `blocks`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SegmentCommitParams {
     pub ino: Ino,
@@ -332,6 +332,10 @@ pub struct SegmentCommitParams {
     /// Modification time of the data; the server's clock when absent.
     #[serde(default)]
     pub mtime: Option<Timespec>,
+    /// Blocks to store first, in the same call (small ones: sending them
+    /// costs less than a round trip asking which the server lacks).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blocks: Vec<BlockData>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -406,6 +410,10 @@ pub struct PushParams {
     #[serde(default)]
     pub reset: bool,
     pub changes: Vec<Change>,
+    /// Another client's change waits for this client (callbacks): answer
+    /// with `push.ack` once applied. Pushes without it need no answer.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ack: bool,
 }
 
 /// One change, with the state it left behind.
@@ -423,6 +431,10 @@ pub enum Change {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PushAckParams {
     pub through: u64,
+    /// Inodes reported unlinked that the client holds open without the
+    /// server knowing: register these opens (one entry per open) first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holding: Vec<Ino>,
 }
 
 /// Server counters since it started (block traffic, requests).

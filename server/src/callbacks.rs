@@ -29,6 +29,8 @@ pub const LEASE: Duration = Duration::from_secs(3);
 pub struct Lease {
     /// Every change through this sequence number is applied by the client.
     acked: AtomicU64,
+    /// A change through this sequence number waits for the client's acknowledgement.
+    wanted: AtomicU64,
     /// When the server last heard from the client, in ms since [`Callbacks`] began.
     heard_ms: AtomicU64,
     /// Wakes waiters on an acknowledgement.
@@ -44,6 +46,12 @@ impl Lease {
     pub fn ack(&self, through: u64) {
         self.acked.fetch_max(through, Ordering::AcqRel);
         self.acks.notify_waiters();
+    }
+
+    /// Is a change waiting for an acknowledgement the client has not sent?
+    pub fn ack_wanted(&self) -> Option<u64> {
+        let wanted = self.wanted.load(Ordering::Acquire);
+        (wanted > self.acked.load(Ordering::Acquire)).then_some(wanted)
     }
 
     pub fn is_revoked(&self) -> bool {
@@ -72,6 +80,7 @@ impl Callbacks {
     pub fn grant(&self, b: BucketId, applied: u64) -> Arc<Lease> {
         let lease = Arc::new(Lease {
             acked: AtomicU64::new(applied),
+            wanted: AtomicU64::new(0),
             heard_ms: AtomicU64::new(self.now_ms()),
             acks: tokio::sync::Notify::new(),
             revoked: AtomicBool::new(false),
@@ -127,6 +136,14 @@ impl Callbacks {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// Ask `leases` to acknowledge change `seq` (their next push says so).
+    /// Before waking the pushers, so the push that carries it asks.
+    pub fn want(&self, leases: &[Arc<Lease>], seq: u64) {
+        for lease in leases {
+            lease.wanted.fetch_max(seq, Ordering::AcqRel);
+        }
     }
 
     /// Wait until each of `leases` acknowledged change `seq`, or its lease

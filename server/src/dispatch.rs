@@ -126,10 +126,16 @@ impl Session {
         if others.is_empty() {
             return false;
         }
-        self.service.bump(b);
         match self.service.meta(move |m| m.changes_since(b, u64::MAX, 0)).await {
-            Ok(log) => self.service.callbacks.wait(&others, log.seq).await,
-            Err(e) => tracing::warn!("change sequence of bucket {b} unknown: {e}"),
+            Ok(log) => {
+                self.service.callbacks.want(&others, log.seq);
+                self.service.bump(b);
+                self.service.callbacks.wait(&others, log.seq).await
+            }
+            Err(e) => {
+                tracing::warn!("change sequence of bucket {b} unknown: {e}");
+                self.service.bump(b);
+            }
         }
         true
     }
@@ -389,9 +395,38 @@ impl Session {
     }
 
     async fn unlink(self: Arc<Self>, p: EntryParams) -> Outcome<Empty> {
-        let is_open = self.is_open_fn();
-        self.write(move |m, b| m.unlink(b, p.parent, p.name.as_bytes(), &is_open)).await?;
+        let (is_open, deferred) = self.is_open_or_deferred();
+        let victim = self
+            .write(move |m, b| {
+                let victim = m.lookup(b, p.parent, p.name.as_bytes()).ok().map(|a| a.ino);
+                m.unlink(b, p.parent, p.name.as_bytes(), &is_open)?;
+                Ok(victim)
+            })
+            .await?;
+        if deferred {
+            self.purge_after_callbacks(victim).await?;
+        }
         Ok(Empty {})
+    }
+
+    /// Is an inode held open? When other clients hold leases, every inode
+    /// counts as open (the second value): they may hold it open without
+    /// the server knowing, and say so when they acknowledge its unlinking.
+    fn is_open_or_deferred(&self) -> (impl Fn(Ino) -> bool + Send + 'static, bool) {
+        let is_open = self.is_open_fn();
+        let deferred = self.bucket_id().is_ok_and(|b| !self.service.callbacks.others(b, self.lease().as_ref()).is_empty());
+        (move |ino| deferred || is_open(ino), deferred)
+    }
+
+    /// Once the other clients acknowledged an unlinking (and registered
+    /// their opens of `victim`), purge it unless open.
+    async fn purge_after_callbacks(&self, victim: Option<Ino>) -> Outcome<()> {
+        let b = self.bucket_id()?;
+        self.await_callbacks(b).await;
+        if let Some(ino) = victim {
+            self.service.purge_unless_open(b, ino).await?;
+        }
+        Ok(())
     }
 
     async fn rmdir(self: Arc<Self>, p: EntryParams) -> Outcome<Empty> {
@@ -400,8 +435,17 @@ impl Session {
     }
 
     async fn rename(self: Arc<Self>, p: RenameParams) -> Outcome<Empty> {
-        let is_open = self.is_open_fn();
-        self.write(move |m, b| m.rename(b, &p, &is_open)).await?;
+        let (is_open, deferred) = self.is_open_or_deferred();
+        let victim = self
+            .write(move |m, b| {
+                let victim = if p.exchange { None } else { m.lookup(b, p.new_parent, p.new_name.as_bytes()).ok().map(|a| a.ino) };
+                m.rename(b, &p, &is_open)?;
+                Ok(victim)
+            })
+            .await?;
+        if deferred {
+            self.purge_after_callbacks(victim).await?;
+        }
         Ok(Empty {})
     }
 
@@ -489,7 +533,11 @@ impl Session {
         Ok(SegmentGetResult { version, blocks })
     }
 
-    async fn segment_commit(self: Arc<Self>, p: SegmentCommitParams) -> Outcome<Attr> {
+    async fn segment_commit(self: Arc<Self>, mut p: SegmentCommitParams) -> Outcome<Attr> {
+        let blocks = std::mem::take(&mut p.blocks);
+        if !blocks.is_empty() {
+            self.service.put_blocks(blocks.into_iter().map(|b| (b.hash, b.data.0)).collect()).await?;
+        }
         self.write(move |m, b| m.commit(b, p.ino, p.size, &p.slots, p.mtime)).await
     }
 
@@ -567,6 +615,8 @@ impl Session {
 
     /// Send every change after `cursor`, then every new one, until the connection ends.
     async fn push_loop(self: Arc<Self>, b: BucketId, mut cursor: u64, mut bump: tokio::sync::watch::Receiver<u64>) {
+        // Highest change an acknowledgement was asked for.
+        let mut asked = 0;
         loop {
             bump.mark_unchanged();
             let page = self
@@ -586,14 +636,21 @@ impl Session {
             };
             let reset = cursor < log.log_start;
             let through = if reset { log.seq } else { log.through };
-            if through > cursor || reset {
+            let wanted = self.lease().and_then(|l| l.ack_wanted());
+            // A change already pushed may come to need an acknowledgement:
+            // ask with an empty push (once per change waited for).
+            let ask = wanted.is_some_and(|w| w > asked && w <= through.max(cursor));
+            if through > cursor || reset || ask {
                 let enc = *self.encoding.lock().unwrap_or_else(|p| p.into_inner());
-                let push = PushParams { through, reset, changes };
+                let push = PushParams { through: through.max(cursor), reset, changes, ack: wanted.is_some() };
+                if let Some(w) = wanted {
+                    asked = asked.max(w.min(push.through));
+                }
                 let frame = restfs_proto::rpc::encode_request(enc, None, PushChanges::NAME, &push);
                 if self.outbox.send((enc, frame)).await.is_err() {
                     return;
                 }
-                cursor = through;
+                cursor = through.max(cursor);
                 continue;
             }
             if bump.changed().await.is_err() {
@@ -609,6 +666,10 @@ impl Session {
     async fn push_ack(self: Arc<Self>, p: PushAckParams) -> Outcome<Empty> {
         match self.lease() {
             Some(l) => {
+                let b = self.bucket_id()?;
+                for ino in p.holding {
+                    self.note_open(b, ino);
+                }
                 l.ack(p.through);
                 Ok(Empty {})
             }

@@ -303,6 +303,16 @@ impl Service {
         *self.opens.lock().unwrap_or_else(|p| p.into_inner()).entry((bucket, ino)).or_insert(0) += 1;
     }
 
+    /// Purge inode `ino` if it is unlinked and nobody holds it open.
+    pub async fn purge_unless_open(self: &Arc<Self>, bucket: BucketId, ino: Ino) -> Result<()> {
+        let me = self.clone();
+        if self.meta(move |m| m.purge(bucket, ino, &|i| me.is_open(bucket, i))).await? {
+            self.dirty.store(true, Ordering::Release);
+            self.bump(bucket);
+        }
+        Ok(())
+    }
+
     /// Drop one open; purge the inode if that was the last and it is unlinked.
     pub async fn release(self: &Arc<Self>, bucket: BucketId, ino: Ino) -> Result<()> {
         let last = {
@@ -320,12 +330,8 @@ impl Service {
             }
         };
         if last {
-            let me = self.clone();
             // Most files released were never unlinked: a read, not a mutation.
-            if self.meta(move |m| m.purge(bucket, ino, &|i| me.is_open(bucket, i))).await? {
-                self.dirty.store(true, Ordering::Release);
-                self.bump(bucket);
-            }
+            self.purge_unless_open(bucket, ino).await?;
         }
         Ok(())
     }

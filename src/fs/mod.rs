@@ -425,7 +425,44 @@ impl Fs {
         Ok(self.overlay(attr).await)
     }
 
+    /// Before removing a name: the server must know of this client's opens
+    /// of what it names (or of all open files, when that is not cached), so
+    /// an unlinked file open here lives on until closed.
+    async fn register_held(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        let target = match self.mc().and_then(|m| m.entry(parent, name).ok().flatten()) {
+            Some(CachedEntry::Found(a)) => Some(a.ino),
+            Some(CachedEntry::Missing) => return Ok(()),
+            None => None,
+        };
+        let files: Vec<Arc<File>> = lock(&self.files).values().filter(|f| target.is_none_or(|t| t == f.ino)).cloned().collect();
+        for file in files {
+            while file.registered.load(Ordering::Acquire) < file.handles.load(Ordering::Acquire) {
+                self.link().call::<Open>(InoParams { ino: file.ino }).await?;
+                file.registered.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens of files a push reports unlinked that the server does not know
+    /// of: registered with the acknowledgement, one entry per handle.
+    fn held_unlinked(&self, changes: &[Change]) -> Vec<Ino> {
+        let mut held = Vec::new();
+        for change in changes {
+            if let Change::Attr { ino, attr, .. } = change
+                && attr.as_ref().is_none_or(|a| a.nlink == 0)
+                && let Some(f) = self.open_file(*ino)
+            {
+                let handles = f.handles.load(Ordering::Acquire);
+                let registered = f.registered.swap(handles, Ordering::AcqRel);
+                held.extend(std::iter::repeat_n(*ino, handles.saturating_sub(registered) as usize));
+            }
+        }
+        held
+    }
+
     pub async fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        self.register_held(parent, name).await?;
         let epoch = self.epoch();
         let (r, seen) = self.link().call_seen::<Unlink>(EntryParams { parent, name: Name::from(name) }).await;
         self.settle(epoch).await;
@@ -464,6 +501,9 @@ impl Fs {
     }
 
     pub async fn rename(&self, parent: Ino, name: &[u8], new_parent: Ino, new_name: &[u8], noreplace: bool, exchange: bool) -> Result<()> {
+        if !exchange {
+            self.register_held(new_parent, new_name).await?;
+        }
         let p = RenameParams { parent, name: Name::from(name), new_parent, new_name: Name::from(new_name), noreplace, exchange };
         // What moves, if known: its push under the new name may come first.
         let moving = match self.mc().and_then(|m| m.entry(parent, name).ok().flatten()) {
@@ -500,9 +540,13 @@ impl Fs {
     // --- files ---
 
     /// Track `attr` as open and make a handle for it.
-    fn attach(&self, attr: Attr) -> (Arc<File>, u64) {
+    /// A new handle on the file; `registered`: the server knows of this open.
+    fn attach(&self, attr: Attr, registered: bool) -> (Arc<File>, u64) {
         let file = lock(&self.files).entry(attr.ino).or_insert_with(|| Arc::new(File::new(attr))).clone();
         file.handles.fetch_add(1, Ordering::AcqRel);
+        if registered {
+            file.registered.fetch_add(1, Ordering::AcqRel);
+        }
         let fh = self.new_handle(Handle::File(file.clone()));
         (file, fh)
     }
@@ -519,7 +563,7 @@ impl Fs {
         self.settle(epoch).await;
         let attr = self.created(epoch, reply, parent, name)?;
         let keep_cache = self.keep_cache(&attr);
-        let (_, fh) = self.attach(attr.clone());
+        let (_, fh) = self.attach(attr.clone(), true);
         Ok((attr, Opened { fh, keep_cache }))
     }
 
@@ -527,12 +571,14 @@ impl Fs {
     /// open with the server, which keeps an unlinked file alive until release.
     pub async fn open(&self, ino: Ino) -> Result<Opened> {
         let cached = self.mc().and_then(|m| m.attr(ino).ok().flatten());
+        let mut registered = true;
         let fresh = match cached {
             // Close-to-open from the cache: with a current lease, every change
             // closed elsewhere before this open is applied (callbacks). The
-            // open is registered without waiting for the answer.
+            // server learns of the open only if the file loses its last name
+            // (see `register_held`).
             Some(attr) if self.cache_is_current() => {
-                self.link().notify::<Open>(InoParams { ino }).await?;
+                registered = false;
                 attr
             }
             // Otherwise ask the server (this also registers the open). If it
@@ -557,7 +603,7 @@ impl Fs {
             // Close-to-open: the kernel must not use a size it cached before.
             k.invalidate_attrs(ino);
         }
-        let (file, fh) = self.attach(fresh.clone());
+        let (file, fh) = self.attach(fresh.clone(), registered);
         file.state.lock().await.refresh(fresh);
         Ok(Opened { fh, keep_cache })
     }
@@ -639,7 +685,11 @@ impl Fs {
                 files.remove(&file.ino);
             }
         }
-        self.link().notify::<Release>(InoParams { ino: file.ino }).await?;
+        // Keep no more registrations than handles.
+        let left = file.handles.load(Ordering::Acquire);
+        if file.registered.fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| (r > left).then(|| r - 1)).is_ok() {
+            self.link().notify::<Release>(InoParams { ino: file.ino }).await?;
+        }
         flushed.map(|_| ())
     }
 
@@ -729,12 +779,14 @@ impl Fs {
         link.call_now::<BucketMount>(BucketName { name: self.bucket.name.clone() }).await?;
         let files: Vec<Arc<File>> = lock(&self.files).values().cloned().collect();
         for file in files {
-            for _ in 0..file.handles.load(Ordering::Acquire) {
+            let handles = file.handles.load(Ordering::Acquire);
+            for _ in 0..handles {
                 match link.call_now::<Open>(InoParams { ino: file.ino }).await {
                     Err(e) if e.as_errno() == Errno::ENOENT => tracing::warn!("open file {} vanished during the outage", file.ino),
                     other => drop(other?),
                 }
             }
+            file.registered.store(handles, Ordering::Release);
         }
         let since = self.applied_seq.load(Ordering::Acquire);
         let sub = link.call_now::<Subscribe>(SubscribeParams { since: Some(since) }).await?;
@@ -785,8 +837,11 @@ impl Fs {
         self.applied_seq.fetch_max(push.through, Ordering::AcqRel);
         self.pushes_applied.fetch_add(1, Ordering::AcqRel);
         self.xattrs.pushed(&push.changes);
+        let holding = if push.ack { self.held_unlinked(&push.changes) } else { Vec::new() };
         let Some(kernel) = self.kernel.get() else {
-            self.acknowledge(push.through).await;
+            if push.ack {
+                self.acknowledge(push.through, holding).await;
+            }
             return;
         };
         let mut open_files = Vec::new();
@@ -812,10 +867,10 @@ impl Fs {
                 Change::Entry { parent, name, .. } => kernel.invalidate_entry(parent, name.as_bytes()),
             }
         }
-        if self.link().has_callbacks() {
+        if push.ack && self.link().has_callbacks() {
             let (link, through, rt) = (self.link().clone(), push.through, tokio::runtime::Handle::current());
             kernel.after_invalidations(Box::new(move || {
-                rt.spawn(async move { link.notify::<PushAck>(PushAckParams { through }).await });
+                rt.spawn(async move { link.notify::<PushAck>(PushAckParams { through, holding }).await });
             }));
         }
         // After the acknowledgement: a file's lock may be held by a commit
@@ -826,9 +881,9 @@ impl Fs {
     }
 
     /// Tell the server every push through `through` is applied (callbacks).
-    async fn acknowledge(&self, through: u64) {
+    async fn acknowledge(&self, through: u64, holding: Vec<Ino>) {
         if self.link().has_callbacks() {
-            let _ = self.link().notify::<PushAck>(PushAckParams { through }).await;
+            let _ = self.link().notify::<PushAck>(PushAckParams { through, holding }).await;
         }
     }
 

@@ -17,6 +17,9 @@ use crate::client::Link;
 /// Most bytes sent in one `block.put` call.
 const PUT_BATCH_BYTES: usize = 8 << 20;
 
+/// Blocks up to this size travel with their commit (no `has` first).
+pub const SMALL_BLOCK: usize = 64 << 10;
+
 pub struct Remote {
     pub link: Link,
     /// Small in-memory cache in front of the ring.
