@@ -1,5 +1,5 @@
 //! The `restfs` admin command line: buckets, garbage collection, `mount`,
-//! and `up` (start an embedded-default server if none runs, create the
+//! `bench`, `stats`, and `up` (start an embedded-default server if none runs, create the
 //! bucket if missing, mount it).
 //!
 //! Exit codes: 0 success; 1 the server refused (the message says why);
@@ -44,6 +44,17 @@ pub enum Command_ {
     Mount {
         #[arg(allow_hyphen_values = true, num_args = 1.., trailing_var_arg = true)]
         args: Vec<String>,
+    },
+    /// Benchmark a directory (normally on a RestFS mount): big and small
+    /// files, with the client's counters.
+    Bench(crate::bench::BenchArgs),
+    /// Show the live counters of the RestFS mount holding PATH.
+    Stats {
+        #[arg(default_value = ".")]
+        path: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Quick start: run a local restfsd with default paths if none answers,
     /// create the bucket if missing, and mount it at MOUNTPOINT.
@@ -129,7 +140,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let r = link.call::<Gc>(GcParams { min_age_secs: Some(min_age) }).await.map_err(refused)?;
             println!("removed {} blocks ({} bytes)", r.blocks_removed, r.bytes_removed);
         }
-        Command_::Mount { .. } => unreachable!("handled before the runtime starts"),
+        Command_::Mount { .. } | Command_::Stats { .. } | Command_::Bench(_) => unreachable!("handled before the runtime starts"),
         Command_::Up { mountpoint, bucket, options } => up(&cli.server, mountpoint, bucket, options).await?,
     }
     Ok(())
@@ -214,8 +225,41 @@ async fn up(server: &str, mountpoint: PathBuf, bucket: String, options: Option<S
 /// Run the admin CLI; returns the exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
-    if let Command_::Mount { args } = &cli.command {
-        return crate::mount::main(args);
+    match &cli.command {
+        Command_::Mount { args } => return crate::mount::main(args),
+        Command_::Stats { path, json } => {
+            return match crate::stats::read(path) {
+                Ok(s) if *json => {
+                    println!("{}", serde_json::to_string_pretty(&s).expect("serializes"));
+                    0
+                }
+                Ok(s) => {
+                    crate::stats::print(&s);
+                    0
+                }
+                Err(e) => {
+                    eprintln!("restfs: {e}");
+                    1
+                }
+            };
+        }
+        Command_::Bench(args) => {
+            return match crate::bench::run(args) {
+                Ok(r) if args.json => {
+                    println!("{}", serde_json::to_string_pretty(&r).expect("serializes"));
+                    0
+                }
+                Ok(r) => {
+                    crate::bench::print(&r);
+                    0
+                }
+                Err(e) => {
+                    eprintln!("restfs bench: {e}");
+                    1
+                }
+            };
+        }
+        _ => {}
     }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     match rt.block_on(run(cli)) {

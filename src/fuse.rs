@@ -39,13 +39,18 @@ impl FuseAdapter {
     /// thread, and only if it has to wait (on the server, a lock, a timer)
     /// as a task on the runtime. Requests answered from the caches thus
     /// cost no thread hand-off, which was most of their price.
-    fn run<F, Fut>(&self, job: F)
+    fn run<F, Fut>(&self, op: &'static str, job: F)
     where
         F: FnOnce(Arc<Fs>, u32) -> Fut,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         let _runtime = self.rt.enter();
-        let mut job = Box::pin(job(self.fs.clone(), self.blksize));
+        let (fs, started) = (self.fs.clone(), std::time::Instant::now());
+        let job = job(self.fs.clone(), self.blksize);
+        let mut job = Box::pin(async move {
+            job.await;
+            fs.metrics().request(op, started.elapsed());
+        });
         // A wake-up lost to the no-op waker does no harm: a spawned task is
         // polled at once, and from then on with the runtime's waker.
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
@@ -219,11 +224,11 @@ impl Filesystem for FuseAdapter {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let name = bytes(name);
-        self.run(|fs, bs| async move { entry(reply, fs.lookup(parent.0, &name).await, bs) });
+        self.run("lookup", |fs, bs| async move { entry(reply, fs.lookup(parent.0, &name).await, bs) });
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        self.run(|fs, bs| async move {
+        self.run("getattr", |fs, bs| async move {
             match fs.getattr(ino.0).await {
                 Ok(a) => reply.attr(&TTL, &file_attr(&a, bs)),
                 Err(e) => reply_error!(reply, e),
@@ -250,7 +255,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyAttr,
     ) {
         let s = SetAttr { mode, uid, gid, size, atime: set_time(atime), mtime: set_time(mtime) };
-        self.run(|fs, bs| async move {
+        self.run("setattr", |fs, bs| async move {
             match fs.setattr(ino.0, s).await {
                 Ok(a) => reply.attr(&TTL, &file_attr(&a, bs)),
                 Err(e) => reply_error!(reply, e),
@@ -259,7 +264,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        self.run(|fs, _| async move {
+        self.run("readlink", |fs, _| async move {
             match fs.readlink(ino.0).await {
                 Ok(t) => reply.data(&t),
                 Err(e) => reply_error!(reply, e),
@@ -269,27 +274,27 @@ impl Filesystem for FuseAdapter {
 
     fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, rdev: u32, reply: ReplyEntry) {
         let (c, name) = (ctx(req), bytes(name));
-        self.run(|fs, bs| async move { entry(reply, fs.mknod(c, parent.0, &name, mode, rdev).await, bs) });
+        self.run("mknod", |fs, bs| async move { entry(reply, fs.mknod(c, parent.0, &name, mode, rdev).await, bs) });
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
         let (c, name) = (ctx(req), bytes(name));
-        self.run(|fs, bs| async move { entry(reply, fs.mkdir(c, parent.0, &name, mode).await, bs) });
+        self.run("mkdir", |fs, bs| async move { entry(reply, fs.mkdir(c, parent.0, &name, mode).await, bs) });
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = bytes(name);
-        self.run(|fs, _| async move { empty(reply, fs.unlink(parent.0, &name).await) });
+        self.run("unlink", |fs, _| async move { empty(reply, fs.unlink(parent.0, &name).await) });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = bytes(name);
-        self.run(|fs, _| async move { empty(reply, fs.rmdir(parent.0, &name).await) });
+        self.run("rmdir", |fs, _| async move { empty(reply, fs.rmdir(parent.0, &name).await) });
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
         let (c, name, target) = (ctx(req), bytes(link_name), bytes(target.as_os_str()));
-        self.run(|fs, bs| async move { entry(reply, fs.symlink(c, parent.0, &name, &target).await, bs) });
+        self.run("symlink", |fs, bs| async move { entry(reply, fs.symlink(c, parent.0, &name, &target).await, bs) });
     }
 
     fn rename(
@@ -308,18 +313,21 @@ impl Filesystem for FuseAdapter {
         let (name, newname) = (bytes(name), bytes(newname));
         let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
         let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
-        self.run(|fs, _| async move { empty(reply, fs.rename(parent.0, &name, newparent.0, &newname, noreplace, exchange).await) });
+        self.run(
+            "rename",
+            |fs, _| async move { empty(reply, fs.rename(parent.0, &name, newparent.0, &newname, noreplace, exchange).await) },
+        );
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
         let name = bytes(newname);
-        self.run(|fs, bs| async move { entry(reply, fs.link_node(ino.0, newparent.0, &name).await, bs) });
+        self.run("link", |fs, bs| async move { entry(reply, fs.link_node(ino.0, newparent.0, &name).await, bs) });
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         // Closing a read-only descriptor commits nothing: the kernel need not ask.
         let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY;
-        self.run(|fs, _| async move {
+        self.run("open", |fs, _| async move {
             match fs.open(ino.0).await {
                 Ok(o) => {
                     let mut f = if o.keep_cache { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
@@ -344,7 +352,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.run(|fs, _| async move {
+        self.run("read", |fs, _| async move {
             match fs.read_buf(fh.0, offset, size).await {
                 Ok(data) => reply.data(&data),
                 Err(e) => reply_error!(reply, e),
@@ -365,7 +373,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyWrite,
     ) {
         let data = data.to_vec();
-        self.run(|fs, _| async move {
+        self.run("write", |fs, _| async move {
             match fs.write(fh.0, offset, &data).await {
                 Ok(n) => reply.written(n),
                 Err(e) => reply_error!(reply, e),
@@ -374,7 +382,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        self.run(|fs, _| async move { empty(reply, fs.flush(fh.0).await) });
+        self.run("flush", |fs, _| async move { empty(reply, fs.flush(fh.0).await) });
     }
 
     fn release(
@@ -387,15 +395,15 @@ impl Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.run(|fs, _| async move { empty(reply, fs.release(fh.0).await) });
+        self.run("release", |fs, _| async move { empty(reply, fs.release(fh.0).await) });
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        self.run(|fs, _| async move { empty(reply, fs.fsync(fh.0).await) });
+        self.run("fsync", |fs, _| async move { empty(reply, fs.fsync(fh.0).await) });
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        self.run(|fs, _| async move {
+        self.run("opendir", |fs, _| async move {
             match fs.opendir(ino.0).await {
                 Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
                 Err(e) => reply_error!(reply, e),
@@ -455,14 +463,14 @@ impl Filesystem for FuseAdapter {
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         // Namespace changes are committed when made; this waits until they are on disk.
-        self.run(|fs, _| async move {
+        self.run("fsyncdir", |fs, _| async move {
             let r = fs.link().call::<restfs_proto::methods::Sync>(restfs_proto::methods::Empty {}).await.map(|_| ()).map_err(FsError::from);
             empty(reply, r)
         });
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        self.run(|fs, _| async move {
+        self.run("statfs", |fs, _| async move {
             match fs.statfs().await {
                 Ok(s) => reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize),
                 Err(e) => reply_error!(reply, e),
@@ -478,12 +486,12 @@ impl Filesystem for FuseAdapter {
             _ => return reply.error(Errno::EINVAL),
         };
         let (name, value) = (bytes(name), value.to_vec());
-        self.run(|fs, _| async move { empty(reply, fs.setxattr(ino.0, &name, &value, mode).await) });
+        self.run("setxattr", |fs, _| async move { empty(reply, fs.setxattr(ino.0, &name, &value, mode).await) });
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let name = bytes(name);
-        self.run(|fs, _| async move {
+        self.run("getxattr", |fs, _| async move {
             match fs.getxattr(ino.0, &name).await {
                 Ok(v) if size == 0 => reply.size(v.len() as u32),
                 Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
@@ -494,7 +502,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        self.run(|fs, _| async move {
+        self.run("listxattr", |fs, _| async move {
             match fs.listxattr(ino.0).await {
                 Ok(names) => {
                     let mut buf = Vec::new();
@@ -517,7 +525,7 @@ impl Filesystem for FuseAdapter {
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = bytes(name);
-        self.run(|fs, _| async move { empty(reply, fs.removexattr(ino.0, &name).await) });
+        self.run("removexattr", |fs, _| async move { empty(reply, fs.removexattr(ino.0, &name).await) });
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
@@ -527,7 +535,7 @@ impl Filesystem for FuseAdapter {
 
     fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, _flags: i32, reply: ReplyCreate) {
         let (c, name) = (ctx(req), bytes(name));
-        self.run(|fs, bs| async move {
+        self.run("create", |fs, bs| async move {
             match fs.create(c, parent.0, &name, mode).await {
                 Ok((a, o)) => {
                     let flags = if o.keep_cache { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
@@ -553,6 +561,6 @@ impl Filesystem for FuseAdapter {
     }
 
     fn fallocate(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
-        self.run(|fs, _| async move { empty(reply, fs.fallocate(fh.0, offset, length, mode).await) });
+        self.run("fallocate", |fs, _| async move { empty(reply, fs.fallocate(fh.0, offset, length, mode).await) });
     }
 }

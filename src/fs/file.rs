@@ -362,7 +362,12 @@ impl FileData {
             return;
         }
         let r = r.clone();
-        self.uploads.push_back(tokio::spawn(async move { (r.send(&blocks).await, blocks) }));
+        r.metrics.uploads(1);
+        self.uploads.push_back(tokio::spawn(async move {
+            let sent = r.send(&blocks).await;
+            r.metrics.uploads(-1);
+            (sent, blocks)
+        }));
     }
 
     async fn finish_oldest_upload(&mut self) -> Result<()> {
@@ -420,6 +425,8 @@ impl FileData {
         self.send_all(r, staged).await?;
         for b in &inline {
             r.cache.insert(b.hash, b.data.clone());
+            r.metrics.add(super::metrics::BLOCKS_UPLOADED, 1);
+            r.metrics.add(super::metrics::BYTES_UPLOADED, b.data.len() as u64);
             params.blocks.push(BlockData { hash: b.hash, data: Bytes(b.data.to_vec()) });
         }
         let committed = r.link.call::<SegmentCommit>(params).await;

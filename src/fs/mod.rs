@@ -10,6 +10,7 @@
 pub mod dir;
 pub mod error;
 pub mod file;
+pub mod metrics;
 mod recovery;
 pub mod remote;
 mod xattr;
@@ -115,6 +116,7 @@ impl Fs {
             block_size: bucket.block_size as u64,
             segment_blocks: bucket.segment_blocks as u64,
             inflight: Mutex::default(),
+            metrics: Default::default(),
         };
         Fs {
             remote: Arc::new(remote),
@@ -241,6 +243,11 @@ impl Fs {
 
     pub fn link(&self) -> &Link {
         &self.remote.link
+    }
+
+    /// This mount's live counters.
+    pub fn metrics(&self) -> &metrics::Metrics {
+        &self.remote.metrics
     }
 
     fn open_file(&self, ino: Ino) -> Option<Arc<File>> {
@@ -603,6 +610,7 @@ impl Fs {
             // Close-to-open: the kernel must not use a size it cached before.
             k.invalidate_attrs(ino);
         }
+        self.metrics().add(if registered { metrics::OPENS_FROM_SERVER } else { metrics::OPENS_FROM_CACHE }, 1);
         let (file, fh) = self.attach(fresh.clone(), registered);
         file.state.lock().await.refresh(fresh);
         Ok(Opened { fh, keep_cache })
@@ -626,7 +634,9 @@ impl Fs {
             let remote = self.remote.clone();
             tokio::spawn(async move { remote.prefetch(hash).await });
         }
-        file::assemble(&self.remote, parts).await
+        let data = file::assemble(&self.remote, parts).await?;
+        self.metrics().add(metrics::BYTES_READ, data.len() as u64);
+        Ok(data)
     }
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
@@ -637,6 +647,7 @@ impl Fs {
         let file = self.file_handle(fh)?;
         let mut st = file.state.lock().await;
         st.write(&self.remote, offset, data).await?;
+        self.metrics().add(metrics::BYTES_WRITTEN, data.len() as u64);
         Ok(data.len() as u32)
     }
 

@@ -3,6 +3,7 @@
 //! (hash, batched `has`, then `put` of only the missing ones).
 
 use super::error::{FsError, Result};
+use super::metrics;
 use restfs_cache::{BlockBytes, BlockCache, BlockRing};
 use restfs_proto::methods::{
     BlockData, BlockGet, BlockGetParams, BlockHas, BlockHasParams, BlockPut, BlockPutParams, SegmentGet, SegmentGetParams,
@@ -30,6 +31,7 @@ pub struct Remote {
     pub meta: Option<Arc<restfs_cache::MetaCache>>,
     pub block_size: u64,
     pub segment_blocks: u64,
+    pub metrics: super::metrics::Metrics,
     /// Blocks being fetched: a second reader (or a prefetch) waits for the
     /// first fetch instead of starting its own.
     pub inflight: Mutex<HashMap<Hash, Arc<Fetch>>>,
@@ -44,6 +46,7 @@ impl Remote {
     /// A block's bytes, from the cache or the server; verified against its hash.
     pub async fn block(&self, hash: Hash) -> Result<Arc<BlockBytes>> {
         if let Some(data) = self.cache.get(&hash) {
+            self.metrics.add(metrics::MEMORY_HITS, 1);
             return Ok(data);
         }
         let fetch = self.inflight.lock().unwrap_or_else(|p| p.into_inner()).entry(hash).or_default().clone();
@@ -68,12 +71,15 @@ impl Remote {
             let ring = ring.clone();
             // The ring verifies what it reads; a corrupt copy is a miss.
             if let Ok(Some(data)) = tokio::task::spawn_blocking(move || ring.get(&hash)).await {
+                self.metrics.add(metrics::RING_HITS, 1);
                 let data = Arc::new(data);
                 self.cache.insert(hash, data.clone());
                 return Ok(data);
             }
         }
         let data = self.link.call::<BlockGet>(BlockGetParams { hash }).await?.data.0;
+        self.metrics.add(metrics::BLOCKS_FETCHED, 1);
+        self.metrics.add(metrics::BYTES_FETCHED, data.len() as u64);
         let checked = tokio::task::spawn_blocking(move || (Hash::of(&data) == hash).then_some(data)).await.ok().flatten();
         let Some(data) = checked else {
             return Err(FsError::new(Errno::EIO, format!("block {hash} arrived corrupt")));
@@ -161,8 +167,12 @@ impl Remote {
         for (block, there) in staged.iter().zip(present) {
             self.cache.insert(block.hash, block.data.clone());
             if there || batch.iter().any(|b| b.hash == block.hash) {
+                self.metrics.add(metrics::BLOCKS_DEDUPLICATED, 1);
+                self.metrics.add(metrics::BYTES_DEDUPLICATED, block.data.len() as u64);
                 continue;
             }
+            self.metrics.add(metrics::BLOCKS_UPLOADED, 1);
+            self.metrics.add(metrics::BYTES_UPLOADED, block.data.len() as u64);
             batch_bytes += block.data.len();
             batch.push(BlockData { hash: block.hash, data: Bytes(block.data.to_vec()) });
             if batch_bytes >= PUT_BATCH_BYTES {

@@ -110,6 +110,9 @@ impl XattrCache {
 
 impl Fs {
     pub async fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], mode: XattrMode) -> Result<()> {
+        if name == super::metrics::STATS_XATTR.as_bytes() {
+            return Err(FsError::new(Errno::EPERM, "restfs.stats is read-only"));
+        }
         let p = SetXattrParams { ino, name: Name::from(name), value: Bytes(value.to_vec()), mode };
         let r = self.link().call::<SetXattr>(p).await;
         self.xattrs.forget(ino);
@@ -118,6 +121,9 @@ impl Fs {
     }
 
     pub async fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
+        if name == super::metrics::STATS_XATTR.as_bytes() {
+            return Ok(serde_json::to_vec(&self.metrics().snapshot()).expect("a snapshot serializes"));
+        }
         let ctime = || self.mc().and_then(|m| m.attr(ino).ok().flatten()).map(|a| a.ctime);
         let before = ctime();
         if let Some(c) = before
