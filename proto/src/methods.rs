@@ -206,6 +206,10 @@ pub struct CreateParams {
     pub mode: u32,
     pub uid: u32,
     pub gid: u32,
+    /// Do not register the open: the client holds a callbacks lease and
+    /// registers it only if the file is unlinked while open.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unregistered: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -371,7 +371,9 @@ impl Session {
     async fn create(self: Arc<Self>, p: CreateParams) -> Outcome<Attr> {
         let node = NewNodeParams { parent: p.parent, name: p.name, kind: Kind::File, mode: p.mode, uid: p.uid, gid: p.gid, rdev: 0 };
         let attr = self.write(move |m, b| m.mknod(b, &node, None)).await?;
-        self.note_open(self.bucket_id()?, attr.ino);
+        if !(p.unregistered && self.lease().is_some()) {
+            self.note_open(self.bucket_id()?, attr.ino);
+        }
         Ok(attr)
     }
 

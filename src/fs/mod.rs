@@ -383,14 +383,29 @@ impl Fs {
                 return Err(e.into());
             }
         };
-        self.forget(|m| m.forget_attr(parent));
         if attr.nlink == 1 || attr.kind == Kind::Dir {
             // Brand new: no extended attributes yet.
             self.xattrs.created(attr.ino, attr.ctime);
         }
         match self.mc() {
             Some(m) if !self.crossed(epoch, seen, parent, Some(name), Some(Some(attr.ino))) => {
-                let r = m.put_entry(parent, name, Some(&attr));
+                // The server stamped the parent with the new entry's ctime (and
+                // counted a new subdirectory's `..`): mirror that instead of
+                // forgetting the parent, whose attributes the kernel asks for
+                // at its next permission check. The push of this change
+                // brings the server's copy soon after.
+                let r = match m.attr(parent) {
+                    // Not if the push came first and the cache already has it.
+                    Ok(Some(dir)) if dir.ctime >= attr.ctime => Ok(()),
+                    Ok(Some(mut dir)) => {
+                        dir.mtime = attr.ctime;
+                        dir.ctime = attr.ctime;
+                        dir.nlink += u32::from(attr.kind == Kind::Dir);
+                        m.merge_attr(parent, Some(&dir)).map(|_| ())
+                    }
+                    _ => m.forget_attr(parent),
+                };
+                let r = r.and_then(|_| m.put_entry(parent, name, Some(&attr)));
                 // A new directory is empty (unless another client was quick): its listing is known.
                 let empty = attr.kind == Kind::Dir && !self.crossed(epoch, seen, attr.ino, None, None);
                 let r = r.and_then(|_| if empty { m.put_listing(attr.ino, parent, &[]) } else { Ok(()) });
@@ -399,6 +414,9 @@ impl Fs {
                 }
             }
             _ => self.removed(parent, name),
+        }
+        if self.mc().is_none() {
+            self.forget(|m| m.forget_attr(parent));
         }
         Ok(attr)
     }
@@ -564,13 +582,14 @@ impl Fs {
     }
 
     pub async fn create(&self, ctx: Ctx, parent: Ino, name: &[u8], mode: u32) -> Result<(Attr, Opened)> {
-        let p = CreateParams { parent, name: Name::from(name), mode: mode & 0o7777, uid: ctx.uid, gid: ctx.gid };
+        let unregistered = self.cache_is_current();
+        let p = CreateParams { parent, name: Name::from(name), mode: mode & 0o7777, uid: ctx.uid, gid: ctx.gid, unregistered };
         let epoch = self.epoch();
         let reply = self.link().call_seen::<Create>(p).await;
         self.settle(epoch).await;
         let attr = self.created(epoch, reply, parent, name)?;
         let keep_cache = self.keep_cache(&attr);
-        let (_, fh) = self.attach(attr.clone(), true);
+        let (_, fh) = self.attach(attr.clone(), !unregistered);
         Ok((attr, Opened { fh, keep_cache }))
     }
 
