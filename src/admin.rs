@@ -225,6 +225,12 @@ async fn up(server: &str, mountpoint: PathBuf, bucket: String, options: Option<S
 /// Run the admin CLI; returns the exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command_::Mount { .. }) {
+        // Output piped into `head` and the like: end quietly, as other tools
+        // do (not the mount daemon, whose sockets must never raise SIGPIPE).
+        // SAFETY: restoring the default disposition of one signal at start-up.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match &cli.command {
         Command_::Mount { args } => return crate::mount::main(args),
         Command_::Stats { path, json } => {

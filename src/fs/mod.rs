@@ -98,6 +98,11 @@ pub struct Fs {
     /// The server's change sequence number at the last subscription: the
     /// cache is current only once pushes through it are applied.
     subscribed_at: AtomicU64,
+    /// Names this client is creating. The push about such a name may be
+    /// applied before the reply is: the kernel learns the entry from the
+    /// reply, so that push must not invalidate it (dropping the dentry of a
+    /// closed file evicts its inode, and its cached pages with it).
+    creating: Mutex<HashMap<(Ino, Vec<u8>), u32>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -132,6 +137,7 @@ impl Fs {
             meta: None,
             meta_live: std::sync::atomic::AtomicBool::new(false),
             subscribed_at: AtomicU64::new(u64::MAX),
+            creating: Mutex::default(),
         }
     }
 
@@ -360,9 +366,25 @@ impl Fs {
         }
         let p = NewNodeParams { parent, name: Name::from(name), kind, mode: mode & 0o7777, uid: ctx.uid, gid: ctx.gid, rdev };
         let epoch = self.epoch();
-        let reply = self.link().call_seen::<Mknod>(p).await;
+        let reply = self.creating(parent, name, self.link().call_seen::<Mknod>(p)).await;
         self.settle(epoch).await;
         self.created(epoch, reply, parent, name)
+    }
+
+    /// Run `call`, which creates `name` in `parent`, noting the name as
+    /// being created meanwhile (see `Fs::creating`).
+    async fn creating<T>(&self, parent: Ino, name: &[u8], call: impl std::future::Future<Output = T>) -> T {
+        let key = (parent, name.to_vec());
+        *lock(&self.creating).entry(key.clone()).or_insert(0) += 1;
+        let out = call.await;
+        let mut creating = lock(&self.creating);
+        if let Some(n) = creating.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                creating.remove(&key);
+            }
+        }
+        out
     }
 
     /// After a create in `parent`: cache the new entry (a complete listing
@@ -424,7 +446,7 @@ impl Fs {
     pub async fn mkdir(&self, ctx: Ctx, parent: Ino, name: &[u8], mode: u32) -> Result<Attr> {
         let p = NewNodeParams { parent, name: Name::from(name), kind: Kind::Dir, mode: mode & 0o7777, uid: ctx.uid, gid: ctx.gid, rdev: 0 };
         let epoch = self.epoch();
-        let reply = self.link().call_seen::<Mkdir>(p).await;
+        let reply = self.creating(parent, name, self.link().call_seen::<Mkdir>(p)).await;
         self.settle(epoch).await;
         self.created(epoch, reply, parent, name)
     }
@@ -432,7 +454,7 @@ impl Fs {
     pub async fn symlink(&self, ctx: Ctx, parent: Ino, name: &[u8], target: &[u8]) -> Result<Attr> {
         let p = SymlinkParams { parent, name: Name::from(name), target: Name::from(target), uid: ctx.uid, gid: ctx.gid };
         let epoch = self.epoch();
-        let reply = self.link().call_seen::<Symlink>(p).await;
+        let reply = self.creating(parent, name, self.link().call_seen::<Symlink>(p)).await;
         self.settle(epoch).await;
         self.created(epoch, reply, parent, name)
     }
@@ -443,7 +465,7 @@ impl Fs {
 
     pub async fn link_node(&self, ino: Ino, parent: Ino, name: &[u8]) -> Result<Attr> {
         let epoch = self.epoch();
-        let reply = self.link().call_seen::<m::Link>(LinkParams { ino, parent, name: Name::from(name) }).await;
+        let reply = self.creating(parent, name, self.link().call_seen::<m::Link>(LinkParams { ino, parent, name: Name::from(name) })).await;
         self.settle(epoch).await;
         let attr = self.created(epoch, reply, parent, name)?;
         self.merge(&attr);
@@ -585,7 +607,7 @@ impl Fs {
         let unregistered = self.cache_is_current();
         let p = CreateParams { parent, name: Name::from(name), mode: mode & 0o7777, uid: ctx.uid, gid: ctx.gid, unregistered };
         let epoch = self.epoch();
-        let reply = self.link().call_seen::<Create>(p).await;
+        let reply = self.creating(parent, name, self.link().call_seen::<Create>(p)).await;
         self.settle(epoch).await;
         let attr = self.created(epoch, reply, parent, name)?;
         let keep_cache = self.keep_cache(&attr);
@@ -673,11 +695,38 @@ impl Fs {
     /// Commit a file's local changes, keeping the caches in step.
     async fn commit(&self, st: &mut file::FileData) -> Result<bool> {
         let ctime_before = st.server_ctime;
+        let ino = st.attr.ino;
+        // The kernel's pages hold what this commit will publish as the next
+        // version: say so before the push about it can arrive (it may be
+        // applied before this task sees the reply), so that push does not
+        // drop them.
+        let expected = st.attr.version + 1;
+        let before = lock(&self.page_versions).insert(ino, expected);
         let committed = st.flush(&self.remote).await;
+        let mut pages = lock(&self.page_versions);
+        match committed {
+            Ok(true) if st.attr.version == expected => {
+                pages.insert(ino, expected);
+            }
+            Ok(true) => {
+                // Another client committed in between: the pages mix both.
+                pages.remove(&ino);
+                if let Some(k) = self.kernel.get() {
+                    k.invalidate_inode(ino);
+                }
+            }
+            _ => match before {
+                Some(v) => {
+                    pages.insert(ino, v);
+                }
+                None => {
+                    pages.remove(&ino);
+                }
+            },
+        }
+        drop(pages);
         if matches!(committed, Ok(true)) {
-            // The kernel's pages hold exactly what was committed.
-            lock(&self.page_versions).insert(st.attr.ino, st.attr.version);
-            self.xattrs.committed(st.attr.ino, ctime_before, st.attr.ctime);
+            self.xattrs.committed(ino, ctime_before, st.attr.ctime);
             self.merge(&st.attr);
         }
         committed
@@ -894,7 +943,11 @@ impl Fs {
                         }
                     }
                 }
-                Change::Entry { parent, name, .. } => kernel.invalidate_entry(parent, name.as_bytes()),
+                Change::Entry { parent, name, ino, .. } => {
+                    if ino.is_none() || !lock(&self.creating).contains_key(&(parent, name.0.clone())) {
+                        kernel.invalidate_entry(parent, name.as_bytes())
+                    }
+                }
             }
         }
         if push.ack && self.link().has_callbacks() {
