@@ -195,3 +195,59 @@ fn files_held_open_survive_their_unlinking() {
     a.unmount();
     b.unmount();
 }
+
+/// Sequential reads on one mount prefetch blocks ahead; an overwrite, a
+/// truncate and an extension closed on the other mount must never let a
+/// prefetched (or kernel-cached) block of the old content through, neither
+/// to a descriptor held across the changes nor to a new open.
+#[test]
+fn prefetched_data_is_never_stale_after_changes_elsewhere() {
+    use std::os::unix::fs::FileExt;
+    const MIB: usize = 1 << 20;
+    let root = scratch("e2e-prefetch");
+    let server = Server::start(&root.join("data"));
+    server.create_bucket("shared");
+    let (pa, pb) = (root.join("a"), root.join("b"));
+    let a = Mount::new(&server, "shared", &pa, &format!("cache_dir={}", root.join("cache-a").display()));
+    let b = Mount::new(&server, "shared", &pb, &format!("cache_dir={}", root.join("cache-b").display()));
+    let pattern = |v: u8, len: usize| -> Vec<u8> { (0..len).map(|i| (i / 4096) as u8 ^ v).collect() };
+    let read_at = |f: &std::fs::File, off: usize, len: usize| -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        let mut got = 0;
+        while got < len {
+            let n = f.read_at(&mut buf[got..], (off + got) as u64).unwrap();
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        buf.truncate(got);
+        buf
+    };
+
+    std::fs::write(pa.join("f"), pattern(1, 24 * MIB)).unwrap();
+    let held = std::fs::File::open(pb.join("f")).unwrap();
+    // Sequential reads of the first third: prefetch runs ahead.
+    for off in (0..8 * MIB).step_by(MIB) {
+        assert!(read_at(&held, off, MIB) == pattern(1, 24 * MIB)[off..off + MIB]);
+    }
+
+    // Overwrite in place, same size.
+    std::fs::OpenOptions::new().write(true).open(pa.join("f")).unwrap().write_all_at(&pattern(2, 24 * MIB), 0).unwrap();
+    let v2 = pattern(2, 24 * MIB);
+    assert!(read_at(&held, 8 * MIB, 16 * MIB) == v2[8 * MIB..], "held fd: stale data after an overwrite");
+    assert!(std::fs::read(pb.join("f")).unwrap() == v2, "new open: stale data after an overwrite");
+
+    // Truncate, then extend again: the cut range must read as zeros.
+    std::fs::OpenOptions::new().write(true).open(pa.join("f")).unwrap().set_len(12 * MIB as u64).unwrap();
+    assert_eq!(read_at(&held, 16 * MIB, MIB).len(), 0, "held fd: data past the truncated end");
+    assert!(read_at(&held, 8 * MIB, 4 * MIB) == v2[8 * MIB..12 * MIB]);
+    std::fs::OpenOptions::new().write(true).open(pa.join("f")).unwrap().set_len(24 * MIB as u64).unwrap();
+    let mut want = v2[..12 * MIB].to_vec();
+    want.resize(24 * MIB, 0);
+    assert!(read_at(&held, 0, 24 * MIB) == want, "held fd: old blocks came back after truncate and extend");
+    assert!(std::fs::read(pb.join("f")).unwrap() == want, "new open: old blocks came back after truncate and extend");
+    drop(held);
+    a.unmount();
+    b.unmount();
+}

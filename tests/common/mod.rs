@@ -14,7 +14,17 @@ pub const RESTFS: &str = env!("CARGO_BIN_EXE_restfs");
 /// A scratch directory under the target dir (searchable by every user, so
 /// pjdfstest's unprivileged users can reach mounts inside it).
 pub fn scratch(name: &str) -> PathBuf {
-    let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    // Scratch dirs of earlier runs (their process is gone) are removed, so
+    // they do not pile up; a failed run's stay until the next run.
+    for old in std::fs::read_dir(tmp).into_iter().flatten().flatten() {
+        let file_name = old.file_name();
+        let Some(pid) = file_name.to_str().and_then(|n| n.strip_prefix(name)).and_then(|r| r.strip_prefix('-')) else { continue };
+        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(old.path());
+        }
+    }
+    let base = tmp.join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&base);
     std::fs::create_dir_all(&base).unwrap();
     for dir in base.ancestors() {
