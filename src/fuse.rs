@@ -27,12 +27,14 @@ pub struct FuseAdapter {
     fs: Arc<Fs>,
     rt: Handle,
     blksize: u32,
+    /// Ask for the kernel's writeback cache.
+    writeback: bool,
 }
 
 impl FuseAdapter {
-    pub fn new(fs: Arc<Fs>, rt: Handle) -> FuseAdapter {
+    pub fn new(fs: Arc<Fs>, rt: Handle, writeback: bool) -> FuseAdapter {
         let blksize = fs.bucket.block_size;
-        FuseAdapter { fs, rt, blksize }
+        FuseAdapter { fs, rt, blksize, writeback }
     }
 
     /// Run `job` with a clone of the core: first right here, on the fuser
@@ -216,6 +218,13 @@ impl Filesystem for FuseAdapter {
             if let Err(missing) = config.add_capabilities(cap) {
                 tracing::debug!("kernel lacks {missing:?}");
             }
+        }
+        // Writes then land in the page cache; the kernel sends them on close
+        // (before FLUSH, which commits), fsync, or under memory pressure.
+        if self.writeback
+            && let Err(missing) = config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE)
+        {
+            tracing::warn!("kernel lacks {missing:?}: mounted without the writeback cache");
         }
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_background(64);

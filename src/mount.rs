@@ -62,6 +62,8 @@ pub struct Options {
     pub cache_size: Option<u64>,
     pub allow_other: bool,
     pub read_only: bool,
+    /// The kernel buffers writes in its page cache (see the README).
+    pub writeback: bool,
     pub debug: bool,
     pub mount_timeout: Duration,
     /// Outages shorter than this show no error to applications.
@@ -75,6 +77,7 @@ impl Default for Options {
             cache_size: None,
             allow_other: false,
             read_only: false,
+            writeback: false,
             debug: false,
             mount_timeout: Duration::from_secs(30),
             reconnect_timeout: Duration::from_secs(60),
@@ -122,6 +125,7 @@ impl Options {
                 "cache_size" => self.cache_size = Some(parse_size(need()?)?),
                 "allow_other" => self.allow_other = true,
                 "ro" => self.read_only = true,
+                "writeback" => self.writeback = true,
                 "debug" => self.debug = true,
                 "reconnect_timeout" => {
                     let secs: u64 = need()?.parse().map_err(|_| format!("reconnect_timeout must be whole seconds, not {value:?}"))?;
@@ -156,6 +160,7 @@ pub const USAGE: &str = "usage: mount.restfs ws://HOST:PORT/BUCKET MOUNTPOINT [-
   -o cache_size=SIZE on-disk block cache size, e.g. 512M or 4G (default: 10% of free space, at most 10G)
   -o allow_other     let other users use the mount (permissions still apply)
   -o ro              mount read-only
+  -o writeback       let the kernel buffer writes until close, fsync or memory pressure
   -o debug           verbose logging
   -o mount_timeout=S give up mounting after S seconds (default 30)
   -o reconnect_timeout=S  ride out server outages up to S seconds (default 60)
@@ -435,7 +440,7 @@ fn serve(args: &MountArgs, ready: &mut Option<File>) -> Result<(), String> {
     if args.options.allow_other {
         config.acl = fuser::SessionACL::All;
     }
-    let adapter = FuseAdapter::new(fs.clone(), rt.handle().clone());
+    let adapter = FuseAdapter::new(fs.clone(), rt.handle().clone(), args.options.writeback);
     let source = args.source.to_string();
     let explain = |e: std::io::Error| match e.raw_os_error() {
         Some(libc::EBUSY) => format!("mountpoint {} is busy (already mounted?)", args.mountpoint.display()),
@@ -524,7 +529,8 @@ mod tests {
     fn mount8_argument_order_and_options() {
         let a = args(&["ws://h:1/b", "/mnt", "-o", "rw,_netdev,x-systemd.automount,cache_dir=/c,allow_other", "-f"]).unwrap();
         assert_eq!(a.bucket, "b");
-        assert!(a.foreground && a.options.allow_other);
+        assert!(a.foreground && a.options.allow_other && !a.options.writeback);
+        assert!(args(&["ws://h:1/b", "/mnt", "-o", "writeback"]).unwrap().options.writeback);
         assert_eq!(a.options.cache_dir.as_deref(), Some(Path::new("/c")));
         assert!(args(&["ws://h:1/b", "/mnt", "-o", "bogus"]).unwrap_err().contains("unknown mount option"));
         assert!(args(&["ws://h:1/b", "/mnt", "-ocache_dir="]).unwrap_err().contains("needs a value"));

@@ -21,11 +21,20 @@ fn pattern(seed: u64, offset: u64, len: usize) -> Vec<u8> {
 
 #[test]
 fn eight_threads_write_disjoint_ranges_of_one_file_and_eight_processes_write_eight_files() {
-    let root = scratch("e2e-concurrency");
+    concurrent_writers("e2e-concurrency", "");
+}
+
+#[test]
+fn the_same_through_the_kernels_writeback_cache() {
+    concurrent_writers("e2e-concurrency-wb", ",writeback");
+}
+
+fn concurrent_writers(name: &str, options: &str) {
+    let root = scratch(name);
     let server = Server::start(&root.join("data"));
     server.create_bucket("conc");
     let mnt = root.join("mnt");
-    let m = Mount::new(&server, "conc", &mnt, &format!("cache_dir={}", root.join("cache-a").display()));
+    let m = Mount::new(&server, "conc", &mnt, &format!("cache_dir={}{options}", root.join("cache-a").display()));
 
     // Threads: one file, disjoint interleaved ranges, written in odd-sized chunks.
     let shared = mnt.join("shared.bin");

@@ -33,17 +33,39 @@ fn summary(output: &str) -> (u64, u64, u64, u64) {
 
 #[test]
 fn pjdfstest_passes_on_a_mount() {
-    let root = scratch("pjdfstest");
+    pjdfstest("pjdfstest", "", 0.001);
+}
+
+/// With the writeback cache the kernel stamps a regular file's ctime and
+/// mtime itself, from its coarse clock (one tick: 4 ms at HZ=250), so the
+/// suite must nap longer than that to see them change.
+#[test]
+fn pjdfstest_passes_through_the_kernels_writeback_cache() {
+    pjdfstest("pjdfstest-wb", ",writeback", 0.01);
+}
+
+fn pjdfstest(name: &str, options: &str, naptime: f64) {
+    let root = scratch(name);
     let server = Server::start(&root.join("data"));
     server.create_bucket("posix");
     // The unprivileged users pjdfstest switches to must reach the mount: /tmp is searchable by all.
-    let mnt = std::env::temp_dir().join(format!("restfs-pjdfstest-{}", std::process::id()));
-    let m = Mount::new(&server, "posix", &mnt, &format!("allow_other,cache_dir={}", root.join("cache").display()));
+    let mnt = std::env::temp_dir().join(format!("restfs-{name}-{}", std::process::id()));
+    let m = Mount::new(&server, "posix", &mnt, &format!("allow_other,cache_dir={}{options}", root.join("cache").display()));
     std::fs::set_permissions(&mnt, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
 
-    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/pjdfstest/pjdfstest.toml");
-    let out =
-        Command::new(pjdfstest_binary()).args(["-c", config, "-p"]).arg(&mnt).current_dir(&mnt).env("NO_COLOR", "1").output().unwrap();
+    let base = include_str!("pjdfstest/pjdfstest.toml");
+    assert!(base.contains("naptime = 0.001\n"));
+    let config = root.join("pjdfstest.toml");
+    std::fs::write(&config, base.replace("naptime = 0.001\n", &format!("naptime = {naptime}\n"))).unwrap();
+    let out = Command::new(pjdfstest_binary())
+        .arg("-c")
+        .arg(&config)
+        .arg("-p")
+        .arg(&mnt)
+        .current_dir(&mnt)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     for line in text.lines().filter(|l| l.contains("FAILED") || l.contains("PASSED UNEXPECTEDLY") || l.starts_with('\t')) {
         println!("{line}");

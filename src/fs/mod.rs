@@ -49,6 +49,14 @@ pub struct SetAttr {
     pub mtime: Option<SetTime>,
 }
 
+impl SetAttr {
+    /// Changes nothing.
+    pub fn is_empty(&self) -> bool {
+        let SetAttr { mode, uid, gid, size, atime, mtime } = self;
+        mode.is_none() && uid.is_none() && gid.is_none() && size.is_none() && atime.is_none() && mtime.is_none()
+    }
+}
+
 /// An open file or directory handle.
 #[derive(Debug, Clone, Copy)]
 pub struct Opened {
@@ -335,6 +343,16 @@ impl Fs {
     }
 
     pub async fn setattr(&self, ino: Ino, s: SetAttr) -> Result<Attr> {
+        // A new mtime for content not yet committed rides with its commit
+        // (the writeback cache sends one before every close).
+        if let (Some(SetTime::At(t)), true, Some(f)) = (s.mtime, SetAttr { mtime: None, ..s.clone() }.is_empty(), self.open_file(ino)) {
+            let mut st = f.state.lock().await;
+            if st.has_unflushed() {
+                st.attr.mtime = t;
+                st.attr.ctime = restfs_proto::Timespec::now();
+                return Ok(st.attr.clone());
+            }
+        }
         let fresh = self.setattr_uncached(ino, s).await?;
         self.merge(&fresh);
         Ok(fresh)
@@ -344,8 +362,8 @@ impl Fs {
         let params = SetAttrParams { ino, mode: s.mode, uid: s.uid, gid: s.gid, size: s.size, atime: s.atime, mtime: s.mtime };
         match self.open_file(ino) {
             Some(f) => {
-                // Commit first so a later commit cannot undo this change.
                 let mut st = f.state.lock().await;
+                // Commit first so a later commit cannot undo this change.
                 st.flush(&self.remote).await?;
                 let fresh = self.link().call::<m::SetAttr>(params).await?;
                 if s.size.is_some() {
