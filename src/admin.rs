@@ -7,6 +7,7 @@
 
 use crate::client::{Link, ServerUrl};
 use clap::{Parser, Subcommand};
+use restfs_proto::credentials::Credentials;
 use restfs_proto::methods::*;
 use restfs_proto::{BucketInfo, RpcError};
 use std::path::PathBuf;
@@ -21,6 +22,9 @@ pub struct Cli {
     /// Server to talk to.
     #[arg(long, short, env = "RESTFS_SERVER", default_value = DEFAULT_SERVER, global = true)]
     pub server: String,
+    /// Credentials file for a server that needs a token (see mount-helpers/README.md).
+    #[arg(long, env = "RESTFS_CREDENTIALS", global = true)]
+    pub credentials: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command_,
 }
@@ -99,19 +103,29 @@ fn print_bucket(b: &BucketInfo) {
     println!("{}\tblock_size={}\tobjects={}\tbytes={}", b.name, b.block_size, b.objects, b.bytes);
 }
 
-async fn connect(server: &str) -> Result<Link, Failure> {
-    let url = ServerUrl::parse(server).map_err(Failure::Refused)?;
-    Link::connect(&url, Duration::from_secs(10)).await.map_err(Failure::Unreachable)
+async fn connect(cli: &Access) -> Result<Link, Failure> {
+    let url = ServerUrl::parse(&cli.server).map_err(Failure::Refused)?;
+    let token = cli.credentials.as_deref().map(|p| Credentials::load(p)?.require_token()).transpose().map_err(Failure::Refused)?;
+    Link::connect_with(&url, Duration::from_secs(10), Duration::from_secs(60), token)
+        .await
+        .map_err(|e| if e.contains("bad credentials") { Failure::Refused(e) } else { Failure::Unreachable(e) })
 }
 
 fn refused(e: RpcError) -> Failure {
     Failure::Refused(e.message)
 }
 
+/// Where the server is and how to prove who we are.
+struct Access {
+    server: String,
+    credentials: Option<PathBuf>,
+}
+
 async fn run(cli: Cli) -> Result<(), Failure> {
+    let access = Access { server: cli.server.clone(), credentials: cli.credentials.clone() };
     match cli.command {
         Command_::Bucket { action } => {
-            let link = connect(&cli.server).await?;
+            let link = connect(&access).await?;
             match action {
                 BucketAction::Create { name, block_size } => {
                     let b =
@@ -130,13 +144,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command_::ServerStats => {
-            let link = connect(&cli.server).await?;
+            let link = connect(&access).await?;
             for (k, v) in link.call::<Stats>(Empty {}).await.map_err(refused)?.counters {
                 println!("{k}\t{v}");
             }
         }
         Command_::Gc { min_age } => {
-            let link = connect(&cli.server).await?;
+            let link = connect(&access).await?;
             let r = link.call::<Gc>(GcParams { min_age_secs: Some(min_age) }).await.map_err(refused)?;
             println!("removed {} blocks ({} bytes)", r.blocks_removed, r.bytes_removed);
         }

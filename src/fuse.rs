@@ -26,15 +26,38 @@ const TTL: Duration = Duration::from_secs(60);
 pub struct FuseAdapter {
     fs: Arc<Fs>,
     rt: Handle,
-    blksize: u32,
+    view: AttrView,
     /// Ask for the kernel's writeback cache.
     writeback: bool,
 }
 
+/// How the adapter presents the bucket (from mount options).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Presentation {
+    /// Show every file as owned by this user (`-o uid=`).
+    pub uid: Option<u32>,
+    /// Show every file as owned by this group (`-o gid=`).
+    pub gid: Option<u32>,
+    /// Permission bits hidden from every file (`-o umask=`).
+    pub umask: u32,
+    /// Ask for the kernel's writeback cache (`-o writeback`).
+    pub writeback: bool,
+}
+
+/// How attributes are shown to the kernel, which checks permissions against
+/// them: the bucket's block size, and the owner and mode overrides.
+#[derive(Debug, Clone, Copy)]
+struct AttrView {
+    blksize: u32,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    umask: u32,
+}
+
 impl FuseAdapter {
-    pub fn new(fs: Arc<Fs>, rt: Handle, writeback: bool) -> FuseAdapter {
-        let blksize = fs.bucket.block_size;
-        FuseAdapter { fs, rt, blksize, writeback }
+    pub fn new(fs: Arc<Fs>, rt: Handle, p: Presentation) -> FuseAdapter {
+        let view = AttrView { blksize: fs.bucket.block_size, uid: p.uid, gid: p.gid, umask: p.umask & 0o7777 };
+        FuseAdapter { fs, rt, view, writeback: p.writeback }
     }
 
     /// Run `job` with a clone of the core: first right here, on the fuser
@@ -43,12 +66,12 @@ impl FuseAdapter {
     /// cost no thread hand-off, which was most of their price.
     fn run<F, Fut>(&self, op: &'static str, job: F)
     where
-        F: FnOnce(Arc<Fs>, u32) -> Fut,
+        F: FnOnce(Arc<Fs>, AttrView) -> Fut,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         let _runtime = self.rt.enter();
         let (fs, started) = (self.fs.clone(), std::time::Instant::now());
-        let job = job(self.fs.clone(), self.blksize);
+        let job = job(self.fs.clone(), self.view);
         let mut job = Box::pin(async move {
             job.await;
             fs.metrics().request(op, started.elapsed());
@@ -144,7 +167,7 @@ fn file_type(k: Kind) -> FileType {
     }
 }
 
-fn file_attr(a: &Attr, blksize: u32) -> FileAttr {
+fn file_attr(a: &Attr, view: AttrView) -> FileAttr {
     FileAttr {
         ino: INodeNo(a.ino),
         size: a.size,
@@ -154,12 +177,12 @@ fn file_attr(a: &Attr, blksize: u32) -> FileAttr {
         ctime: a.ctime.to_system_time(),
         crtime: a.ctime.to_system_time(),
         kind: file_type(a.kind),
-        perm: a.mode as u16,
+        perm: (a.mode & !view.umask) as u16,
         nlink: a.nlink,
-        uid: a.uid,
-        gid: a.gid,
+        uid: view.uid.unwrap_or(a.uid),
+        gid: view.gid.unwrap_or(a.gid),
         rdev: a.rdev,
-        blksize,
+        blksize: view.blksize,
         flags: 0,
     }
 }
@@ -195,9 +218,9 @@ fn bytes(name: &OsStr) -> Vec<u8> {
     name.as_bytes().to_vec()
 }
 
-fn entry(reply: ReplyEntry, r: crate::fs::Result<Attr>, blksize: u32) {
+fn entry(reply: ReplyEntry, r: crate::fs::Result<Attr>, view: AttrView) {
     match r {
-        Ok(a) => reply.entry(&TTL, &file_attr(&a, blksize), Generation(0)),
+        Ok(a) => reply.entry(&TTL, &file_attr(&a, view), Generation(0)),
         Err(e) => reply_error!(reply, e),
     }
 }
@@ -458,7 +481,7 @@ impl Filesystem for FuseAdapter {
         let dots = [(dot(dir.ino), &b"."[..], Duration::ZERO), (dot(dir.parent), &b".."[..], Duration::ZERO)];
         let listing = dots.into_iter().chain(dir.entries.iter().map(|e| (e.attr.clone(), e.name.as_bytes(), TTL)));
         for (i, (attr, name, ttl)) in listing.enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(attr.ino), i as u64 + 1, OsStr::from_bytes(name), &ttl, &file_attr(&attr, self.blksize), Generation(0)) {
+            if reply.add(INodeNo(attr.ino), i as u64 + 1, OsStr::from_bytes(name), &ttl, &file_attr(&attr, self.view), Generation(0)) {
                 break;
             }
         }

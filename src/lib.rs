@@ -12,5 +12,6 @@ pub mod client;
 pub mod fs;
 pub mod fuse;
 pub mod kernel_mount;
+pub mod logging;
 pub mod mount;
 pub mod stats;

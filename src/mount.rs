@@ -9,8 +9,9 @@
 
 use crate::client::{Link, ServerUrl};
 use crate::fs::Fs;
-use crate::fuse::FuseAdapter;
+use crate::fuse::{FuseAdapter, Presentation};
 use crate::kernel_mount::{self, KernelMount};
+use restfs_proto::credentials::Credentials;
 use restfs_proto::methods::{BucketMount, BucketName};
 use std::fs::File;
 use std::io::{Read, Write};
@@ -62,8 +63,10 @@ pub struct Options {
     pub cache_size: Option<u64>,
     pub allow_other: bool,
     pub read_only: bool,
-    /// The kernel buffers writes in its page cache (see the README).
-    pub writeback: bool,
+    /// Owner and mode overrides, and the writeback cache (see the README).
+    pub presentation: Presentation,
+    /// Credentials file holding the server's token.
+    pub credentials: Option<PathBuf>,
     pub debug: bool,
     pub mount_timeout: Duration,
     /// Outages shorter than this show no error to applications.
@@ -77,7 +80,8 @@ impl Default for Options {
             cache_size: None,
             allow_other: false,
             read_only: false,
-            writeback: false,
+            presentation: Presentation::default(),
+            credentials: None,
             debug: false,
             mount_timeout: Duration::from_secs(30),
             reconnect_timeout: Duration::from_secs(60),
@@ -125,7 +129,17 @@ impl Options {
                 "cache_size" => self.cache_size = Some(parse_size(need()?)?),
                 "allow_other" => self.allow_other = true,
                 "ro" => self.read_only = true,
-                "writeback" => self.writeback = true,
+                "writeback" => self.presentation.writeback = true,
+                "uid" => self.presentation.uid = Some(user_id(need()?)?),
+                "gid" => self.presentation.gid = Some(group_id(need()?)?),
+                "umask" => {
+                    let v = need()?;
+                    self.presentation.umask = u32::from_str_radix(v, 8)
+                        .ok()
+                        .filter(|m| *m <= 0o7777)
+                        .ok_or_else(|| format!("umask must be octal, like 022, not {v:?}"))?;
+                }
+                "credentials" => self.credentials = Some(PathBuf::from(need()?)),
                 "debug" => self.debug = true,
                 "reconnect_timeout" => {
                     let secs: u64 = need()?.parse().map_err(|_| format!("reconnect_timeout must be whole seconds, not {value:?}"))?;
@@ -143,6 +157,30 @@ impl Options {
     }
 }
 
+/// A user name or number.
+fn user_id(name: &str) -> Result<u32, String> {
+    if let Ok(n) = name.parse() {
+        return Ok(n);
+    }
+    let c = std::ffi::CString::new(name).map_err(|_| format!("bad user name {name:?}"))?;
+    // SAFETY: a valid C string; the result is read at once, before any other lookup.
+    let pw = unsafe { libc::getpwnam(c.as_ptr()) };
+    // SAFETY: non-null results point at a valid passwd entry.
+    (!pw.is_null()).then(|| unsafe { (*pw).pw_uid }).ok_or_else(|| format!("no such user {name:?}"))
+}
+
+/// A group name or number.
+fn group_id(name: &str) -> Result<u32, String> {
+    if let Ok(n) = name.parse() {
+        return Ok(n);
+    }
+    let c = std::ffi::CString::new(name).map_err(|_| format!("bad group name {name:?}"))?;
+    // SAFETY: as in `user_id`.
+    let gr = unsafe { libc::getgrnam(c.as_ptr()) };
+    // SAFETY: non-null results point at a valid group entry.
+    (!gr.is_null()).then(|| unsafe { (*gr).gr_gid }).ok_or_else(|| format!("no such group {name:?}"))
+}
+
 /// A parsed `mount.restfs SOURCE MOUNTPOINT [-o OPTIONS] [-f] [-s] [-n] [-v]`.
 #[derive(Debug, Clone)]
 pub struct MountArgs {
@@ -151,6 +189,8 @@ pub struct MountArgs {
     pub mountpoint: PathBuf,
     pub options: Options,
     pub foreground: bool,
+    /// The token from the credentials file, read before forking.
+    pub token: Option<String>,
 }
 
 pub const USAGE: &str = "usage: mount.restfs ws://HOST:PORT/BUCKET MOUNTPOINT [-o OPTION[,OPTION...]] [-f]
@@ -161,6 +201,9 @@ pub const USAGE: &str = "usage: mount.restfs ws://HOST:PORT/BUCKET MOUNTPOINT [-
   -o allow_other     let other users use the mount (permissions still apply)
   -o ro              mount read-only
   -o writeback       let the kernel buffer writes until close, fsync or memory pressure
+  -o uid=USER,gid=GROUP  show every file as owned by USER and GROUP (names or numbers)
+  -o umask=077       hide these permission bits of every file
+  -o credentials=FILE  file with the server's token= (mode 600)
   -o debug           verbose logging
   -o mount_timeout=S give up mounting after S seconds (default 30)
   -o reconnect_timeout=S  ride out server outages up to S seconds (default 60)
@@ -176,6 +219,8 @@ pub fn parse_args(args: &[String]) -> Result<MountArgs, String> {
             "-h" | "--help" => return Err(USAGE.to_string()),
             "-f" => foreground = true,
             "-s" | "-n" | "-v" => {}
+            // mount(8) may name the type (restfs, fuse.restfs): we know it.
+            "-t" => drop(it.next().ok_or("-t needs a type")?),
             "-o" => options.apply(it.next().ok_or("-o needs an option list")?)?,
             s if s.starts_with("-o") => options.apply(&s[2..])?,
             s if s.starts_with('-') && s.len() > 1 => {
@@ -190,7 +235,7 @@ pub fn parse_args(args: &[String]) -> Result<MountArgs, String> {
     let source = ServerUrl::parse(source)?;
     let bucket = source.bucket.clone().ok_or_else(|| format!("{source} names no bucket: use ws://HOST:PORT/BUCKET"))?;
     let mountpoint = std::path::absolute(mountpoint).map_err(|e| format!("bad mountpoint {mountpoint:?}: {e}"))?;
-    Ok(MountArgs { source, bucket, mountpoint, options, foreground })
+    Ok(MountArgs { source, bucket, mountpoint, options, foreground, token: None })
 }
 
 fn default_cache_dir(args: &MountArgs) -> PathBuf {
@@ -279,29 +324,25 @@ pub fn lazy_unmount(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-fn init_logging(args: &MountArgs, log_file: Option<File>) {
-    let level = if args.options.debug { "debug" } else { "info" };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RESTFS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},fuser=warn")));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match log_file {
-        Some(f) => builder.with_ansi(false).with_writer(std::sync::Mutex::new(f)).init(),
-        None => builder.with_writer(std::io::stderr).init(),
-    }
-}
-
 /// Run `mount.restfs`; returns the process exit code.
 pub fn main(args: &[String]) -> i32 {
     restfs_server::cli::keep_large_buffers();
-    let args = match parse_args(args) {
+    let mut args = match parse_args(args) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("mount.restfs: {e}");
             return 1;
         }
     };
+    match args.options.credentials.as_deref().map(|p| Credentials::load(p)?.require_token()).transpose() {
+        Ok(token) => args.token = token,
+        Err(e) => {
+            eprintln!("mount.restfs: {e}");
+            return 1;
+        }
+    }
     if args.foreground {
-        init_logging(&args, None);
+        crate::logging::to_stderr(args.options.debug);
         return match serve(&args, &mut None) {
             Ok(()) => 0,
             Err(e) => {
@@ -335,9 +376,9 @@ fn daemonize(args: MountArgs) -> i32 {
             unsafe { libc::setsid() };
             let cache_dir = args.options.cache_dir.clone().unwrap_or_else(|| default_cache_dir(&args));
             let _ = std::fs::create_dir_all(&cache_dir);
-            let log = std::fs::OpenOptions::new().create(true).append(true).open(cache_dir.join("mount.log")).ok();
             redirect_stdio();
-            init_logging(&args, log);
+            let log = crate::logging::detached(args.options.debug, &cache_dir.join("mount.log"));
+            tracing::debug!("logging to {log}");
             let mut ready = Some(File::from(write_end));
             match serve(&args, &mut ready) {
                 Ok(()) => 0,
@@ -398,7 +439,7 @@ fn serve(args: &MountArgs, ready: &mut Option<File>) -> Result<(), String> {
         .map_err(|e| format!("tokio runtime: {e}"))?;
     let timeout = args.options.mount_timeout;
     let (link, mounted) = rt.block_on(async {
-        let link = Link::connect_with(&args.source, timeout, args.options.reconnect_timeout).await?;
+        let link = Link::connect_with(&args.source, timeout, args.options.reconnect_timeout, args.token.clone()).await?;
         let mounted = tokio::time::timeout(timeout, link.call::<BucketMount>(BucketName { name: args.bucket.clone() }))
             .await
             .map_err(|_| format!("server {} did not answer within {timeout:?}", args.source.authority))?
@@ -414,6 +455,11 @@ fn serve(args: &MountArgs, ready: &mut Option<File>) -> Result<(), String> {
     let cache_dir = args.options.cache_dir.clone().unwrap_or_else(|| default_cache_dir(args));
     let _lock = lock_cache_dir(&cache_dir)?;
     clear_stale_mount(&args.mountpoint);
+    // Another live RestFS mount there: refuse to stack on it. (Other
+    // filesystems may be mounted over on purpose, e.g. systemd's autofs.)
+    if mountinfo(&args.mountpoint).is_some_and(|(_, fstype)| fstype == "fuse.restfs") {
+        return Err(format!("mountpoint {} is busy: a RestFS mount is already there", args.mountpoint.display()));
+    }
     match std::fs::metadata(&args.mountpoint) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => {
@@ -440,7 +486,7 @@ fn serve(args: &MountArgs, ready: &mut Option<File>) -> Result<(), String> {
     if args.options.allow_other {
         config.acl = fuser::SessionACL::All;
     }
-    let adapter = FuseAdapter::new(fs.clone(), rt.handle().clone(), args.options.writeback);
+    let adapter = FuseAdapter::new(fs.clone(), rt.handle().clone(), args.options.presentation);
     let source = args.source.to_string();
     let explain = |e: std::io::Error| match e.raw_os_error() {
         Some(libc::EBUSY) => format!("mountpoint {} is busy (already mounted?)", args.mountpoint.display()),
@@ -529,8 +575,12 @@ mod tests {
     fn mount8_argument_order_and_options() {
         let a = args(&["ws://h:1/b", "/mnt", "-o", "rw,_netdev,x-systemd.automount,cache_dir=/c,allow_other", "-f"]).unwrap();
         assert_eq!(a.bucket, "b");
-        assert!(a.foreground && a.options.allow_other && !a.options.writeback);
-        assert!(args(&["ws://h:1/b", "/mnt", "-o", "writeback"]).unwrap().options.writeback);
+        assert!(a.foreground && a.options.allow_other && !a.options.presentation.writeback);
+        let p = args(&["ws://h:1/b", "/mnt", "-o", "writeback,uid=nobody,gid=0,umask=027,credentials=/c"]).unwrap().options;
+        assert!(p.presentation.writeback && p.credentials.as_deref() == Some(Path::new("/c")));
+        assert_eq!((p.presentation.uid, p.presentation.gid, p.presentation.umask), (Some(65534), Some(0), 0o027));
+        assert!(args(&["ws://h:1/b", "/mnt", "-o", "umask=999"]).unwrap_err().contains("octal"));
+        assert!(args(&["ws://h:1/b", "/mnt", "-o", "uid=no-such-user"]).unwrap_err().contains("no-such-user"));
         assert_eq!(a.options.cache_dir.as_deref(), Some(Path::new("/c")));
         assert!(args(&["ws://h:1/b", "/mnt", "-o", "bogus"]).unwrap_err().contains("unknown mount option"));
         assert!(args(&["ws://h:1/b", "/mnt", "-ocache_dir="]).unwrap_err().contains("needs a value"));

@@ -1139,7 +1139,9 @@ fn compare_obs(model: &[Obs], core: &[Obs]) -> Result<(), String> {
 }
 
 /// Outcomes per operation kind over the run: (successes, errnos).
-static TALLY: std::sync::Mutex<BTreeMap<&'static str, (u32, BTreeMap<String, u32>)>> = std::sync::Mutex::new(BTreeMap::new());
+/// Per operation: how often it ran, and its outcomes.
+type Tally = BTreeMap<&'static str, (u32, BTreeMap<String, u32>)>;
+static TALLY: std::sync::Mutex<Tally> = std::sync::Mutex::new(BTreeMap::new());
 
 fn tally(op: &Op, r: &Result<Vec<Obs>, Errno>) {
     let kind = match op {

@@ -103,6 +103,9 @@ struct Shared {
     conn: Mutex<Connection>,
 }
 
+/// A directory's entries with their attributes, by name.
+pub type Listing = Vec<(Vec<u8>, Attr)>;
+
 pub struct MetaCache {
     shared: Arc<Shared>,
     flusher: Option<std::thread::JoinHandle<()>>,
@@ -193,7 +196,7 @@ impl MetaCache {
 
     /// A complete listing of `dir`: (its parent, entries with attributes,
     /// by name), if cached whole and every entry's attributes are cached.
-    pub fn listing(&self, dir: Ino) -> Result<Option<(Ino, Vec<(Vec<u8>, Attr)>)>> {
+    pub fn listing(&self, dir: Ino) -> Result<Option<(Ino, Listing)>> {
         let st = self.state();
         let Some(parent) = st.listed.get(&dir) else { return Ok(None) };
         let mut out = Vec::new();

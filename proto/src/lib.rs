@@ -7,6 +7,7 @@
 //! types and codecs only, no IO.
 
 pub mod bytes;
+pub mod credentials;
 pub mod errno;
 pub mod methods;
 pub mod rpc;

@@ -104,6 +104,10 @@ pub struct HelloParams {
     /// cache instead of applying it twice.
     #[serde(default)]
     pub client_id: Option<String>,
+    /// The shared secret of a server started with credentials; until the
+    /// server has it, it answers nothing but `hello`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

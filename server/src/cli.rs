@@ -1,4 +1,4 @@
-//! The `restfsd` command line: `restfsd [--listen ADDR] [--data DIR]`.
+//! The `restfsd` command line: `restfsd [--listen ADDR] [--data DIR] [--credentials FILE]`.
 //! Runs in the foreground; SIGTERM or SIGINT syncs the stores and exits 0.
 
 use crate::{Server, default_data_dir};
@@ -18,6 +18,9 @@ pub struct Args {
     /// Log filter, e.g. `info`, `debug`, `restfs_server=trace`.
     #[arg(long, env = "RESTFS_LOG", default_value = "info")]
     pub log: String,
+    /// Credentials file whose `token=` every client must present.
+    #[arg(long)]
+    pub credentials: Option<PathBuf>,
 }
 
 pub fn main() -> std::process::ExitCode {
@@ -25,9 +28,16 @@ pub fn main() -> std::process::ExitCode {
     let args = Args::parse();
     tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(&args.log)).with_writer(std::io::stderr).init();
     let data = args.data.unwrap_or_else(default_data_dir);
+    let token = match args.credentials.as_deref().map(|p| restfs_proto::credentials::Credentials::load(p)?.require_token()).transpose() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("restfsd: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     rt.block_on(async move {
-        let server = match Server::start(args.listen, &data).await {
+        let server = match Server::start_with_token(args.listen, &data, token).await {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("restfsd: {e}");

@@ -63,6 +63,11 @@ pub struct Session {
     wants_callbacks: std::sync::atomic::AtomicBool,
     /// Its lease, once subscribed with callbacks.
     lease: Mutex<Option<(BucketId, Arc<Lease>)>>,
+    /// `hello` presented the server's token (or it needs none).
+    authenticated: std::sync::atomic::AtomicBool,
+    /// The change sequence number through which pushes are queued to this
+    /// connection (once subscribed).
+    pushed_through: tokio::sync::watch::Sender<Option<u64>>,
 }
 
 /// Run `f` on the decoded params of `msg` and encode its outcome.
@@ -102,6 +107,8 @@ impl Session {
             client_id: Mutex::new(None),
             wants_callbacks: Default::default(),
             lease: Mutex::new(None),
+            authenticated: std::sync::atomic::AtomicBool::new(false),
+            pushed_through: tokio::sync::watch::Sender::new(None),
         })
     }
 
@@ -140,6 +147,28 @@ impl Session {
         true
     }
 
+    /// Before answering a change in bucket `b`: queue the pushes of every
+    /// earlier change first, so no push older than the reply reaches the
+    /// client after it (applied late, it would undo what the client learnt
+    /// from the reply). Usually the pusher is there already; else it is
+    /// woken, and the push may then carry this change too.
+    pub async fn queue_earlier_pushes(&self, b: BucketId) {
+        let mut pushed = self.pushed_through.subscribe();
+        if pushed.borrow().is_none() {
+            return;
+        }
+        let Ok(log) = self.service.meta(move |m| m.changes_since(b, u64::MAX, 0)).await else { return };
+        let earlier = log.seq.saturating_sub(1);
+        if pushed.borrow().is_some_and(|p| p >= earlier) {
+            return;
+        }
+        self.service.bump(b);
+        let caught_up = pushed.wait_for(|p| p.is_none_or(|p| p >= earlier));
+        if tokio::time::timeout(std::time::Duration::from_secs(2), caught_up).await.is_err() {
+            tracing::warn!("pushes to a client lag behind its replies");
+        }
+    }
+
     /// Answer one message; `None` for a notification.
     pub async fn handle(self: Arc<Self>, msg: RawMessage) -> Option<Vec<u8>> {
         let enc = msg.encoding;
@@ -161,6 +190,10 @@ impl Session {
         let Some(method) = head.method.as_deref() else {
             return invalid("invalid request: \"method\" missing".into());
         };
+        if method != Hello::NAME && self.service.token().is_some() && !self.authenticated.load(std::sync::atomic::Ordering::Acquire) {
+            let refused = RpcError::errno(Errno::EACCES, "not authenticated: this server needs a token in hello");
+            return (!notification).then(|| encode_response::<()>(enc, id.as_ref(), &Err(refused)));
+        }
         let replay_key = match (self.client_id(), &id) {
             (Some(client), Some(id)) if REPLAYABLE.contains(&method) => Some((client, format!("{id:?}"))),
             _ => None,
@@ -291,6 +324,12 @@ impl Session {
                 Errno::EPROTO,
                 format!("no common protocol version: client speaks {:?}, server {PROTOCOL_VERSION}", p.versions),
             ));
+        }
+        if let Some(token) = self.service.token() {
+            if !p.token.as_deref().is_some_and(|t| restfs_proto::credentials::same_secret(t, token)) {
+                return Err(RpcError::errno(Errno::EACCES, "bad credentials: the server refused the token"));
+            }
+            self.authenticated.store(true, std::sync::atomic::Ordering::Release);
         }
         let encoding = p.encodings.first().copied().unwrap_or(Encoding::Json);
         *self.encoding.lock().unwrap_or_else(|p| p.into_inner()) = encoding;
@@ -602,7 +641,11 @@ impl Session {
         };
         let me = self.clone();
         let bump = self.service.watch(b);
-        let task = tokio::spawn(async move { me.push_loop(b, cursor, bump).await });
+        self.pushed_through.send_replace(Some(cursor));
+        let task = tokio::spawn(async move {
+            me.clone().push_loop(b, cursor, bump).await;
+            me.pushed_through.send_replace(None);
+        });
         if let Some(old) = self.pusher.lock().unwrap_or_else(|p| p.into_inner()).replace(task) {
             old.abort();
         }
@@ -653,6 +696,7 @@ impl Session {
                     return;
                 }
                 cursor = through.max(cursor);
+                self.pushed_through.send_replace(Some(cursor));
                 continue;
             }
             if bump.changed().await.is_err() {

@@ -37,6 +37,11 @@ pub struct Server {
 impl Server {
     /// Open the stores under `data` and listen on `listen` (port 0 picks one).
     pub async fn start(listen: SocketAddr, data: &Path) -> std::result::Result<Server, String> {
+        Server::start_with_token(listen, data, None).await
+    }
+
+    /// The same, answering only clients that present `token` (if given).
+    pub async fn start_with_token(listen: SocketAddr, data: &Path, token: Option<String>) -> std::result::Result<Server, String> {
         std::fs::create_dir_all(data).map_err(|e| format!("cannot create data directory {}: {e}", data.display()))?;
         let meta = meta::sqlite::SqliteMeta::open(&data.join("meta.db"))
             .map_err(|e| format!("cannot open metadata in {}: {e}", data.display()))?;
@@ -46,6 +51,9 @@ impl Server {
         }
         let blocks = blocks::dir::DirBlocks::open(data).map_err(|e| format!("cannot open block store in {}: {e}", data.display()))?;
         let service = Service::new(Arc::new(meta), Arc::new(blocks));
+        if let Some(token) = token {
+            service.require_token(token);
+        }
         service.spawn_background();
         let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;

@@ -56,6 +56,8 @@ pub struct Service {
     closing: tokio::sync::watch::Sender<bool>,
     /// One clone per live connection.
     connections: Arc<()>,
+    /// The shared secret clients must present (`restfsd --credentials`).
+    token: std::sync::OnceLock<String>,
     pub counters: Counters,
     pub callbacks: crate::callbacks::Callbacks,
 }
@@ -129,7 +131,18 @@ impl Service {
             connections: Arc::new(()),
             counters: Counters::default(),
             callbacks: Default::default(),
+            token: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Answer only connections that present `token` in `hello`.
+    pub fn require_token(&self, token: String) {
+        let _ = self.token.set(token);
+    }
+
+    /// The token connections must present, if any.
+    pub fn token(&self) -> Option<&str> {
+        self.token.get().map(String::as_str)
     }
 
     /// Run a metadata call. Calls are short (an indexed lookup or a small
@@ -343,10 +356,10 @@ impl Service {
             let mut tick = tokio::time::interval(SYNC_INTERVAL);
             loop {
                 tick.tick().await;
-                if me.dirty.load(Ordering::Acquire) {
-                    if let Err(e) = me.sync().await {
-                        tracing::error!("group sync failed: {e}");
-                    }
+                if me.dirty.load(Ordering::Acquire)
+                    && let Err(e) = me.sync().await
+                {
+                    tracing::error!("group sync failed: {e}");
                 }
             }
         });

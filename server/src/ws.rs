@@ -55,6 +55,8 @@ fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default().max_message_size(Some(MAX_FRAME)).max_frame_size(Some(MAX_FRAME))
 }
 
+// The signature is tungstenite's handshake callback.
+#[allow(clippy::result_large_err)]
 fn check_path(req: &Request, resp: Response) -> Result<Response, ErrorResponse> {
     if req.uri().path() == "/" {
         return Ok(resp);
@@ -149,7 +151,11 @@ async fn connection(stream: TcpStream, service: Arc<Service>) -> Result<(), WsEr
             // Other clients must have applied a change before it is answered
             // (callbacks); without any, the reply goes first, then the push.
             let waited = match bump {
-                Some(b) => session.await_callbacks(b).await,
+                Some(b) => {
+                    let waited = session.await_callbacks(b).await;
+                    session.queue_earlier_pushes(b).await;
+                    waited
+                }
                 None => false,
             };
             if let Some(reply) = reply {

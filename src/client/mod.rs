@@ -51,6 +51,8 @@ pub struct Link {
 
 struct Inner {
     url: ServerUrl,
+    /// Presented in every `hello`.
+    token: Option<String>,
     client_id: String,
     reconnect_timeout: Duration,
     state: Mutex<State>,
@@ -153,14 +155,21 @@ impl Link {
     /// Connect to `url` and negotiate with `hello`, within `timeout`.
     /// Later outages shorter than `reconnect_timeout` are ridden out.
     pub async fn connect(url: &ServerUrl, timeout: Duration) -> Result<Link, String> {
-        Link::connect_with(url, timeout, Duration::from_secs(60)).await
+        Link::connect_with(url, timeout, Duration::from_secs(60), None).await
     }
 
-    pub async fn connect_with(url: &ServerUrl, timeout: Duration, reconnect_timeout: Duration) -> Result<Link, String> {
+    /// The same, presenting `token` (see `restfs_proto::credentials`).
+    pub async fn connect_with(
+        url: &ServerUrl,
+        timeout: Duration,
+        reconnect_timeout: Duration,
+        token: Option<String>,
+    ) -> Result<Link, String> {
         let client_id = format!("{:016x}{:016x}", rand_u64(), rand_u64());
         let link = Link {
             inner: Arc::new(Inner {
                 url: url.clone(),
+                token,
                 client_id,
                 reconnect_timeout,
                 state: Mutex::new(State { out: None, encoding: Encoding::Json, generation: 0, restoring: true, failed: false }),
@@ -248,6 +257,7 @@ impl Link {
             capabilities: vec![restfs_proto::CAP_PUSH.to_string(), restfs_proto::CAP_CALLBACKS.to_string()],
             client: format!("restfs {}", env!("CARGO_PKG_VERSION")),
             client_id: Some(self.inner.client_id.clone()),
+            token: self.inner.token.clone(),
         };
         let reply = tokio::time::timeout(timeout, self.call_now::<Hello>(hello))
             .await

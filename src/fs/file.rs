@@ -106,13 +106,19 @@ pub async fn assemble(r: &Remote, parts: Vec<Part>) -> Result<ReadBuf> {
 
 pub struct File {
     pub ino: Ino,
-    pub state: tokio::sync::Mutex<FileData>,
+    /// Taken through [`File::lock`].
+    state: tokio::sync::Mutex<FileData>,
     /// Handles open on this file in this client.
     pub handles: AtomicU32,
     /// How many of them the server knows of (it keeps an unlinked file
     /// while any is registered). Opens answered from the cache register
     /// only when the file is about to lose its last name.
     pub registered: AtomicU32,
+    /// The newest attributes a push brought that the state has not taken
+    /// yet: set before the kernel's pages are invalidated, taken by the next
+    /// [`File::lock`], so no read after the invalidation uses the old map
+    /// (the state's lock may be held by a commit waiting on the server).
+    pushed: std::sync::Mutex<Option<Attr>>,
 }
 
 pub struct FileData {
@@ -182,6 +188,32 @@ impl File {
             }),
             handles: AtomicU32::new(0),
             registered: AtomicU32::new(0),
+            pushed: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The file's state, with what pushes reported meanwhile applied.
+    pub async fn lock(&self) -> tokio::sync::MutexGuard<'_, FileData> {
+        self.absorb_pushed(self.state.lock().await)
+    }
+
+    /// [`File::lock`] if nobody holds it.
+    pub fn try_lock(&self) -> Option<tokio::sync::MutexGuard<'_, FileData>> {
+        self.state.try_lock().ok().map(|st| self.absorb_pushed(st))
+    }
+
+    fn absorb_pushed<'a>(&self, mut st: tokio::sync::MutexGuard<'a, FileData>) -> tokio::sync::MutexGuard<'a, FileData> {
+        if let Some(attr) = self.pushed.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            st.refresh(attr);
+        }
+        st
+    }
+
+    /// Note attributes a push reported (applied at the next [`File::lock`]).
+    pub fn pushed(&self, attr: Attr) {
+        let mut pushed = self.pushed.lock().unwrap_or_else(|p| p.into_inner());
+        if pushed.as_ref().is_none_or(|p| (p.version, p.ctime) <= (attr.version, attr.ctime)) {
+            *pushed = Some(attr);
         }
     }
 }
@@ -455,7 +487,7 @@ impl FileData {
         }
         if map_still_valid {
             self.map.retain(|idx, _| idx * r.block_size < size);
-            if size % r.block_size != 0
+            if !size.is_multiple_of(r.block_size)
                 && let Some((_, len)) = self.map.get_mut(&(size / r.block_size))
             {
                 *len = (*len).min((size % r.block_size) as u32);

@@ -28,6 +28,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+/// How long a reply waits for the pushes received before it to be applied.
+const SETTLE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// How long `open` waits for the server before trusting cached attributes.
 const OPEN_PATIENCE: std::time::Duration = std::time::Duration::from_millis(300);
 
@@ -101,6 +104,8 @@ pub struct Fs {
     xattrs: xattr::XattrCache,
     /// Pushes applied so far (counted like [`Link::pushes_seen`]).
     pushes_applied: AtomicU64,
+    /// The same count, to wait on (see [`Fs::settle`]).
+    applied_watch: tokio::sync::watch::Sender<u64>,
     /// The metadata cache has caught up with the server and may answer.
     meta_live: std::sync::atomic::AtomicBool,
     /// The server's change sequence number at the last subscription: the
@@ -142,6 +147,7 @@ impl Fs {
             applied_seq: AtomicU64::new(0),
             xattrs: xattr::XattrCache::default(),
             pushes_applied: AtomicU64::new(0),
+            applied_watch: tokio::sync::watch::Sender::new(0),
             meta: None,
             meta_live: std::sync::atomic::AtomicBool::new(false),
             subscribed_at: AtomicU64::new(u64::MAX),
@@ -188,26 +194,23 @@ impl Fs {
     /// `parent` (any entry of it when `name` is `None`)? Not if it reports
     /// the very value the reply implies (`value`; typically this client's
     /// own change, pushed to it before the reply came). Also yes while
-    /// pushes received before the request are still being applied: they
-    /// would overwrite the reply.
+    /// pushes received before the reply are still being applied: they
+    /// would overwrite it.
     fn crossed(&self, before: u64, at_reply: u64, parent: Ino, name: Option<&[u8]>, value: Option<Option<Ino>>) -> bool {
-        self.pushes_applied.load(Ordering::Acquire) < before
+        self.pushes_applied.load(Ordering::Acquire) < at_reply
             || self.link().entries_crossed(before, at_reply, |p, n, ino| {
                 p == parent && name.is_none_or(|name| name == n) && value.is_none_or(|v| v != ino)
             })
     }
 
-    /// Wait (briefly) until the pushes received before a request, numbered
-    /// up to `before`, are applied: applied after a fill, they would
-    /// overwrite the newer reply. If they take too long, [`Fs::crossed`]
-    /// says so and the fill is skipped.
-    async fn settle(&self, before: u64) {
-        for _ in 0..1000 {
-            if self.pushes_applied.load(Ordering::Acquire) >= before {
-                return;
-            }
-            tokio::task::yield_now().await;
-        }
+    /// Wait until the pushes received before a reply, numbered up to
+    /// `through`, are applied. The server sends the pushes of every change
+    /// older than a reply before it; applied after the reply's effect on
+    /// the caches, they would undo it until the next push. If they take too
+    /// long, [`Fs::crossed`] says so and the reply is not cached.
+    async fn settle(&self, through: u64) {
+        let mut applied = self.applied_watch.subscribe();
+        let _ = tokio::time::timeout(SETTLE_PATIENCE, applied.wait_for(|n| *n >= through)).await;
     }
 
     /// Cache what a reply said about `parent` (entry `name`, or its whole
@@ -273,7 +276,7 @@ impl Fs {
     async fn overlay(&self, attr: Attr) -> Attr {
         match self.open_file(attr.ino) {
             Some(f) => {
-                let mut st = f.state.lock().await;
+                let mut st = f.lock().await;
                 st.refresh(attr);
                 st.attr.clone()
             }
@@ -311,7 +314,7 @@ impl Fs {
         }
         let epoch = self.epoch();
         let (reply, seen) = self.link().call_seen::<Lookup>(EntryParams { parent, name: Name::from(name) }).await;
-        self.settle(epoch).await;
+        self.settle(seen).await;
         match reply {
             Ok(attr) => {
                 self.fill(epoch, seen, parent, Some(name), Some(Some(attr.ino)), |m| m.put_entry(parent, name, Some(&attr)));
@@ -327,7 +330,7 @@ impl Fs {
 
     pub async fn getattr(&self, ino: Ino) -> Result<Attr> {
         if let Some(f) = self.open_file(ino) {
-            let st = f.state.lock().await;
+            let st = f.lock().await;
             if st.has_unflushed() {
                 return Ok(st.attr.clone());
             }
@@ -346,7 +349,7 @@ impl Fs {
         // A new mtime for content not yet committed rides with its commit
         // (the writeback cache sends one before every close).
         if let (Some(SetTime::At(t)), true, Some(f)) = (s.mtime, SetAttr { mtime: None, ..s.clone() }.is_empty(), self.open_file(ino)) {
-            let mut st = f.state.lock().await;
+            let mut st = f.lock().await;
             if st.has_unflushed() {
                 st.attr.mtime = t;
                 st.attr.ctime = restfs_proto::Timespec::now();
@@ -362,7 +365,7 @@ impl Fs {
         let params = SetAttrParams { ino, mode: s.mode, uid: s.uid, gid: s.gid, size: s.size, atime: s.atime, mtime: s.mtime };
         match self.open_file(ino) {
             Some(f) => {
-                let mut st = f.state.lock().await;
+                let mut st = f.lock().await;
                 // Commit first so a later commit cannot undo this change.
                 st.flush(&self.remote).await?;
                 let fresh = self.link().call::<m::SetAttr>(params).await?;
@@ -385,7 +388,7 @@ impl Fs {
         let p = NewNodeParams { parent, name: Name::from(name), kind, mode: mode & 0o7777, uid: ctx.uid, gid: ctx.gid, rdev };
         let epoch = self.epoch();
         let reply = self.creating(parent, name, self.link().call_seen::<Mknod>(p)).await;
-        self.settle(epoch).await;
+        self.settle(reply.1).await;
         self.created(epoch, reply, parent, name)
     }
 
@@ -465,7 +468,7 @@ impl Fs {
         let p = NewNodeParams { parent, name: Name::from(name), kind: Kind::Dir, mode: mode & 0o7777, uid: ctx.uid, gid: ctx.gid, rdev: 0 };
         let epoch = self.epoch();
         let reply = self.creating(parent, name, self.link().call_seen::<Mkdir>(p)).await;
-        self.settle(epoch).await;
+        self.settle(reply.1).await;
         self.created(epoch, reply, parent, name)
     }
 
@@ -473,7 +476,7 @@ impl Fs {
         let p = SymlinkParams { parent, name: Name::from(name), target: Name::from(target), uid: ctx.uid, gid: ctx.gid };
         let epoch = self.epoch();
         let reply = self.creating(parent, name, self.link().call_seen::<Symlink>(p)).await;
-        self.settle(epoch).await;
+        self.settle(reply.1).await;
         self.created(epoch, reply, parent, name)
     }
 
@@ -484,7 +487,7 @@ impl Fs {
     pub async fn link_node(&self, ino: Ino, parent: Ino, name: &[u8]) -> Result<Attr> {
         let epoch = self.epoch();
         let reply = self.creating(parent, name, self.link().call_seen::<m::Link>(LinkParams { ino, parent, name: Name::from(name) })).await;
-        self.settle(epoch).await;
+        self.settle(reply.1).await;
         let attr = self.created(epoch, reply, parent, name)?;
         self.merge(&attr);
         Ok(self.overlay(attr).await)
@@ -530,7 +533,7 @@ impl Fs {
         self.register_held(parent, name).await?;
         let epoch = self.epoch();
         let (r, seen) = self.link().call_seen::<Unlink>(EntryParams { parent, name: Name::from(name) }).await;
-        self.settle(epoch).await;
+        self.settle(seen).await;
         self.unlinked(epoch, seen, r.is_ok(), parent, name);
         Ok(r.map(|_| ())?)
     }
@@ -538,7 +541,7 @@ impl Fs {
     pub async fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<()> {
         let epoch = self.epoch();
         let (r, seen) = self.link().call_seen::<Rmdir>(EntryParams { parent, name: Name::from(name) }).await;
-        self.settle(epoch).await;
+        self.settle(seen).await;
         self.unlinked(epoch, seen, r.is_ok(), parent, name);
         Ok(r.map(|_| ())?)
     }
@@ -577,7 +580,7 @@ impl Fs {
         };
         let epoch = self.epoch();
         let (r, seen) = self.link().call_seen::<Rename>(p).await;
-        self.settle(epoch).await;
+        self.settle(seen).await;
         if exchange {
             self.removed(parent, name);
             self.removed(new_parent, new_name);
@@ -626,7 +629,7 @@ impl Fs {
         let p = CreateParams { parent, name: Name::from(name), mode: mode & 0o7777, uid: ctx.uid, gid: ctx.gid, unregistered };
         let epoch = self.epoch();
         let reply = self.creating(parent, name, self.link().call_seen::<Create>(p)).await;
-        self.settle(epoch).await;
+        self.settle(reply.1).await;
         let attr = self.created(epoch, reply, parent, name)?;
         let keep_cache = self.keep_cache(&attr);
         let (_, fh) = self.attach(attr.clone(), !unregistered);
@@ -671,7 +674,7 @@ impl Fs {
         }
         self.metrics().add(if registered { metrics::OPENS_FROM_SERVER } else { metrics::OPENS_FROM_CACHE }, 1);
         let (file, fh) = self.attach(fresh.clone(), registered);
-        file.state.lock().await.refresh(fresh);
+        file.lock().await.refresh(fresh);
         Ok(Opened { fh, keep_cache })
     }
 
@@ -680,7 +683,7 @@ impl Fs {
     pub async fn read_buf(&self, fh: u64, offset: u64, size: u32) -> Result<file::ReadBuf> {
         let file = self.file_handle(fh)?;
         let (parts, ahead) = {
-            let mut st = file.state.lock().await;
+            let mut st = file.lock().await;
             let parts = st.plan_read(&self.remote, offset, size).await?;
             let ahead = st.read_ahead(&self.remote, offset, size).await;
             (parts, ahead)
@@ -704,7 +707,7 @@ impl Fs {
 
     pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
         let file = self.file_handle(fh)?;
-        let mut st = file.state.lock().await;
+        let mut st = file.lock().await;
         st.write(&self.remote, offset, data).await?;
         self.metrics().add(metrics::BYTES_WRITTEN, data.len() as u64);
         Ok(data.len() as u32)
@@ -753,7 +756,7 @@ impl Fs {
     /// Commit this file's changes (close-to-open: visible to all after this).
     pub async fn flush(&self, fh: u64) -> Result<()> {
         let file = self.file_handle(fh)?;
-        let mut st = file.state.lock().await;
+        let mut st = file.lock().await;
         self.commit(&mut st).await.map(|_| ())
     }
 
@@ -770,12 +773,12 @@ impl Fs {
             return Err(FsError::new(Errno::EBADF, format!("no open file handle {fh}")));
         };
         let flushed = {
-            let mut st = file.state.lock().await;
+            let mut st = file.lock().await;
             self.commit(&mut st).await
         };
         if file.handles.fetch_sub(1, Ordering::AcqRel) == 1 {
             if flushed.is_err() {
-                file.state.lock().await.abandon(&self.remote);
+                file.lock().await.abandon(&self.remote);
             }
             let mut files = lock(&self.files);
             if files.get(&file.ino).is_some_and(|f| Arc::ptr_eq(f, &file) && f.handles.load(Ordering::Acquire) == 0) {
@@ -801,7 +804,7 @@ impl Fs {
             .filter(|e| *e <= i64::MAX as u64)
             .ok_or_else(|| FsError::new(Errno::EFBIG, "fallocate past the largest offset"))?;
         if mode & libc::FALLOC_FL_KEEP_SIZE == 0 {
-            let mut st = file.state.lock().await;
+            let mut st = file.lock().await;
             st.extend(end);
             self.commit(&mut st).await?;
         }
@@ -812,7 +815,7 @@ impl Fs {
     pub async fn flush_all(&self) -> Result<()> {
         let files: Vec<Arc<File>> = lock(&self.files).values().cloned().collect();
         for file in files {
-            let mut st = file.state.lock().await;
+            let mut st = file.lock().await;
             self.commit(&mut st).await?;
         }
         self.forget(|m| m.persist());
@@ -880,7 +883,9 @@ impl Fs {
             for _ in 0..handles {
                 match link.call_now::<Open>(InoParams { ino: file.ino }).await {
                     Err(e) if e.as_errno() == Errno::ENOENT => tracing::warn!("open file {} vanished during the outage", file.ino),
-                    other => drop(other?),
+                    other => {
+                        other?;
+                    }
                 }
             }
             file.registered.store(handles, Ordering::Release);
@@ -932,7 +937,8 @@ impl Fs {
         }
         self.forget(|m| m.set_applied_seq(push.through));
         self.applied_seq.fetch_max(push.through, Ordering::AcqRel);
-        self.pushes_applied.fetch_add(1, Ordering::AcqRel);
+        let applied = self.pushes_applied.fetch_add(1, Ordering::AcqRel) + 1;
+        self.applied_watch.send_replace(applied);
         self.xattrs.pushed(&push.changes);
         let holding = if push.ack { self.held_unlinked(&push.changes) } else { Vec::new() };
         let Some(kernel) = self.kernel.get() else {
@@ -949,7 +955,10 @@ impl Fs {
             match change {
                 Change::Attr { ino, attr, .. } => {
                     if let (Some(f), Some(a)) = (self.open_file(ino), &attr) {
-                        open_files.push((f, a.clone()));
+                        // Before the kernel drops its pages: a read that
+                        // follows must plan with the new block map.
+                        f.pushed(a.clone());
+                        open_files.push(f);
                     }
                     let cached = lock(&self.page_versions).get(&ino).copied();
                     match attr {
@@ -974,10 +983,12 @@ impl Fs {
                 rt.spawn(async move { link.notify::<PushAck>(PushAckParams { through, holding }).await });
             }));
         }
-        // After the acknowledgement: a file's lock may be held by a commit
-        // that waits for other clients' acknowledgements.
-        for (f, attr) in open_files {
-            f.state.lock().await.refresh(attr);
+        // Idle files take the pushed attributes now, busy ones at their next
+        // lock (which a commit waiting on the server may hold for long).
+        for f in open_files {
+            if let Some(st) = f.try_lock() {
+                drop(st);
+            }
         }
     }
 
@@ -1001,9 +1012,10 @@ impl Fs {
             None => {
                 let epoch = self.epoch();
                 let snapshot = DirSnapshot::fetch(self.link(), ino).await?;
-                self.settle(epoch).await;
+                let seen = self.epoch();
+                self.settle(seen).await;
                 let listing: Vec<(Vec<u8>, Attr)> = snapshot.entries.iter().map(|e| (e.name.0.clone(), e.attr.clone())).collect();
-                self.fill(epoch, self.epoch(), ino, None, None, |m| m.put_listing(ino, snapshot.parent, &listing));
+                self.fill(epoch, seen, ino, None, None, |m| m.put_listing(ino, snapshot.parent, &listing));
                 snapshot
             }
         };

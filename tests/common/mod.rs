@@ -47,11 +47,19 @@ pub struct Server {
     pub data: PathBuf,
     pub port: u16,
     child: Option<Child>,
+    /// Extra restfsd arguments.
+    args: Vec<String>,
 }
 
 impl Server {
     pub fn start(data: &Path) -> Server {
-        let mut s = Server { data: data.to_path_buf(), port: free_port(), child: None };
+        Server::start_with(data, &[])
+    }
+
+    /// Start with extra restfsd arguments (e.g. `--credentials FILE`).
+    pub fn start_with(data: &Path, args: &[&str]) -> Server {
+        let args = args.iter().map(|a| a.to_string()).collect();
+        let mut s = Server { data: data.to_path_buf(), port: free_port(), child: None, args };
         // The free port may be taken again before restfsd binds it: pick another.
         for _ in 0..5 {
             if s.spawn() {
@@ -68,6 +76,7 @@ impl Server {
         let child = Command::new(RESTFSD)
             .args(["--listen", &format!("127.0.0.1:{}", self.port), "--data"])
             .arg(&self.data)
+            .args(&self.args)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()

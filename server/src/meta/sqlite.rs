@@ -157,10 +157,11 @@ impl SqliteMeta {
             conn.prepare_cached("COMMIT")?.execute([])?;
             Ok(out)
         });
-        if done.is_err() && !conn.is_autocommit() {
-            if let Err(e) = conn.prepare_cached("ROLLBACK").and_then(|mut s| s.execute([])) {
-                tracing::error!("rollback failed: {e}");
-            }
+        if done.is_err()
+            && !conn.is_autocommit()
+            && let Err(e) = conn.prepare_cached("ROLLBACK").and_then(|mut s| s.execute([]))
+        {
+            tracing::error!("rollback failed: {e}");
         }
         done
     }
@@ -347,7 +348,7 @@ fn drop_slots_from(tx: &Connection, b: BucketId, ino: Ino, from: u64) -> Result<
 fn truncate_map(tx: &Connection, b: BucketId, ino: Ino, size: u64, block_size: u64) -> Result<()> {
     let keep = size.div_ceil(block_size);
     drop_slots_from(tx, b, ino, keep)?;
-    if size % block_size != 0 {
+    if !size.is_multiple_of(block_size) {
         let last = size / block_size;
         let tail = (size % block_size) as i64;
         tx.prepare_cached("UPDATE blockmap SET len = min(len, ?4) WHERE bucket=?1 AND ino=?2 AND idx=?3")?.execute(params![
