@@ -38,3 +38,34 @@ fn a_mount_sees_its_own_namespace_changes_at_once() {
 fn the_same_through_the_writeback_cache() {
     churn("e2e-namespace-wb", ",writeback");
 }
+
+/// Renames and removals in a directory this mount knows whole are answered
+/// by one request each: no lookup of the new name, no getattr of the
+/// directory afterwards (its attributes come back with the reply).
+#[test]
+fn renames_and_removals_cost_one_request_each() {
+    let root = scratch("e2e-namespace-requests");
+    let server = Server::start(&root.join("data"));
+    server.create_bucket("ns");
+    let mnt = root.join("mnt");
+    let m = Mount::new(&server, "ns", &mnt, &format!("cache_dir={}", root.join("cache").display()));
+    let dir = mnt.join("d");
+    std::fs::create_dir(&dir).unwrap();
+    for i in 0..200 {
+        std::fs::write(dir.join(format!("f{i}")), b"x").unwrap();
+    }
+    let asked = |what: &str| server.counter(&format!("requests.fs.{what}"));
+    let (lookups, getattrs) = (asked("lookup"), asked("getattr"));
+    for i in 0..200 {
+        std::fs::rename(dir.join(format!("f{i}")), dir.join(format!("g{i}"))).unwrap();
+    }
+    for i in 0..200 {
+        std::fs::remove_file(dir.join(format!("g{i}"))).unwrap();
+    }
+    std::fs::remove_dir(&dir).unwrap();
+    assert_eq!((asked("rename"), asked("unlink"), asked("rmdir")), (200, 200, 1));
+    // A few may race with pushes and be asked again; not one per operation.
+    let (lookups, getattrs) = (asked("lookup") - lookups, asked("getattr") - getattrs);
+    assert!(lookups + getattrs <= 10, "{lookups} lookups and {getattrs} getattrs for 401 changes");
+    m.unmount();
+}

@@ -194,6 +194,16 @@ impl MetaCache {
         })
     }
 
+    /// What entry `name` of `parent` names, attributes cached or not:
+    /// `Some(Some(ino))`, `Some(None)` when known missing, `None` if unknown.
+    pub fn entry_ino(&self, parent: Ino, name: &[u8]) -> Result<Option<Option<Ino>>> {
+        let st = self.state();
+        Ok(match st.entries.get(&parent).and_then(|e| e.get(name)) {
+            Some(v) => Some(*v),
+            None => st.listed.contains_key(&parent).then_some(None),
+        })
+    }
+
     /// A complete listing of `dir`: (its parent, entries with attributes,
     /// by name), if cached whole and every entry's attributes are cached.
     pub fn listing(&self, dir: Ino) -> Result<Option<(Ino, Listing)>> {
@@ -304,13 +314,27 @@ impl MetaCache {
     /// A rename this client just made: the new name names what the old one
     /// did, whose attributes (and those of anything replaced) come back with
     /// the server's pushes; complete listings stay complete. Without a
-    /// cached entry for the old name, both names are forgotten instead.
+    /// cached entry for the old name (unless the push of this rename came
+    /// first), both names are forgotten instead.
     pub fn rename_entry(&self, parent: Ino, name: &[u8], new_parent: Ino, new_name: &[u8]) -> Result<()> {
         let mut st = self.state();
-        let Some(Some(ino)) = st.entries.get(&parent).and_then(|e| e.get(name)).copied() else {
-            st.forget_entry(parent, name);
-            st.forget_entry(new_parent, new_name);
-            return Ok(());
+        let moved = st.entries.get(&new_parent).and_then(|e| e.get(new_name)).copied().flatten();
+        let ino = match (st.entries.get(&parent).and_then(|e| e.get(name)).copied(), moved) {
+            (Some(Some(ino)), _) => ino,
+            // The push of this very rename was applied first: only a moved
+            // directory's `..` is left to update.
+            (Some(None), Some(moved)) => {
+                if let Some(p) = st.listed.get_mut(&moved) {
+                    *p = new_parent;
+                    st.journal.push(Op::Listed(moved, Some(new_parent)));
+                }
+                return Ok(());
+            }
+            _ => {
+                st.forget_entry(parent, name);
+                st.forget_entry(new_parent, new_name);
+                return Ok(());
+            }
         };
         if let Some(Some(replaced)) = st.entries.get(&new_parent).and_then(|e| e.get(new_name)).copied() {
             st.forget_attr(replaced);

@@ -49,9 +49,9 @@ methods! {
     Symlink = "fs.symlink" (SymlinkParams) -> Attr;
     Readlink = "fs.readlink" (InoParams) -> ReadlinkResult;
     Link = "fs.link" (LinkParams) -> Attr;
-    Unlink = "fs.unlink" (EntryParams) -> Empty;
-    Rmdir = "fs.rmdir" (EntryParams) -> Empty;
-    Rename = "fs.rename" (RenameParams) -> Empty;
+    Unlink = "fs.unlink" (EntryParams) -> Changed;
+    Rmdir = "fs.rmdir" (EntryParams) -> Changed;
+    Rename = "fs.rename" (RenameParams) -> Changed;
     Readdir = "fs.readdir" (ReaddirParams) -> ReaddirResult;
     Open = "fs.open" (InoParams) -> Attr;
     Release = "fs.release" (InoParams) -> Empty;
@@ -163,6 +163,16 @@ pub struct MountResult {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InoParams {
     pub ino: Ino,
+}
+
+/// What a removal or rename left: the attributes, after it, of the
+/// directories and the inodes it touched that still exist, so the client's
+/// caches need not ask again (the kernel re-reads a changed directory's
+/// attributes at its next permission check).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Changed {
+    #[serde(default)]
+    pub attrs: Vec<Attr>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

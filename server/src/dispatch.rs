@@ -8,7 +8,7 @@
 //! JSON-RPC error object.
 
 use crate::callbacks::Lease;
-use crate::meta::BucketId;
+use crate::meta::{BucketId, MetaStore};
 use crate::service::{GC_MIN_AGE_SECS, Service};
 use restfs_proto::methods::*;
 use restfs_proto::rpc::{IdField, RawMessage, code, encode_response};
@@ -45,6 +45,13 @@ const REPLAYABLE: &[&str] = &[
     BucketDelete::NAME,
 ];
 
+/// The attributes, now, of the inodes a change touched that still exist.
+fn changed<const N: usize>(m: &dyn MetaStore, b: BucketId, touched: [Option<Ino>; N]) -> Changed {
+    let mut inos: Vec<Ino> = touched.into_iter().flatten().collect();
+    inos.dedup();
+    Changed { attrs: inos.into_iter().filter_map(|ino| m.getattr(b, ino).ok()).collect() }
+}
+
 /// Most change-log sequence numbers sent in one push.
 const PUSH_PAGE: u64 = 1000;
 
@@ -65,9 +72,18 @@ pub struct Session {
     lease: Mutex<Option<(BucketId, Arc<Lease>)>>,
     /// `hello` presented the server's token (or it needs none).
     authenticated: std::sync::atomic::AtomicBool,
-    /// The change sequence number through which pushes are queued to this
-    /// connection (once subscribed).
-    pushed_through: tokio::sync::watch::Sender<Option<u64>>,
+    /// Where this connection's pushes stand, once subscribed. Held while a
+    /// push is built and queued, so pushes go out whole and in order.
+    pushes: tokio::sync::Mutex<Option<PushCursor>>,
+}
+
+/// Where a connection's pushes stand.
+struct PushCursor {
+    bucket: BucketId,
+    /// Every change through this sequence number is queued to the client.
+    through: u64,
+    /// Highest change an acknowledgement was asked for.
+    asked: u64,
 }
 
 /// Run `f` on the decoded params of `msg` and encode its outcome.
@@ -108,7 +124,7 @@ impl Session {
             wants_callbacks: Default::default(),
             lease: Mutex::new(None),
             authenticated: std::sync::atomic::AtomicBool::new(false),
-            pushed_through: tokio::sync::watch::Sender::new(None),
+            pushes: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -150,22 +166,15 @@ impl Session {
     /// Before answering a change in bucket `b`: queue the pushes of every
     /// earlier change first, so no push older than the reply reaches the
     /// client after it (applied late, it would undo what the client learnt
-    /// from the reply). Usually the pusher is there already; else it is
-    /// woken, and the push may then carry this change too.
+    /// from the reply). Usually they are queued already; else they are sent
+    /// from here, without the change being answered.
     pub async fn queue_earlier_pushes(&self, b: BucketId) {
-        let mut pushed = self.pushed_through.subscribe();
-        if pushed.borrow().is_none() {
-            return;
-        }
         let Ok(log) = self.service.meta(move |m| m.changes_since(b, u64::MAX, 0)).await else { return };
         let earlier = log.seq.saturating_sub(1);
-        if pushed.borrow().is_some_and(|p| p >= earlier) {
-            return;
-        }
-        self.service.bump(b);
-        let caught_up = pushed.wait_for(|p| p.is_none_or(|p| p >= earlier));
-        if tokio::time::timeout(std::time::Duration::from_secs(2), caught_up).await.is_err() {
-            tracing::warn!("pushes to a client lag behind its replies");
+        while let Ok(Some(through)) = self.push_pending(Some(earlier)).await {
+            if through >= earlier {
+                return;
+            }
         }
     }
 
@@ -435,19 +444,19 @@ impl Session {
         self.write(move |m, b| m.link(b, p.ino, p.parent, p.name.as_bytes())).await
     }
 
-    async fn unlink(self: Arc<Self>, p: EntryParams) -> Outcome<Empty> {
+    async fn unlink(self: Arc<Self>, p: EntryParams) -> Outcome<Changed> {
         let (is_open, deferred) = self.is_open_or_deferred();
-        let victim = self
+        let (victim, changed) = self
             .write(move |m, b| {
                 let victim = m.lookup(b, p.parent, p.name.as_bytes()).ok().map(|a| a.ino);
                 m.unlink(b, p.parent, p.name.as_bytes(), &is_open)?;
-                Ok(victim)
+                Ok((victim, changed(m, b, [Some(p.parent), victim])))
             })
             .await?;
         if deferred {
             self.purge_after_callbacks(victim).await?;
         }
-        Ok(Empty {})
+        Ok(changed)
     }
 
     /// Is an inode held open? When other clients hold leases, every inode
@@ -470,24 +479,29 @@ impl Session {
         Ok(())
     }
 
-    async fn rmdir(self: Arc<Self>, p: EntryParams) -> Outcome<Empty> {
-        self.write(move |m, b| m.rmdir(b, p.parent, p.name.as_bytes())).await?;
-        Ok(Empty {})
+    async fn rmdir(self: Arc<Self>, p: EntryParams) -> Outcome<Changed> {
+        self.write(move |m, b| {
+            m.rmdir(b, p.parent, p.name.as_bytes())?;
+            Ok(changed(m, b, [Some(p.parent)]))
+        })
+        .await
     }
 
-    async fn rename(self: Arc<Self>, p: RenameParams) -> Outcome<Empty> {
+    async fn rename(self: Arc<Self>, p: RenameParams) -> Outcome<Changed> {
         let (is_open, deferred) = self.is_open_or_deferred();
-        let victim = self
+        let (victim, changed) = self
             .write(move |m, b| {
+                let moving = m.lookup(b, p.parent, p.name.as_bytes()).ok().map(|a| a.ino);
                 let victim = if p.exchange { None } else { m.lookup(b, p.new_parent, p.new_name.as_bytes()).ok().map(|a| a.ino) };
                 m.rename(b, &p, &is_open)?;
-                Ok(victim)
+                let touched = [Some(p.parent), (p.new_parent != p.parent).then_some(p.new_parent), moving, victim];
+                Ok((victim, changed(m, b, touched)))
             })
             .await?;
         if deferred {
             self.purge_after_callbacks(victim).await?;
         }
-        Ok(Empty {})
+        Ok(changed)
     }
 
     async fn readdir(self: Arc<Self>, p: ReaddirParams) -> Outcome<ReaddirResult> {
@@ -641,11 +655,8 @@ impl Session {
         };
         let me = self.clone();
         let bump = self.service.watch(b);
-        self.pushed_through.send_replace(Some(cursor));
-        let task = tokio::spawn(async move {
-            me.clone().push_loop(b, cursor, bump).await;
-            me.pushed_through.send_replace(None);
-        });
+        *self.pushes.lock().await = Some(PushCursor { bucket: b, through: cursor, asked: 0 });
+        let task = tokio::spawn(async move { me.push_loop(bump).await });
         if let Some(old) = self.pusher.lock().unwrap_or_else(|p| p.into_inner()).replace(task) {
             old.abort();
         }
@@ -658,51 +669,59 @@ impl Session {
         Ok(SubscribeResult { seq: log.seq, reset })
     }
 
-    /// Send every change after `cursor`, then every new one, until the connection ends.
-    async fn push_loop(self: Arc<Self>, b: BucketId, mut cursor: u64, mut bump: tokio::sync::watch::Receiver<u64>) {
-        // Highest change an acknowledgement was asked for.
-        let mut asked = 0;
+    /// Send every change not pushed yet, then every new one, until the connection ends.
+    async fn push_loop(self: Arc<Self>, mut bump: tokio::sync::watch::Receiver<u64>) {
         loop {
             bump.mark_unchanged();
-            let page = self
-                .service
-                .meta(move |m| {
-                    let log = m.changes_since(b, cursor, PUSH_PAGE)?;
-                    let changes = if cursor < log.log_start { Vec::new() } else { enrich(m, b, &log)? };
-                    Ok((log, changes))
-                })
-                .await;
-            let (log, changes) = match page {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::warn!("change push stopped: {e}");
-                    return;
-                }
-            };
-            let reset = cursor < log.log_start;
-            let through = if reset { log.seq } else { log.through };
-            let wanted = self.lease().and_then(|l| l.ack_wanted());
-            // A change already pushed may come to need an acknowledgement:
-            // ask with an empty push (once per change waited for).
-            let ask = wanted.is_some_and(|w| w > asked && w <= through.max(cursor));
-            if through > cursor || reset || ask {
-                let enc = *self.encoding.lock().unwrap_or_else(|p| p.into_inner());
-                let push = PushParams { through: through.max(cursor), reset, changes, ack: wanted.is_some() };
-                if let Some(w) = wanted {
-                    asked = asked.max(w.min(push.through));
-                }
-                let frame = restfs_proto::rpc::encode_request(enc, None, PushChanges::NAME, &push);
-                if self.outbox.send((enc, frame)).await.is_err() {
-                    return;
-                }
-                cursor = through.max(cursor);
-                self.pushed_through.send_replace(Some(cursor));
-                continue;
+            match self.push_pending(None).await {
+                Ok(Some(_)) => continue,
+                Ok(None) => {}
+                Err(()) => return,
             }
             if bump.changed().await.is_err() {
                 return;
             }
         }
+    }
+
+    /// Queue one push of the changes not pushed yet (through `upto` at most).
+    /// Returns how far pushes now go, or `None` when there was nothing to
+    /// send; `Err` when the connection or the log is gone.
+    async fn push_pending(&self, upto: Option<u64>) -> Result<Option<u64>, ()> {
+        let mut guard = self.pushes.lock().await;
+        let Some(state) = guard.as_mut() else { return Ok(None) };
+        let (b, cursor) = (state.bucket, state.through);
+        if upto.is_some_and(|u| u <= cursor) {
+            return Ok(Some(cursor));
+        }
+        let limit = upto.map_or(PUSH_PAGE, |u| (u - cursor).min(PUSH_PAGE));
+        let page = self
+            .service
+            .meta(move |m| {
+                let log = m.changes_since(b, cursor, limit)?;
+                let changes = if cursor < log.log_start { Vec::new() } else { enrich(m, b, &log)? };
+                Ok((log, changes))
+            })
+            .await;
+        let (log, changes) = page.map_err(|e| tracing::warn!("change push stopped: {e}"))?;
+        let reset = cursor < log.log_start;
+        let through = if reset { log.seq } else { log.through };
+        let wanted = self.lease().and_then(|l| l.ack_wanted());
+        // A change already pushed may come to need an acknowledgement:
+        // ask with an empty push (once per change waited for).
+        let ask = wanted.is_some_and(|w| w > state.asked && w <= through.max(cursor));
+        if !(through > cursor || reset || ask) {
+            return Ok(None);
+        }
+        let enc = *self.encoding.lock().unwrap_or_else(|p| p.into_inner());
+        let push = PushParams { through: through.max(cursor), reset, changes, ack: wanted.is_some() };
+        if let Some(w) = wanted {
+            state.asked = state.asked.max(w.min(push.through));
+        }
+        let frame = restfs_proto::rpc::encode_request(enc, None, PushChanges::NAME, &push);
+        self.outbox.send((enc, frame)).await.map_err(|_| ())?;
+        state.through = through.max(cursor);
+        Ok(Some(state.through))
     }
 
     async fn stats(self: Arc<Self>, _: Empty) -> Outcome<StatsResult> {

@@ -535,7 +535,8 @@ impl Fs {
         let (r, seen) = self.link().call_seen::<Unlink>(EntryParams { parent, name: Name::from(name) }).await;
         self.settle(seen).await;
         self.unlinked(epoch, seen, r.is_ok(), parent, name);
-        Ok(r.map(|_| ())?)
+        self.merge_changed(r?);
+        Ok(())
     }
 
     pub async fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<()> {
@@ -543,7 +544,8 @@ impl Fs {
         let (r, seen) = self.link().call_seen::<Rmdir>(EntryParams { parent, name: Name::from(name) }).await;
         self.settle(seen).await;
         self.unlinked(epoch, seen, r.is_ok(), parent, name);
-        Ok(r.map(|_| ())?)
+        self.merge_changed(r?);
+        Ok(())
     }
 
     /// After this client removed `name` from `parent` (`done`: the server
@@ -557,6 +559,14 @@ impl Fs {
                 }
             }
             _ => self.removed(parent, name),
+        }
+    }
+
+    /// Take the attributes a removal or rename reported (newest wins, so
+    /// pushes applied before or after do not matter).
+    fn merge_changed(&self, changed: Changed) {
+        for attr in &changed.attrs {
+            self.merge(attr);
         }
     }
 
@@ -574,10 +584,7 @@ impl Fs {
         }
         let p = RenameParams { parent, name: Name::from(name), new_parent, new_name: Name::from(new_name), noreplace, exchange };
         // What moves, if known: its push under the new name may come first.
-        let moving = match self.mc().and_then(|m| m.entry(parent, name).ok().flatten()) {
-            Some(CachedEntry::Found(a)) => Some(Some(a.ino)),
-            _ => None,
-        };
+        let moving = self.mc().and_then(|m| m.entry_ino(parent, name).ok().flatten()).filter(|ino| ino.is_some());
         let epoch = self.epoch();
         let (r, seen) = self.link().call_seen::<Rename>(p).await;
         self.settle(seen).await;
@@ -602,7 +609,8 @@ impl Fs {
                 }
             }
         }
-        Ok(r.map(|_| ())?)
+        self.merge_changed(r?);
+        Ok(())
     }
 
     // --- files ---
