@@ -24,6 +24,7 @@
 //! - The cache belongs to one bucket; a different bucket identity, or a
 //!   change log that no longer reaches back, wipes it.
 
+use restfs_proto::methods::Change;
 use restfs_proto::{Attr, BlockRef, Ino};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::{BTreeMap, HashMap};
@@ -357,34 +358,28 @@ impl MetaCache {
     /// inode is gone) forgets them. Returns whether the cache already held
     /// this state or a newer one.
     pub fn merge_attr(&self, ino: Ino, now: Option<&Attr>) -> Result<bool> {
-        let mut st = self.state();
-        Ok(match now {
-            None => {
-                st.forget_attr(ino);
-                false
-            }
-            Some(now) => st.merge_attr(now),
-        })
+        Ok(self.state().merge_pushed_attr(ino, now))
     }
 
     /// Apply a pushed entry change: `name` in `parent` now names `now`
     /// (`None`: nothing). Complete listings stay complete. Returns whether
     /// the cache already knew.
     pub fn apply_entry(&self, parent: Ino, name: &[u8], now: Option<Ino>) -> Result<bool> {
+        Ok(self.state().apply_entry(parent, name, now))
+    }
+
+    /// Apply a push's changes at once (no other call sees half of them,
+    /// e.g. a rename's old name gone but its new one not there yet).
+    /// Returns, per change, whether the cache already knew it.
+    pub fn apply_changes(&self, changes: &[Change]) -> Result<Vec<bool>> {
         let mut st = self.state();
-        let cached = st.entries.get(&parent).and_then(|e| e.get(name)).copied();
-        let known = match cached {
-            Some(c) => c == now,
-            None => now.is_none() && st.listed.contains_key(&parent),
-        };
-        if !known {
-            if let Some(Some(old)) = cached {
-                // A directory that moved away: its listing's `..` may be stale.
-                st.forget_listed(old);
-            }
-            st.put_entry(parent, name, Some(now));
-        }
-        Ok(known)
+        Ok(changes
+            .iter()
+            .map(|change| match change {
+                Change::Attr { ino, attr, .. } => st.merge_pushed_attr(*ino, attr.as_ref()),
+                Change::Entry { parent, name, ino, .. } => st.apply_entry(*parent, name.as_bytes(), *ino),
+            })
+            .collect())
     }
 
     /// Forget an inode's attributes.
@@ -402,6 +397,32 @@ impl MetaCache {
 }
 
 impl State {
+    fn merge_pushed_attr(&mut self, ino: Ino, now: Option<&Attr>) -> bool {
+        match now {
+            None => {
+                self.forget_attr(ino);
+                false
+            }
+            Some(now) => self.merge_attr(now),
+        }
+    }
+
+    fn apply_entry(&mut self, parent: Ino, name: &[u8], now: Option<Ino>) -> bool {
+        let cached = self.entries.get(&parent).and_then(|e| e.get(name)).copied();
+        let known = match cached {
+            Some(c) => c == now,
+            None => now.is_none() && self.listed.contains_key(&parent),
+        };
+        if !known {
+            if let Some(Some(old)) = cached {
+                // A directory that moved away: its listing's `..` may be stale.
+                self.forget_listed(old);
+            }
+            self.put_entry(parent, name, Some(now));
+        }
+        known
+    }
+
     fn put_attr(&mut self, attr: Attr) {
         self.journal.push(Op::Attr(attr.ino, Some(attr.clone())));
         self.attrs.insert(attr.ino, attr);

@@ -932,15 +932,9 @@ impl Fs {
         // learnt from its replies) need no kernel invalidation either.
         let mut known = vec![false; push.changes.len()];
         if let Some(m) = self.meta.as_deref() {
-            for (change, known) in push.changes.iter().zip(known.iter_mut()) {
-                let r = match change {
-                    Change::Attr { ino, attr, .. } => m.merge_attr(*ino, attr.as_ref()),
-                    Change::Entry { parent, name, ino, .. } => m.apply_entry(*parent, name.as_bytes(), *ino),
-                };
-                *known = r.unwrap_or_else(|e| {
-                    tracing::warn!("{e}");
-                    false
-                }) && self.meta_live.load(Ordering::Acquire);
+            match m.apply_changes(&push.changes) {
+                Ok(k) => known = k.into_iter().map(|k| k && self.meta_live.load(Ordering::Acquire)).collect(),
+                Err(e) => tracing::warn!("{e}"),
             }
         }
         self.forget(|m| m.set_applied_seq(push.through));
