@@ -75,6 +75,24 @@ fn mountpoint(name: &str) -> PathBuf {
     dir
 }
 
+/// Whatever a test mounted at a point, gone when the test ends, even if
+/// it fails: the mount detached, its daemons killed.
+struct Cleanup(PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        while findmnt(&self.0) != "" {
+            if Command::new("umount").arg("-l").arg(&self.0).status().map_or(true, |s| !s.success()) {
+                break;
+            }
+        }
+        for pid in daemons(&self.0) {
+            // SAFETY: killing a daemon this test started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
 fn umount(dir: &Path) {
     let out = Command::new("umount").arg(dir).output().unwrap();
     assert!(out.status.success(), "umount {}: {}", dir.display(), text(&out));
@@ -87,6 +105,7 @@ fn fstab_entry_mounts_through_mount_8_and_umount_ends_the_daemon() {
     let server = Server::start(&root.join("data"));
     server.create_bucket("tab");
     let mnt = mountpoint("fstab");
+    let _cleanup = Cleanup(mnt.clone());
     let fstab = root.join("fstab");
     let source = format!("{}/tab", server.url());
     std::fs::write(
@@ -125,6 +144,7 @@ fn failures_are_reported_by_mount_8_with_their_reason() {
     install_helper();
     let root = scratch("helper-failures");
     let mnt = mountpoint("failures");
+    let _cleanup = Cleanup(mnt.clone());
     let cache = format!("cache_dir={}", root.join("cache").display());
 
     // Server down: a clear message within the mount timeout.
@@ -196,6 +216,7 @@ fn a_server_with_credentials_admits_only_its_token() {
     assert_eq!(code, 0, "{out}");
 
     let mnt = mountpoint("token");
+    let _cleanup = Cleanup(mnt.clone());
     let cache = format!("cache_dir={}", root.join("cache").display());
     let wrong = root.join("wrong.cred");
     std::fs::write(&wrong, "token=guess\n").unwrap();
@@ -232,6 +253,7 @@ fn a_killed_daemon_leaves_a_mountpoint_the_next_mount_reuses() {
     let server = Server::start(&root.join("data"));
     server.create_bucket("k");
     let mnt = mountpoint("kill");
+    let _cleanup = Cleanup(mnt.clone());
     let source = format!("{}/k", server.url());
     let opts = format!("cache_dir={}", root.join("cache").display());
     let out = mount(&["-t", "restfs", &source, mnt.to_str().unwrap(), "-o", &opts]);
@@ -260,6 +282,7 @@ fn a_bucket_as_a_home_directory_belongs_to_its_user_only() {
     let server = Server::start(&root.join("data"));
     server.create_bucket("home");
     let home = mountpoint("home");
+    let _cleanup = Cleanup(home.clone());
     let opts = format!("allow_other,uid=nobody,gid=nogroup,umask=077,cache_dir={}", root.join("cache").display());
     let out = mount(&["-t", "restfs", &format!("{}/home", server.url()), home.to_str().unwrap(), "-o", &opts]);
     assert!(out.status.success(), "{}", text(&out));

@@ -113,4 +113,6 @@ fn writes_buffered_by_the_kernel_reach_other_mounts_on_close() {
     a.kill();
     assert_eq!(std::fs::read(mnt_b.join("g")).unwrap(), b"durable");
     b.unmount();
+    // The killed daemon's mount is dead: detach it.
+    restfs::mount::lazy_unmount(&mnt_a).unwrap();
 }
