@@ -81,7 +81,7 @@ struct Cleanup(PathBuf);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        while findmnt(&self.0) != "" {
+        while !findmnt(&self.0).is_empty() {
             if Command::new("umount").arg("-l").arg(&self.0).status().map_or(true, |s| !s.success()) {
                 break;
             }
