@@ -157,28 +157,25 @@ impl Options {
     }
 }
 
-/// A user name or number.
-fn user_id(name: &str) -> Result<u32, String> {
+/// A number, or the id `lookup` finds for the name (`what`: "user", "group").
+fn id_of(name: &str, what: &str, lookup: impl FnOnce(&std::ffi::CStr) -> Option<u32>) -> Result<u32, String> {
     if let Ok(n) = name.parse() {
         return Ok(n);
     }
-    let c = std::ffi::CString::new(name).map_err(|_| format!("bad user name {name:?}"))?;
-    // SAFETY: a valid C string; the result is read at once, before any other lookup.
-    let pw = unsafe { libc::getpwnam(c.as_ptr()) };
-    // SAFETY: non-null results point at a valid passwd entry.
-    (!pw.is_null()).then(|| unsafe { (*pw).pw_uid }).ok_or_else(|| format!("no such user {name:?}"))
+    let c = std::ffi::CString::new(name).map_err(|_| format!("bad {what} name {name:?}"))?;
+    lookup(&c).ok_or_else(|| format!("no such {what} {name:?}"))
+}
+
+/// A user name or number.
+fn user_id(name: &str) -> Result<u32, String> {
+    // SAFETY: a valid C string; a non-null entry is read at once, before any other lookup.
+    id_of(name, "user", |c| unsafe { libc::getpwnam(c.as_ptr()).as_ref().map(|pw| pw.pw_uid) })
 }
 
 /// A group name or number.
 fn group_id(name: &str) -> Result<u32, String> {
-    if let Ok(n) = name.parse() {
-        return Ok(n);
-    }
-    let c = std::ffi::CString::new(name).map_err(|_| format!("bad group name {name:?}"))?;
     // SAFETY: as in `user_id`.
-    let gr = unsafe { libc::getgrnam(c.as_ptr()) };
-    // SAFETY: non-null results point at a valid group entry.
-    (!gr.is_null()).then(|| unsafe { (*gr).gr_gid }).ok_or_else(|| format!("no such group {name:?}"))
+    id_of(name, "group", |c| unsafe { libc::getgrnam(c.as_ptr()).as_ref().map(|gr| gr.gr_gid) })
 }
 
 /// A parsed `mount.restfs SOURCE MOUNTPOINT [-o OPTIONS] [-f] [-s] [-n] [-v]`.

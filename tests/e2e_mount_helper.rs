@@ -37,6 +37,11 @@ fn mount(args: &[&str]) -> Output {
     Command::new("mount").args(args).output().unwrap()
 }
 
+/// `mount -t restfs SOURCE DIR -o OPTIONS`.
+fn mount_restfs(source: &str, dir: &Path, options: &str) -> Output {
+    mount(&["-t", "restfs", source, dir.to_str().unwrap(), "-o", options])
+}
+
 /// `findmnt` on `dir`: "FSTYPE SOURCE", or "" when nothing is mounted there.
 fn findmnt(dir: &Path) -> String {
     let out = Command::new("findmnt").args(["-n", "-o", "FSTYPE,SOURCE", "--mountpoint"]).arg(dir).output().unwrap();
@@ -132,7 +137,7 @@ fn fstab_entry_mounts_through_mount_8_and_umount_ends_the_daemon() {
     wait_until("the daemon exits after umount", Duration::from_secs(10), || daemons(&mnt).is_empty());
 
     // The data was committed: the same line mounts it again, here as `mount -t`.
-    let out = mount(&["-t", "restfs", &source, mnt.to_str().unwrap(), "-o", &format!("cache_dir={}", root.join("cache").display())]);
+    let out = mount_restfs(&source, &mnt, &format!("cache_dir={}", root.join("cache").display()));
     assert!(out.status.success(), "mount -t restfs failed: {}", text(&out));
     assert!(std::fs::read(mnt.join("file")).unwrap() == data, "data after remount");
     umount(&mnt);
@@ -150,8 +155,7 @@ fn failures_are_reported_by_mount_8_with_their_reason() {
     // Server down: a clear message within the mount timeout.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let started = Instant::now();
-    let out =
-        mount(&["-t", "restfs", &format!("ws://127.0.0.1:{port}/b"), mnt.to_str().unwrap(), "-o", &format!("{cache},mount_timeout=3")]);
+    let out = mount_restfs(&format!("ws://127.0.0.1:{port}/b"), &mnt, &format!("{cache},mount_timeout=3"));
     let took = started.elapsed();
     assert!(!out.status.success(), "mount succeeded with no server");
     assert!(text(&out).contains(&format!("127.0.0.1:{port}")), "message names the server: {}", text(&out));
@@ -160,13 +164,13 @@ fn failures_are_reported_by_mount_8_with_their_reason() {
 
     let server = Server::start(&root.join("data"));
     // Missing bucket.
-    let out = mount(&["-t", "restfs", &format!("{}/nope", server.url()), mnt.to_str().unwrap(), "-o", &cache]);
+    let out = mount_restfs(&format!("{}/nope", server.url()), &mnt, &cache);
     assert!(!out.status.success());
     assert!(text(&out).contains("does not exist"), "{}", text(&out));
 
     // Unknown option.
     server.create_bucket("b");
-    let out = mount(&["-t", "restfs", &format!("{}/b", server.url()), mnt.to_str().unwrap(), "-o", &format!("{cache},frobnicate")]);
+    let out = mount_restfs(&format!("{}/b", server.url()), &mnt, &format!("{cache},frobnicate"));
     assert!(!out.status.success());
     assert!(text(&out).contains("unknown mount option \"frobnicate\""), "{}", text(&out));
 
@@ -174,28 +178,14 @@ fn failures_are_reported_by_mount_8_with_their_reason() {
     let cred = root.join("cred");
     std::fs::write(&cred, "token=secret\n").unwrap();
     std::fs::set_permissions(&cred, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let out = mount(&[
-        "-t",
-        "restfs",
-        &format!("{}/b", server.url()),
-        mnt.to_str().unwrap(),
-        "-o",
-        &format!("{cache},credentials={}", cred.display()),
-    ]);
+    let out = mount_restfs(&format!("{}/b", server.url()), &mnt, &format!("{cache},credentials={}", cred.display()));
     assert!(!out.status.success(), "a world-readable credentials file was accepted");
     assert!(text(&out).contains("chmod 600"), "{}", text(&out));
 
     // A busy mountpoint.
-    let out = mount(&["-t", "restfs", &format!("{}/b", server.url()), mnt.to_str().unwrap(), "-o", &cache]);
+    let out = mount_restfs(&format!("{}/b", server.url()), &mnt, &cache);
     assert!(out.status.success(), "{}", text(&out));
-    let out = mount(&[
-        "-t",
-        "restfs",
-        &format!("{}/b", server.url()),
-        mnt.to_str().unwrap(),
-        "-o",
-        &format!("cache_dir={}", root.join("cache2").display()),
-    ]);
+    let out = mount_restfs(&format!("{}/b", server.url()), &mnt, &format!("cache_dir={}", root.join("cache2").display()));
     assert!(!out.status.success(), "mounted twice at one point");
     assert!(text(&out).contains("busy") || text(&out).contains("already"), "{}", text(&out));
     umount(&mnt);
@@ -221,25 +211,11 @@ fn a_server_with_credentials_admits_only_its_token() {
     let wrong = root.join("wrong.cred");
     std::fs::write(&wrong, "token=guess\n").unwrap();
     std::fs::set_permissions(&wrong, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let out = mount(&[
-        "-t",
-        "restfs",
-        &format!("{}/b", server.url()),
-        mnt.to_str().unwrap(),
-        "-o",
-        &format!("{cache},credentials={}", wrong.display()),
-    ]);
+    let out = mount_restfs(&format!("{}/b", server.url()), &mnt, &format!("{cache},credentials={}", wrong.display()));
     assert!(!out.status.success(), "mounted with a wrong token");
     assert!(text(&out).contains("bad credentials"), "{}", text(&out));
 
-    let out = mount(&[
-        "-t",
-        "restfs",
-        &format!("{}/b", server.url()),
-        mnt.to_str().unwrap(),
-        "-o",
-        &format!("{cache},credentials={}", server_cred.display()),
-    ]);
+    let out = mount_restfs(&format!("{}/b", server.url()), &mnt, &format!("{cache},credentials={}", server_cred.display()));
     assert!(out.status.success(), "{}", text(&out));
     std::fs::write(mnt.join("f"), b"admitted").unwrap();
     assert_eq!(std::fs::read(mnt.join("f")).unwrap(), b"admitted");
@@ -256,7 +232,7 @@ fn a_killed_daemon_leaves_a_mountpoint_the_next_mount_reuses() {
     let _cleanup = Cleanup(mnt.clone());
     let source = format!("{}/k", server.url());
     let opts = format!("cache_dir={}", root.join("cache").display());
-    let out = mount(&["-t", "restfs", &source, mnt.to_str().unwrap(), "-o", &opts]);
+    let out = mount_restfs(&source, &mnt, &opts);
     assert!(out.status.success(), "{}", text(&out));
     std::fs::write(mnt.join("f"), b"before").unwrap();
     let pids = daemons(&mnt);
@@ -267,7 +243,7 @@ fn a_killed_daemon_leaves_a_mountpoint_the_next_mount_reuses() {
     let err = std::fs::metadata(mnt.join("f")).and_then(|_| std::fs::read_dir(&mnt).map(|_| ()));
     assert!(err.is_err(), "the dead mount still answers");
 
-    let out = mount(&["-t", "restfs", &source, mnt.to_str().unwrap(), "-o", &opts]);
+    let out = mount_restfs(&source, &mnt, &opts);
     assert!(out.status.success(), "mount over the dead mount failed: {}", text(&out));
     assert_eq!(std::fs::read(mnt.join("f")).unwrap(), b"before");
     umount(&mnt);
@@ -284,7 +260,7 @@ fn a_bucket_as_a_home_directory_belongs_to_its_user_only() {
     let home = mountpoint("home");
     let _cleanup = Cleanup(home.clone());
     let opts = format!("allow_other,uid=nobody,gid=nogroup,umask=077,cache_dir={}", root.join("cache").display());
-    let out = mount(&["-t", "restfs", &format!("{}/home", server.url()), home.to_str().unwrap(), "-o", &opts]);
+    let out = mount_restfs(&format!("{}/home", server.url()), &home, &opts);
     assert!(out.status.success(), "{}", text(&out));
 
     let as_user = |user: &str, script: String| Command::new("su").args(["-s", "/bin/sh", user, "-c", &script]).output().unwrap();
