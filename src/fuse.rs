@@ -496,7 +496,7 @@ impl Filesystem for FuseAdapter {
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         // Namespace changes are committed when made; this waits until they are on disk.
         self.run("fsyncdir", |fs, _| async move {
-            let r = fs.link().call::<restfs_proto::methods::Sync>(restfs_proto::methods::Empty {}).await.map(|_| ()).map_err(FsError::from);
+            let r = fs.syncfs().await;
             empty(reply, r)
         });
     }

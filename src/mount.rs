@@ -63,6 +63,8 @@ pub struct Options {
     pub cache_size: Option<u64>,
     pub allow_other: bool,
     pub read_only: bool,
+    /// Take the bucket's delegation when this mount is alone (write-behind).
+    pub delegate: bool,
     /// Owner and mode overrides, and the writeback cache (see the README).
     pub presentation: Presentation,
     /// Credentials file holding the server's token.
@@ -80,6 +82,7 @@ impl Default for Options {
             cache_size: None,
             allow_other: false,
             read_only: false,
+            delegate: true,
             presentation: Presentation::default(),
             credentials: None,
             debug: false,
@@ -130,6 +133,7 @@ impl Options {
                 "allow_other" => self.allow_other = true,
                 "ro" => self.read_only = true,
                 "writeback" => self.presentation.writeback = true,
+                "nodelegate" => self.delegate = false,
                 "uid" => self.presentation.uid = Some(user_id(need()?)?),
                 "gid" => self.presentation.gid = Some(group_id(need()?)?),
                 "umask" => {
@@ -198,6 +202,7 @@ pub const USAGE: &str = "usage: mount.restfs ws://HOST:PORT/BUCKET MOUNTPOINT [-
   -o allow_other     let other users use the mount (permissions still apply)
   -o ro              mount read-only
   -o writeback       let the kernel buffer writes until close, fsync or memory pressure
+  -o nodelegate      send every change to the server as it is made, even when alone
   -o uid=USER,gid=GROUP  show every file as owned by USER and GROUP (names or numbers)
   -o umask=077       hide these permission bits of every file
   -o credentials=FILE  file with the server's token= (mode 600)
@@ -501,7 +506,11 @@ fn serve(args: &MountArgs, ready: &mut Option<File>) -> Result<(), String> {
         .map_err(|e| format!("cannot open the metadata cache in {}: {e}", cache_dir.display()))?;
     // Blocks in the memory cache may pin their ring records: keep it a small share.
     let memory_cache = MEMORY_CACHE_BYTES.min(ring.capacity() as usize / 4);
-    let fs = Arc::new(Fs::with_ring(link, mounted.bucket, memory_cache, Some(Arc::new(ring))).with_meta_cache(Arc::new(meta)));
+    let mut fs = Fs::with_ring(link, mounted.bucket, memory_cache, Some(Arc::new(ring))).with_meta_cache(Arc::new(meta));
+    if !args.options.delegate || args.options.read_only {
+        fs = fs.without_delegation();
+    }
+    let fs = Arc::new(fs);
     let mut config = fuser::Config::default();
     config.n_threads = Some(2);
     if args.options.allow_other {
@@ -534,6 +543,8 @@ fn serve(args: &MountArgs, ready: &mut Option<File>) -> Result<(), String> {
     raise_readahead(&args.mountpoint);
     rt.spawn(bound_heap());
     fs.set_kernel_cache(Box::new(crate::fuse::KernelNotifier::new(session.notifier())));
+    rt.block_on(fs.open_delegation_log(&cache_dir.join("delegated.log")))
+        .map_err(|e| format!("cannot open the delegation log in {}: {e}", cache_dir.display()))?;
     rt.block_on(fs.subscribe()).map_err(|e| format!("cannot subscribe to changes: {e}"))?;
     rt.block_on(fs.recover_unacked());
     tracing::info!("mounted {} at {}", args.source, args.mountpoint.display());

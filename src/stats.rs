@@ -44,6 +44,7 @@ pub fn print(s: &Snapshot) {
     let hit = s.cache_hit_rate().map(|r| format!("{:.1}%", r * 100.0)).unwrap_or_else(|| "-".into());
     println!("{:<24} {hit}", "block_cache_hit_rate");
     println!("{:<24} {}", "uploads_in_flight", s.uploads_in_flight);
+    println!("{:<24} {} ({} changes queued)", "delegated", if s.delegated { "yes" } else { "no" }, s.changes_queued);
     let up = s.counters.get(metrics::BYTES_UPLOADED).copied().unwrap_or(0);
     let down = s.counters.get(metrics::BYTES_FETCHED).copied().unwrap_or(0);
     println!("{:<24} {} up, {} down", "network", human_bytes(up), human_bytes(down));

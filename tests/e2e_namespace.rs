@@ -39,6 +39,11 @@ fn the_same_through_the_writeback_cache() {
     churn("e2e-namespace-wb", ",writeback");
 }
 
+#[test]
+fn the_same_without_the_delegation() {
+    churn("e2e-namespace-sync", ",nodelegate");
+}
+
 /// Renames and removals in a directory this mount knows whole are answered
 /// by one request each: no lookup of the new name, no getattr of the
 /// directory afterwards (its attributes come back with the reply).
@@ -48,7 +53,8 @@ fn renames_and_removals_cost_one_request_each() {
     let server = Server::start(&root.join("data"));
     server.create_bucket("ns");
     let mnt = root.join("mnt");
-    let m = Mount::new(&server, "ns", &mnt, &format!("cache_dir={}", root.join("cache").display()));
+    // Without the delegation, each change goes to the server as it is made.
+    let m = Mount::new(&server, "ns", &mnt, &format!("cache_dir={},nodelegate", root.join("cache").display()));
     let dir = mnt.join("d");
     std::fs::create_dir(&dir).unwrap();
     for i in 0..200 {

@@ -293,6 +293,17 @@ impl MetaCache {
         Ok(())
     }
 
+    /// Forget the commit of `ino` in flight if it is still `record` (not
+    /// replaced by a later one).
+    pub fn clear_unacked_if(&self, ino: Ino, record: &str) -> Result<()> {
+        let mut st = self.state();
+        if st.unacked.get(&ino).is_some_and(|r| r == record) {
+            st.unacked.remove(&ino);
+            st.journal.push(Op::Unacked(ino, None));
+        }
+        Ok(())
+    }
+
     /// Every commit in flight when the cache was last written.
     pub fn unacked(&self) -> Result<Vec<(Ino, String)>> {
         Ok(self.state().unacked.iter().map(|(i, r)| (*i, r.clone())).collect())

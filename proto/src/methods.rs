@@ -40,6 +40,10 @@ methods! {
     BucketStat = "bucket.stat" (BucketName) -> BucketInfo;
     BucketDelete = "bucket.delete" (BucketDeleteParams) -> Empty;
     BucketMount = "bucket.mount" (BucketName) -> MountResult;
+    Delegate = "fs.delegate" (DelegateParams) -> DelegateResult;
+    DelegateReturn = "fs.delegate_return" (Empty) -> Empty;
+    Recall = "fs.recall" (Empty) -> Empty;
+    Batch = "fs.batch" (BatchParams) -> BatchResult;
     Lookup = "fs.lookup" (EntryParams) -> Attr;
     GetAttr = "fs.getattr" (InoParams) -> Attr;
     SetAttr = "fs.setattr" (SetAttrParams) -> Attr;
@@ -210,6 +214,10 @@ pub struct NewNodeParams {
     pub gid: u32,
     #[serde(default)]
     pub rdev: u32,
+    /// The inode number to use, from the client's delegation reservation
+    /// (`fs.delegate`); the server picks one when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ino: Option<Ino>,
 }
 
 /// A new regular file, registered as open by this connection.
@@ -459,4 +467,75 @@ pub struct PushAckParams {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatsResult {
     pub counters: std::collections::BTreeMap<String, u64>,
+}
+
+/// Ask for the mounted bucket's delegation, and `inos` inode numbers this
+/// client may give the nodes it creates. Granted while no other connection
+/// has the bucket mounted; the holder answers namespace changes itself and
+/// sends them in `fs.batch`. When another connection mounts the bucket, the
+/// server sends the holder `fs.recall` (a notification) and waits until the
+/// holder has sent what it queued and called `fs.delegate_return`. A holder
+/// may call again for more inode numbers.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DelegateParams {
+    #[serde(default)]
+    pub inos: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DelegateResult {
+    pub granted: bool,
+    /// Reserved inode numbers `first .. first + count` (count 0: none).
+    pub first: Ino,
+    pub count: u64,
+}
+
+/// Changes applied in order, each atomically, each stamped with the time
+/// the client gave it (the time it already showed its kernel).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BatchParams {
+    pub ops: Vec<BatchOp>,
+}
+
+/// One change of a batch.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BatchOp {
+    /// A file or directory (`node.kind`), with the client's inode number.
+    Mknod {
+        at: Timespec,
+        node: NewNodeParams,
+    },
+    Unlink {
+        at: Timespec,
+        entry: EntryParams,
+    },
+    Rmdir {
+        at: Timespec,
+        entry: EntryParams,
+    },
+    Rename {
+        at: Timespec,
+        rename: RenameParams,
+    },
+    Commit {
+        at: Timespec,
+        commit: SegmentCommitParams,
+    },
+}
+
+/// What each op of a batch did, in order.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BatchResult {
+    pub outcomes: Vec<BatchOutcome>,
+}
+
+/// One op's outcome: the attributes it left (for mknod and commit), or why
+/// it failed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BatchOutcome {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attr: Option<Attr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<crate::RpcError>,
 }

@@ -114,7 +114,7 @@ impl Callbacks {
         }
     }
 
-    fn revoke(&self, lease: &Lease, why: &str) {
+    pub fn revoke(&self, lease: &Lease, why: &str) {
         if !lease.revoked.swap(true, Ordering::AcqRel) {
             tracing::info!("closing a client's connection: {why}");
             lease.revocation.notify_waiters();

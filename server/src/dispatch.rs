@@ -39,6 +39,7 @@ const REPLAYABLE: &[&str] = &[
     Unlink::NAME,
     Rmdir::NAME,
     Rename::NAME,
+    Batch::NAME,
     SetXattr::NAME,
     RemoveXattr::NAME,
     BucketCreate::NAME,
@@ -55,8 +56,15 @@ fn changed<const N: usize>(m: &dyn MetaStore, b: BucketId, touched: [Option<Ino>
 /// Most change-log sequence numbers sent in one push.
 const PUSH_PAGE: u64 = 1000;
 
+/// Numbers connections, for [`crate::delegation`].
+static SESSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// Most inode numbers reserved in one `fs.delegate`.
+const MAX_RESERVATION: u64 = 1 << 20;
+
 pub struct Session {
     service: Arc<Service>,
+    id: u64,
     bucket: Mutex<Option<(BucketId, BucketInfo)>>,
     /// Opens held by this connection, per inode.
     opens: Mutex<HashMap<(BucketId, Ino), u32>>,
@@ -115,6 +123,7 @@ impl Session {
     pub fn new(service: Arc<Service>, outbox: Outbox) -> Arc<Session> {
         Arc::new(Session {
             service,
+            id: SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             bucket: Mutex::new(None),
             opens: Mutex::new(HashMap::new()),
             outbox,
@@ -230,6 +239,10 @@ impl Session {
             BucketStat => bucket_stat,
             BucketDelete => bucket_delete,
             BucketMount => bucket_mount,
+            Delegate => delegate,
+            DelegateReturn => delegate_return,
+            Recall => recall,
+            Batch => batch,
             Lookup => lookup,
             GetAttr => getattr,
             SetAttr => setattr,
@@ -271,6 +284,9 @@ impl Session {
 
     /// Stop pushing and release everything this connection held open.
     pub async fn close(&self) {
+        if let Ok(b) = self.bucket_id() {
+            self.service.delegations.unmounted(b, self.id);
+        }
         if let Some(p) = self.pusher.lock().unwrap_or_else(|p| p.into_inner()).take() {
             p.abort();
         }
@@ -386,7 +402,19 @@ impl Session {
     async fn bucket_mount(self: Arc<Self>, p: BucketName) -> Outcome<MountResult> {
         let (id, info) = self.service.meta(move |m| m.bucket(&p.name)).await?;
         let root = self.service.meta(move |m| m.getattr(id, restfs_proto::ROOT_INO)).await?;
-        *self.bucket.lock().unwrap_or_else(|p| p.into_inner()) = Some((id, info.clone()));
+        let previous = self.bucket.lock().unwrap_or_else(|p| p.into_inner()).replace((id, info.clone()));
+        if let Some((old, _)) = previous {
+            self.service.delegations.unmounted(old, self.id);
+        }
+        self.service.delegations.mounted(id, self.id);
+        // Another connection's delegation ends before this one looks.
+        self.service.delegations.recall(id, self.id, &self.service.callbacks).await;
+        // What the holder sent may have changed the root.
+        let root = if root.ino == restfs_proto::ROOT_INO {
+            self.service.meta(move |m| m.getattr(id, restfs_proto::ROOT_INO)).await?
+        } else {
+            root
+        };
         Ok(MountResult { bucket: info, root })
     }
 
@@ -417,7 +445,8 @@ impl Session {
     }
 
     async fn create(self: Arc<Self>, p: CreateParams) -> Outcome<Attr> {
-        let node = NewNodeParams { parent: p.parent, name: p.name, kind: Kind::File, mode: p.mode, uid: p.uid, gid: p.gid, rdev: 0 };
+        let node =
+            NewNodeParams { parent: p.parent, name: p.name, kind: Kind::File, mode: p.mode, uid: p.uid, gid: p.gid, rdev: 0, ino: None };
         let attr = self.write(move |m, b| m.mknod(b, &node, None)).await?;
         if !(p.unregistered && self.lease().is_some()) {
             self.note_open(self.bucket_id()?, attr.ino);
@@ -432,7 +461,8 @@ impl Session {
                 "invalid symlink target",
             ));
         }
-        let node = NewNodeParams { parent: p.parent, name: p.name, kind: Kind::Symlink, mode: 0o777, uid: p.uid, gid: p.gid, rdev: 0 };
+        let node =
+            NewNodeParams { parent: p.parent, name: p.name, kind: Kind::Symlink, mode: 0o777, uid: p.uid, gid: p.gid, rdev: 0, ino: None };
         self.write(move |m, b| m.mknod(b, &node, Some(&p.target.0))).await
     }
 
@@ -615,6 +645,13 @@ impl Session {
     }
 }
 
+/// Run `f` with the store stamping its changes `at` (the store runs in
+/// place, inside the polls of `f`).
+async fn stamped<F: Future>(at: restfs_proto::Timespec, f: F) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    std::future::poll_fn(|cx| crate::meta::stamped_at(at, || f.as_mut().poll(cx))).await
+}
+
 /// Turn logged changes into pushes carrying the state they left behind.
 fn enrich(m: &dyn crate::meta::MetaStore, b: BucketId, log: &crate::meta::ChangeLog) -> crate::error::Result<Vec<Change>> {
     use crate::meta::Changed;
@@ -695,11 +732,13 @@ impl Session {
             return Ok(Some(cursor));
         }
         let limit = upto.map_or(PUSH_PAGE, |u| (u - cursor).min(PUSH_PAGE));
+        // A delegation holder made every change itself: it gets only the sequence.
+        let own = self.service.delegations.holds(b, self.id);
         let page = self
             .service
             .meta(move |m| {
                 let log = m.changes_since(b, cursor, limit)?;
-                let changes = if cursor < log.log_start { Vec::new() } else { enrich(m, b, &log)? };
+                let changes = if cursor < log.log_start || own { Vec::new() } else { enrich(m, b, &log)? };
                 Ok((log, changes))
             })
             .await;
@@ -740,6 +779,93 @@ impl Session {
             }
             None => Err(RpcError::errno(Errno::EINVAL, "push.ack without a callbacks subscription")),
         }
+    }
+
+    // --- delegation (see crate::delegation) ---
+
+    async fn delegate(self: Arc<Self>, p: DelegateParams) -> Outcome<DelegateResult> {
+        let b = self.bucket_id()?;
+        let Some(lease) = self.lease() else {
+            return Err(RpcError::errno(Errno::EINVAL, "fs.delegate needs a callbacks subscription (bucket.subscribe)"));
+        };
+        let refused = DelegateResult { granted: false, first: 0, count: 0 };
+        if self.service.delegations.holds(b, self.id) {
+            let count = p.inos.min(MAX_RESERVATION);
+            let first = self.service.mutate(b, move |m| m.reserve_inos(b, count)).await?;
+            return Ok(DelegateResult { granted: true, first, count });
+        }
+        // Others' changes are pushed in full before the grant: after it,
+        // this connection's pushes carry only sequence numbers.
+        let seq = self.service.meta(move |m| m.changes_since(b, u64::MAX, 0)).await?.seq;
+        while let Ok(Some(through)) = self.push_pending(Some(seq)).await {
+            if through >= seq {
+                break;
+            }
+        }
+        let pushes = self.pushes.lock().await;
+        if pushes.as_ref().is_none_or(|c| c.through < seq) {
+            return Ok(refused);
+        }
+        let (outbox, enc) = (self.outbox.clone(), *self.encoding.lock().unwrap_or_else(|p| p.into_inner()));
+        let recall = Box::new(move || {
+            let frame = restfs_proto::rpc::encode_request(enc, None, Recall::NAME, &Empty {});
+            let outbox = outbox.clone();
+            tokio::spawn(async move { outbox.send((enc, frame)).await });
+        });
+        if !self.service.delegations.grant(b, self.id, lease, recall) {
+            return Ok(refused);
+        }
+        drop(pushes);
+        let count = p.inos.min(MAX_RESERVATION);
+        let first = self.service.mutate(b, move |m| m.reserve_inos(b, count)).await?;
+        Ok(DelegateResult { granted: true, first, count })
+    }
+
+    async fn delegate_return(self: Arc<Self>, _: Empty) -> Outcome<Empty> {
+        let b = self.bucket_id()?;
+        // Under the push lock: every change so far is the holder's own and
+        // is skipped; later ones (others', once it is returned) are pushed.
+        let mut pushes = self.pushes.lock().await;
+        if let Some(state) = pushes.as_mut() {
+            let seq = self.service.meta(move |m| m.changes_since(b, u64::MAX, 0)).await?.seq;
+            if seq > state.through {
+                let enc = *self.encoding.lock().unwrap_or_else(|p| p.into_inner());
+                let push = PushParams { through: seq, reset: false, changes: Vec::new(), ack: false };
+                let frame = restfs_proto::rpc::encode_request(enc, None, PushChanges::NAME, &push);
+                self.outbox.send((enc, frame)).await.map_err(|_| RpcError::errno(Errno::ENOTCONN, "connection closing"))?;
+                state.through = seq;
+            }
+        }
+        self.service.delegations.give_back(b, self.id);
+        drop(pushes);
+        Ok(Empty {})
+    }
+
+    async fn recall(self: Arc<Self>, _: Empty) -> Outcome<Empty> {
+        Err(RpcError::errno(Errno::EINVAL, "fs.recall is sent by the server, not to it"))
+    }
+
+    /// Apply a holder's queued changes in order, each stamped with its time.
+    async fn batch(self: Arc<Self>, p: BatchParams) -> Outcome<BatchResult> {
+        let mut outcomes = Vec::with_capacity(p.ops.len());
+        for op in p.ops {
+            let s = self.clone();
+            let done: Outcome<Option<Attr>> = match op {
+                BatchOp::Mknod { at, node } if matches!(node.kind, Kind::File | Kind::Dir) => {
+                    stamped(at, s.write(move |m, b| m.mknod(b, &node, None))).await.map(Some)
+                }
+                BatchOp::Mknod { .. } => Err(RpcError::errno(Errno::EINVAL, "a batch creates files and directories only")),
+                BatchOp::Unlink { at, entry } => stamped(at, s.unlink(entry)).await.map(|_| None),
+                BatchOp::Rmdir { at, entry } => stamped(at, s.rmdir(entry)).await.map(|_| None),
+                BatchOp::Rename { at, rename } => stamped(at, s.rename(rename)).await.map(|_| None),
+                BatchOp::Commit { at, commit } => stamped(at, s.segment_commit(commit)).await.map(Some),
+            };
+            outcomes.push(match done {
+                Ok(attr) => BatchOutcome { attr, error: None },
+                Err(e) => BatchOutcome { attr: None, error: Some(e) },
+            });
+        }
+        Ok(BatchResult { outcomes })
     }
 
     async fn ping(self: Arc<Self>, _: Empty) -> Outcome<Empty> {

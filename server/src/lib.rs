@@ -2,13 +2,14 @@
 //!
 //! Layers, outside in: [`ws`] (WebSocket front, frame limits) →
 //! [`dispatch`] (per-connection session, one handler per method) →
-//! [`service`] (open files, durability, GC, [`callbacks`]) → the stores: [`meta`]
+//! [`service`] (open files, durability, GC, [`callbacks`], [`delegation`]) → the stores: [`meta`]
 //! (`MetaStore`, SQLite by default) and [`blocks`] (`BlockStore`, a local
 //! directory by default).
 
 pub mod blocks;
 pub mod callbacks;
 pub mod cli;
+pub mod delegation;
 pub mod dispatch;
 pub mod error;
 pub mod meta;

@@ -60,6 +60,7 @@ pub struct Service {
     token: std::sync::OnceLock<String>,
     pub counters: Counters,
     pub callbacks: crate::callbacks::Callbacks,
+    pub delegations: crate::delegation::Delegations,
 }
 
 /// Server-wide counters, reported by `admin.stats`.
@@ -131,6 +132,7 @@ impl Service {
             connections: Arc::new(()),
             counters: Counters::default(),
             callbacks: Default::default(),
+            delegations: Default::default(),
             token: std::sync::OnceLock::new(),
         })
     }

@@ -21,7 +21,7 @@ pub mod url;
 
 use futures_util::future::BoxFuture;
 use futures_util::{SinkExt, StreamExt};
-use restfs_proto::methods::{Change, Hello, HelloParams, PushChanges, PushParams};
+use restfs_proto::methods::{Change, Hello, HelloParams, PushChanges, PushParams, Recall};
 use restfs_proto::rpc::{IdField, RawMessage, encode_request, split_frame};
 use restfs_proto::{Encoding, Errno, Id, Ino, MAX_FRAME, Method, PROTOCOL_VERSION, RpcError};
 use std::collections::{HashMap, VecDeque};
@@ -61,6 +61,8 @@ struct Inner {
     /// Bumped when a connection is up and restored.
     generation: watch::Sender<u64>,
     pushes: Mutex<Option<mpsc::UnboundedSender<PushParams>>>,
+    /// Counts the server's `fs.recall` notifications.
+    recalls: watch::Sender<u64>,
     restore: Mutex<Option<RestoreHook>>,
     server: Mutex<String>,
     reconnects: AtomicU64,
@@ -177,6 +179,7 @@ impl Link {
                 next_id: AtomicI64::new(1),
                 generation: watch::channel(0).0,
                 pushes: Mutex::default(),
+                recalls: watch::channel(0).0,
                 restore: Mutex::default(),
                 server: Mutex::default(),
                 reconnects: AtomicU64::new(0),
@@ -365,6 +368,11 @@ impl Link {
         rx
     }
 
+    /// Counts the server's delegation recalls (`fs.recall`), to wait on.
+    pub fn recalls(&self) -> watch::Receiver<u64> {
+        self.inner.recalls.subscribe()
+    }
+
     /// Connections re-established so far.
     pub fn reconnects(&self) -> u64 {
         self.inner.reconnects.load(Ordering::Relaxed)
@@ -383,6 +391,9 @@ impl Link {
                     self.extend_lease(call.sent_at);
                     let _ = call.tx.send((m, self.inner.pushes_seen.load(Ordering::Acquire)));
                 }
+            }
+            _ if head.method.as_deref() == Some(Recall::NAME) => {
+                self.inner.recalls.send_modify(|n| *n += 1);
             }
             _ if head.method.as_deref() == Some(PushChanges::NAME) => match m.params::<PushParams>() {
                 Ok(push) => {

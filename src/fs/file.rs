@@ -12,7 +12,7 @@
 
 use super::error::{FsError, Result};
 use super::remote::{Remote, Staged};
-use restfs_proto::methods::{BlockData, SegmentCommit, SegmentCommitParams};
+use restfs_proto::methods::{BatchOp, BlockData, SegmentCommitParams};
 use restfs_proto::{Attr, BlockSlot, Bytes, Errno, Hash, Ino, Timespec};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -453,7 +453,8 @@ impl FileData {
         let before = self.attr.version;
         // Until the server acknowledges, the commit is journaled (its blocks
         // are pinned in the disk cache): a later mount completes it.
-        journal(r, &Unacked { base_version: before, commit: params.clone() });
+        let record = Unacked { base_version: before, commit: params.clone() };
+        journal(r, &record);
         self.send_all(r, staged).await?;
         for b in &inline {
             r.cache.insert(b.hash, b.data.clone());
@@ -461,18 +462,32 @@ impl FileData {
             r.metrics.add(super::metrics::BYTES_UPLOADED, b.data.len() as u64);
             params.blocks.push(BlockData { hash: b.hash, data: Bytes(b.data.to_vec()) });
         }
-        let committed = r.link.call::<SegmentCommit>(params).await;
-        if committed.is_err() {
-            // Not stored: they go with the next upload.
-            self.unsent.extend(inline);
-        }
-        let fresh = committed.map_err(|e| {
-            if e.as_errno() == Errno::EAGAIN {
-                FsError::new(Errno::EIO, format!("commit of inode {} lost blocks the server collected: {e}", self.attr.ino))
-            } else {
-                e.into()
+        let fresh = match self.commit_behind(r, params, record) {
+            // Under the delegation: nobody else commits, so the server will
+            // make exactly this version.
+            Ok(fresh) => fresh,
+            Err(params) => {
+                let committed = r.commit(params).await;
+                if committed.is_err() {
+                    // Not stored: they go with the next upload.
+                    self.unsent.extend(inline);
+                }
+                let fresh = committed.map_err(|e| {
+                    if e.as_errno() == Errno::EAGAIN {
+                        FsError::new(Errno::EIO, format!("commit of inode {} lost blocks the server collected: {e}", self.attr.ino))
+                    } else {
+                        e.into()
+                    }
+                })?;
+                r.release(std::mem::take(&mut self.pinned));
+                if let Some(meta) = &r.meta
+                    && let Err(e) = meta.clear_unacked(self.attr.ino)
+                {
+                    tracing::warn!("{e}");
+                }
+                fresh
             }
-        })?;
+        };
         // Our commit is the only change since `before`: the map stays valid.
         let map_still_valid = fresh.version == before + 1 && self.map_version == before;
         for (idx, slot) in std::mem::take(&mut self.pending) {
@@ -500,13 +515,46 @@ impl FileData {
         self.changed = false;
         self.server_ctime = fresh.ctime;
         self.attr = fresh;
-        r.release(std::mem::take(&mut self.pinned));
-        if let Some(meta) = &r.meta
-            && let Err(e) = meta.clear_unacked(self.attr.ino)
-        {
-            tracing::warn!("{e}");
-        }
         Ok(true)
+    }
+
+    /// Queue the commit behind the delegation's other changes, without
+    /// waiting: returns the attributes it will give the file. Gives the
+    /// commit back when the delegation is not held.
+    fn commit_behind(
+        &mut self,
+        r: &Arc<Remote>,
+        params: SegmentCommitParams,
+        record: Unacked,
+    ) -> std::result::Result<Attr, SegmentCommitParams> {
+        let at = Timespec::now();
+        let mtime = params.mtime.unwrap_or(at);
+        let fresh = Attr { size: params.size, mtime, ctime: at.max(mtime), version: self.attr.version + 1, ..self.attr.clone() };
+        let (remote, pinned) = (r.clone(), &mut self.pinned);
+        let mut params = Some(params);
+        let queued = r.delegation.local(|l| {
+            let commit = params.take()?;
+            let pinned = std::mem::take(pinned);
+            let then: super::delegation::Then = Box::new(move |outcome| {
+                // Refused, the blocks stay pinned for the journal's next mount.
+                if outcome.is_ok() {
+                    remote.release(pinned);
+                    if let Some(meta) = &remote.meta {
+                        let text = serde_json::to_string(&record).unwrap_or_default();
+                        if let Err(e) = meta.clear_unacked_if(record.commit.ino, &text) {
+                            tracing::warn!("{e}");
+                        }
+                    }
+                }
+            });
+            l.push(BatchOp::Commit { at, commit }, Some(then));
+            Some(())
+        });
+        match (queued, params) {
+            (Some(()), _) => Ok(fresh),
+            (None, Some(params)) => Err(params),
+            (None, None) => unreachable!("the commit is taken only when queued"),
+        }
     }
 
     /// Let go of blocks pinned for a commit that will not happen here

@@ -27,6 +27,9 @@ pub const BLOCKS_DEDUPLICATED: &str = "blocks_deduplicated";
 pub const BYTES_DEDUPLICATED: &str = "bytes_deduplicated";
 pub const OPENS_FROM_CACHE: &str = "opens_from_cache";
 pub const OPENS_FROM_SERVER: &str = "opens_from_server";
+/// Namespace changes and commits answered under the delegation (kept by
+/// the delegation itself; added to snapshots).
+pub const CHANGES_DELEGATED: &str = "changes_delegated";
 
 const COUNTERS: &[&str] = &[
     BYTES_READ,
@@ -59,6 +62,12 @@ pub struct Snapshot {
     pub counters: BTreeMap<String, u64>,
     /// Block uploads running now.
     pub uploads_in_flight: i64,
+    /// This mount holds the bucket's delegation (write-behind).
+    #[serde(default)]
+    pub delegated: bool,
+    /// Changes answered under the delegation and not yet acknowledged.
+    #[serde(default)]
+    pub changes_queued: u64,
 }
 
 impl Snapshot {
@@ -86,7 +95,7 @@ impl Snapshot {
             .collect();
         let counters =
             self.counters.iter().map(|(k, v)| (k.clone(), v.saturating_sub(earlier.counters.get(k).copied().unwrap_or(0)))).collect();
-        Snapshot { ops, counters, uploads_in_flight: self.uploads_in_flight }
+        Snapshot { ops, counters, ..self.clone() }
     }
 }
 
@@ -133,6 +142,8 @@ impl Metrics {
             ops: self.ops.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (k.to_string(), *v)).collect(),
             counters: COUNTERS.iter().zip(&self.counters).map(|(k, v)| (k.to_string(), v.load(Ordering::Relaxed))).collect(),
             uploads_in_flight: self.uploads.load(Ordering::Relaxed),
+            delegated: false,
+            changes_queued: 0,
         }
     }
 }

@@ -7,9 +7,12 @@
 //! handles). Durability follows DESIGN.md: `flush` (close) commits,
 //! `fsync` commits and waits until the server has it on disk.
 
+mod delegation;
 pub mod dir;
 pub mod error;
 pub mod file;
+mod journal;
+mod local;
 pub mod metrics;
 mod recovery;
 pub mod remote;
@@ -30,6 +33,9 @@ use std::sync::{Arc, Mutex};
 
 /// How long a reply waits for the pushes received before it to be applied.
 const SETTLE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How often a mount without the delegation asks for it.
+const DELEGATION_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How long `open` waits for the server before trusting cached attributes.
 const OPEN_PATIENCE: std::time::Duration = std::time::Duration::from_millis(300);
@@ -116,6 +122,10 @@ pub struct Fs {
     /// reply, so that push must not invalidate it (dropping the dentry of a
     /// closed file evicts its inode, and its cached pages with it).
     creating: Mutex<HashMap<(Ino, Vec<u8>), u32>>,
+    /// Ask for the bucket's delegation when alone (see [`delegation`]).
+    delegate: bool,
+    /// Changes answered under the delegation are logged on disk.
+    has_log: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -127,6 +137,7 @@ impl Fs {
     /// blocks in `ring` (on disk) and `memory_bytes` of memory.
     pub fn with_ring(link: Link, bucket: BucketInfo, memory_bytes: usize, ring: Option<Arc<restfs_cache::BlockRing>>) -> Fs {
         let remote = Remote {
+            delegation: delegation::Delegation::new(link.clone()),
             link,
             cache: BlockCache::new(memory_bytes),
             ring,
@@ -152,6 +163,8 @@ impl Fs {
             meta_live: std::sync::atomic::AtomicBool::new(false),
             subscribed_at: AtomicU64::new(u64::MAX),
             creating: Mutex::default(),
+            delegate: true,
+            has_log: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -164,6 +177,27 @@ impl Fs {
     pub fn with_meta_cache(mut self, meta: Arc<MetaCache>) -> Fs {
         Arc::get_mut(&mut self.remote).expect("the metadata cache is added before the core is shared").meta = Some(meta.clone());
         self.meta = Some(meta);
+        self
+    }
+
+    /// Before `subscribe`: send what a previous mount answered under its
+    /// delegation but never sent (it crashed), and log queued changes at
+    /// `path` from now on. Without a log, this mount never asks for the
+    /// delegation.
+    pub async fn open_delegation_log(&self, path: &std::path::Path) -> std::io::Result<()> {
+        let (journal, left) = journal::Journal::open(path)?;
+        let refused = self.remote.delegation.replay_and_log(journal, left).await;
+        if refused > 0 {
+            tracing::warn!("{refused} changes the last mount made were refused by the server");
+        }
+        self.has_log.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Never ask for the bucket's delegation: every change goes to the
+    /// server as it is made (before `subscribe`).
+    pub fn without_delegation(mut self) -> Fs {
+        self.delegate = false;
         self
     }
 
@@ -262,6 +296,12 @@ impl Fs {
         &self.remote.link
     }
 
+    /// The link, for a request that must come after the changes queued
+    /// under the delegation (any that may read or touch them).
+    async fn ordered(&self) -> &Link {
+        self.remote.ordered().await
+    }
+
     /// This mount's live counters.
     pub fn metrics(&self) -> &metrics::Metrics {
         &self.remote.metrics
@@ -313,7 +353,7 @@ impl Fs {
             tracing::trace!("lookup: metadata cache not live");
         }
         let epoch = self.epoch();
-        let (reply, seen) = self.link().call_seen::<Lookup>(EntryParams { parent, name: Name::from(name) }).await;
+        let (reply, seen) = self.ordered().await.call_seen::<Lookup>(EntryParams { parent, name: Name::from(name) }).await;
         self.settle(seen).await;
         match reply {
             Ok(attr) => {
@@ -340,7 +380,7 @@ impl Fs {
         {
             return Ok(self.overlay(a).await);
         }
-        let attr = self.link().call::<GetAttr>(InoParams { ino }).await?;
+        let attr = self.ordered().await.call::<GetAttr>(InoParams { ino }).await?;
         self.merge(&attr);
         Ok(self.overlay(attr).await)
     }
@@ -368,7 +408,7 @@ impl Fs {
                 let mut st = f.lock().await;
                 // Commit first so a later commit cannot undo this change.
                 st.flush(&self.remote).await?;
-                let fresh = self.link().call::<m::SetAttr>(params).await?;
+                let fresh = self.ordered().await.call::<m::SetAttr>(params).await?;
                 if s.size.is_some() {
                     st.truncated(fresh.clone());
                 } else {
@@ -376,7 +416,7 @@ impl Fs {
                 }
                 Ok(fresh)
             }
-            None => Ok(self.link().call::<m::SetAttr>(params).await?),
+            None => Ok(self.ordered().await.call::<m::SetAttr>(params).await?),
         }
     }
 
@@ -385,9 +425,9 @@ impl Fs {
         if matches!(kind, Kind::Dir | Kind::Symlink) {
             return Err(FsError::new(Errno::EINVAL, "mknod cannot make directories or symlinks"));
         }
-        let p = NewNodeParams { parent, name: Name::from(name), kind, mode: mode & 0o7777, uid: ctx.uid, gid: ctx.gid, rdev };
+        let p = NewNodeParams { parent, name: Name::from(name), kind, mode: mode & 0o7777, uid: ctx.uid, gid: ctx.gid, rdev, ino: None };
         let epoch = self.epoch();
-        let reply = self.creating(parent, name, self.link().call_seen::<Mknod>(p)).await;
+        let reply = self.creating(parent, name, self.ordered().await.call_seen::<Mknod>(p)).await;
         self.settle(reply.1).await;
         self.created(epoch, reply, parent, name)
     }
@@ -465,9 +505,21 @@ impl Fs {
     }
 
     pub async fn mkdir(&self, ctx: Ctx, parent: Ino, name: &[u8], mode: u32) -> Result<Attr> {
-        let p = NewNodeParams { parent, name: Name::from(name), kind: Kind::Dir, mode: mode & 0o7777, uid: ctx.uid, gid: ctx.gid, rdev: 0 };
+        if let Some(done) = self.local_mknod(ctx, parent, name, Kind::Dir, mode).await {
+            return done;
+        }
+        let p = NewNodeParams {
+            parent,
+            name: Name::from(name),
+            kind: Kind::Dir,
+            mode: mode & 0o7777,
+            uid: ctx.uid,
+            gid: ctx.gid,
+            rdev: 0,
+            ino: None,
+        };
         let epoch = self.epoch();
-        let reply = self.creating(parent, name, self.link().call_seen::<Mkdir>(p)).await;
+        let reply = self.creating(parent, name, self.ordered().await.call_seen::<Mkdir>(p)).await;
         self.settle(reply.1).await;
         self.created(epoch, reply, parent, name)
     }
@@ -475,18 +527,20 @@ impl Fs {
     pub async fn symlink(&self, ctx: Ctx, parent: Ino, name: &[u8], target: &[u8]) -> Result<Attr> {
         let p = SymlinkParams { parent, name: Name::from(name), target: Name::from(target), uid: ctx.uid, gid: ctx.gid };
         let epoch = self.epoch();
-        let reply = self.creating(parent, name, self.link().call_seen::<Symlink>(p)).await;
+        let reply = self.creating(parent, name, self.ordered().await.call_seen::<Symlink>(p)).await;
         self.settle(reply.1).await;
         self.created(epoch, reply, parent, name)
     }
 
     pub async fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
-        Ok(self.link().call::<Readlink>(InoParams { ino }).await?.target.0)
+        Ok(self.ordered().await.call::<Readlink>(InoParams { ino }).await?.target.0)
     }
 
     pub async fn link_node(&self, ino: Ino, parent: Ino, name: &[u8]) -> Result<Attr> {
         let epoch = self.epoch();
-        let reply = self.creating(parent, name, self.link().call_seen::<m::Link>(LinkParams { ino, parent, name: Name::from(name) })).await;
+        let reply = self
+            .creating(parent, name, self.ordered().await.call_seen::<m::Link>(LinkParams { ino, parent, name: Name::from(name) }))
+            .await;
         self.settle(reply.1).await;
         let attr = self.created(epoch, reply, parent, name)?;
         self.merge(&attr);
@@ -505,7 +559,7 @@ impl Fs {
         let files: Vec<Arc<File>> = lock(&self.files).values().filter(|f| target.is_none_or(|t| t == f.ino)).cloned().collect();
         for file in files {
             while file.registered.load(Ordering::Acquire) < file.handles.load(Ordering::Acquire) {
-                self.link().call::<Open>(InoParams { ino: file.ino }).await?;
+                self.ordered().await.call::<Open>(InoParams { ino: file.ino }).await?;
                 file.registered.fetch_add(1, Ordering::AcqRel);
             }
         }
@@ -530,9 +584,12 @@ impl Fs {
     }
 
     pub async fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        if let Some(done) = self.local_unlink(parent, name).await {
+            return done;
+        }
         self.register_held(parent, name).await?;
         let epoch = self.epoch();
-        let (r, seen) = self.link().call_seen::<Unlink>(EntryParams { parent, name: Name::from(name) }).await;
+        let (r, seen) = self.ordered().await.call_seen::<Unlink>(EntryParams { parent, name: Name::from(name) }).await;
         self.settle(seen).await;
         self.unlinked(epoch, seen, r.is_ok(), parent, name);
         self.merge_changed(r?);
@@ -540,8 +597,11 @@ impl Fs {
     }
 
     pub async fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        if let Some(done) = self.local_rmdir(parent, name).await {
+            return done;
+        }
         let epoch = self.epoch();
-        let (r, seen) = self.link().call_seen::<Rmdir>(EntryParams { parent, name: Name::from(name) }).await;
+        let (r, seen) = self.ordered().await.call_seen::<Rmdir>(EntryParams { parent, name: Name::from(name) }).await;
         self.settle(seen).await;
         self.unlinked(epoch, seen, r.is_ok(), parent, name);
         self.merge_changed(r?);
@@ -579,6 +639,9 @@ impl Fs {
     }
 
     pub async fn rename(&self, parent: Ino, name: &[u8], new_parent: Ino, new_name: &[u8], noreplace: bool, exchange: bool) -> Result<()> {
+        if !exchange && let Some(done) = self.local_rename(parent, name, new_parent, new_name, noreplace).await {
+            return done;
+        }
         if !exchange {
             self.register_held(new_parent, new_name).await?;
         }
@@ -586,7 +649,7 @@ impl Fs {
         // What moves, if known: its push under the new name may come first.
         let moving = self.mc().and_then(|m| m.entry_ino(parent, name).ok().flatten()).filter(|ino| ino.is_some());
         let epoch = self.epoch();
-        let (r, seen) = self.link().call_seen::<Rename>(p).await;
+        let (r, seen) = self.ordered().await.call_seen::<Rename>(p).await;
         self.settle(seen).await;
         if exchange {
             self.removed(parent, name);
@@ -633,10 +696,17 @@ impl Fs {
     }
 
     pub async fn create(&self, ctx: Ctx, parent: Ino, name: &[u8], mode: u32) -> Result<(Attr, Opened)> {
+        if let Some(done) = self.local_mknod(ctx, parent, name, Kind::File, mode).await {
+            // Unregistered, like any open answered under a lease.
+            let attr = done?;
+            let keep_cache = self.keep_cache(&attr);
+            let (_, fh) = self.attach(attr.clone(), false);
+            return Ok((attr, Opened { fh, keep_cache }));
+        }
         let unregistered = self.cache_is_current();
         let p = CreateParams { parent, name: Name::from(name), mode: mode & 0o7777, uid: ctx.uid, gid: ctx.gid, unregistered };
         let epoch = self.epoch();
-        let reply = self.creating(parent, name, self.link().call_seen::<Create>(p)).await;
+        let reply = self.creating(parent, name, self.ordered().await.call_seen::<Create>(p)).await;
         self.settle(reply.1).await;
         let attr = self.created(epoch, reply, parent, name)?;
         let keep_cache = self.keep_cache(&attr);
@@ -662,14 +732,14 @@ impl Fs {
             // does not answer promptly, go on with the cached attributes,
             // which pushes keep current: a paused or slow server does not
             // stop reads of cached data.
-            Some(attr) => match tokio::time::timeout(OPEN_PATIENCE, self.link().call::<Open>(InoParams { ino })).await {
+            Some(attr) => match tokio::time::timeout(OPEN_PATIENCE, self.ordered().await.call::<Open>(InoParams { ino })).await {
                 Ok(reply) => reply?,
                 Err(_) => {
                     tracing::debug!("open of inode {ino}: server slow, using cached attributes");
                     attr
                 }
             },
-            None => self.link().call::<Open>(InoParams { ino }).await?,
+            None => self.ordered().await.call::<Open>(InoParams { ino }).await?,
         };
         self.merge(&fresh);
         if fresh.kind == Kind::Dir {
@@ -771,8 +841,17 @@ impl Fs {
     /// Commit and wait until the server has it on disk.
     pub async fn fsync(&self, fh: u64) -> Result<()> {
         self.flush(fh).await?;
-        self.link().call::<Sync>(Empty {}).await?;
-        Ok(())
+        self.syncfs().await
+    }
+
+    /// Wait until the server has every change made so far on disk; reports
+    /// a change made under the delegation that the server refused.
+    pub async fn syncfs(&self) -> Result<()> {
+        self.ordered().await.call::<Sync>(Empty {}).await?;
+        match self.remote.delegation.take_failure() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     pub async fn release(&self, fh: u64) -> Result<()> {
@@ -826,6 +905,7 @@ impl Fs {
             let mut st = file.lock().await;
             self.commit(&mut st).await?;
         }
+        self.remote.delegation.drained().await;
         self.forget(|m| m.persist());
         Ok(())
     }
@@ -868,6 +948,7 @@ impl Fs {
             // The root is stat'ed before anything else: have it cached.
             self.getattr(restfs_proto::ROOT_INO).await?;
         }
+        self.start_delegation();
         let weak = Arc::downgrade(self);
         self.link().set_restore_hook(Arc::new(move |link: crate::client::Link| {
             let weak = weak.clone();
@@ -881,9 +962,47 @@ impl Fs {
         Ok(())
     }
 
+    /// Send what is answered locally under a delegation, return it when
+    /// recalled, and ask for it whenever the caches are current and it is
+    /// not held.
+    fn start_delegation(self: &Arc<Self>) {
+        if !self.delegate || !self.has_log.load(Ordering::Acquire) {
+            return;
+        }
+        let d = self.remote.delegation.clone();
+        let weak = Arc::downgrade(self);
+        tokio::spawn(d.clone().run(move |failures| {
+            if let Some(fs) = weak.upgrade() {
+                fs.refused(failures);
+            }
+        }));
+        let (mut recalls, recalled) = (self.link().recalls(), d.clone());
+        tokio::spawn(async move {
+            while recalls.changed().await.is_ok() {
+                recalled.recall().await;
+            }
+        });
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(fs) = weak.upgrade() else { return };
+                if fs.cache_is_current()
+                    && let Some(seen) = d.acquire().await
+                {
+                    fs.settle(seen).await;
+                    d.ready();
+                }
+                drop(fs);
+                tokio::time::sleep(DELEGATION_RETRY).await;
+            }
+        });
+    }
+
     /// On a new connection: mount the bucket again, re-register open files,
     /// and resubscribe from the last change applied.
     async fn restore(&self, link: &crate::client::Link) -> std::result::Result<(), restfs_proto::RpcError> {
+        // The server's side of a delegation ended with the old connection.
+        self.remote.delegation.lost();
         link.call_now::<BucketMount>(BucketName { name: self.bucket.name.clone() }).await?;
         let files: Vec<Arc<File>> = lock(&self.files).values().cloned().collect();
         for file in files {
@@ -1013,11 +1132,15 @@ impl Fs {
             },
             None => {
                 let epoch = self.epoch();
-                let snapshot = DirSnapshot::fetch(self.link(), ino).await?;
+                // A change answered locally meanwhile is not in the listing.
+                let local = self.remote.delegation.local_changes();
+                let snapshot = DirSnapshot::fetch(self.ordered().await, ino).await?;
                 let seen = self.epoch();
                 self.settle(seen).await;
                 let listing: Vec<(Vec<u8>, Attr)> = snapshot.entries.iter().map(|e| (e.name.0.clone(), e.attr.clone())).collect();
-                self.fill(epoch, seen, ino, None, None, |m| m.put_listing(ino, snapshot.parent, &listing));
+                if self.remote.delegation.local_changes() == local {
+                    self.fill(epoch, seen, ino, None, None, |m| m.put_listing(ino, snapshot.parent, &listing));
+                }
                 snapshot
             }
         };
@@ -1039,6 +1162,6 @@ impl Fs {
     // --- statfs ---
 
     pub async fn statfs(&self) -> Result<StatfsResult> {
-        Ok(self.link().call::<Statfs>(Empty {}).await?)
+        Ok(self.ordered().await.call::<Statfs>(Empty {}).await?)
     }
 }

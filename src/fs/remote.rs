@@ -6,7 +6,8 @@ use super::error::{FsError, Result};
 use super::metrics;
 use restfs_cache::{BlockBytes, BlockCache, BlockRing};
 use restfs_proto::methods::{
-    BlockData, BlockGet, BlockGetParams, BlockHas, BlockHasParams, BlockPut, BlockPutParams, SegmentGet, SegmentGetParams,
+    BatchOp, BlockData, BlockGet, BlockGetParams, BlockHas, BlockHasParams, BlockPut, BlockPutParams, SegmentCommit, SegmentCommitParams,
+    SegmentGet, SegmentGetParams,
 };
 use restfs_proto::{BlockRef, Bytes, Errno, Hash, Ino};
 use std::collections::HashMap;
@@ -23,6 +24,8 @@ pub const SMALL_BLOCK: usize = 64 << 10;
 
 pub struct Remote {
     pub link: Link,
+    /// Changes answered locally under a delegation, on their way.
+    pub delegation: Arc<super::delegation::Delegation>,
     /// Small in-memory cache in front of the ring.
     pub cache: BlockCache,
     /// The on-disk block cache, when the mount has one.
@@ -43,6 +46,27 @@ type Fetch = OnceCell<Result<Arc<BlockBytes>>>;
 pub type Uploaded = (u64, Hash, u32);
 
 impl Remote {
+    /// The link, for a request that must come after the changes queued
+    /// under the delegation.
+    pub async fn ordered(&self) -> &Link {
+        self.delegation.drained().await;
+        &self.link
+    }
+
+    /// Commit: queued behind the delegation's changes while it is held
+    /// (one round trip with them), else sent after them.
+    pub async fn commit(&self, params: SegmentCommitParams) -> std::result::Result<restfs_proto::Attr, restfs_proto::RpcError> {
+        let op = BatchOp::Commit { at: restfs_proto::Timespec::now(), commit: params };
+        let params = match self.delegation.submit(op).await {
+            Ok(outcome) => {
+                return outcome?.ok_or_else(|| restfs_proto::RpcError::errno(Errno::EIO, "fs.batch commit without attributes"));
+            }
+            Err(BatchOp::Commit { commit, .. }) => commit,
+            Err(_) => unreachable!("submit gives back what it was given"),
+        };
+        self.ordered().await.call::<SegmentCommit>(params).await
+    }
+
     /// A block's bytes, from the cache or the server; verified against its hash.
     pub async fn block(&self, hash: Hash) -> Result<Arc<BlockBytes>> {
         if let Some(data) = self.cache.get(&hash) {
@@ -109,7 +133,7 @@ impl Remote {
         {
             return Ok((version, refs));
         }
-        let r = self.link.call::<SegmentGet>(SegmentGetParams { ino, segment }).await?;
+        let r = self.ordered().await.call::<SegmentGet>(SegmentGetParams { ino, segment }).await?;
         if let Some(m) = &self.meta
             && let Err(e) = m.put_block_map(ino, segment, r.version, &r.blocks)
         {

@@ -114,7 +114,7 @@ impl Fs {
             return Err(FsError::new(Errno::EPERM, "restfs.stats is read-only"));
         }
         let p = SetXattrParams { ino, name: Name::from(name), value: Bytes(value.to_vec()), mode };
-        let r = self.link().call::<SetXattr>(p).await;
+        let r = self.ordered().await.call::<SetXattr>(p).await;
         self.xattrs.forget(ino);
         self.forget(|m| m.forget_attr(ino));
         Ok(r.map(|_| ())?)
@@ -122,7 +122,11 @@ impl Fs {
 
     pub async fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
         if name == super::metrics::STATS_XATTR.as_bytes() {
-            return Ok(serde_json::to_vec(&self.metrics().snapshot()).expect("a snapshot serializes"));
+            let mut snapshot = self.metrics().snapshot();
+            let d = &self.remote.delegation;
+            (snapshot.delegated, snapshot.changes_queued) = (d.active(), d.backlog());
+            snapshot.counters.insert(super::metrics::CHANGES_DELEGATED.into(), d.local_changes());
+            return Ok(serde_json::to_vec(&snapshot).expect("a snapshot serializes"));
         }
         let ctime = || self.mc().and_then(|m| m.attr(ino).ok().flatten()).map(|a| a.ctime);
         let before = ctime();
@@ -131,7 +135,7 @@ impl Fs {
         {
             return answer;
         }
-        let r = self.link().call::<GetXattr>(XattrParams { ino, name: Name::from(name) }).await.map(|v| v.value.0);
+        let r = self.ordered().await.call::<GetXattr>(XattrParams { ino, name: Name::from(name) }).await.map(|v| v.value.0);
         let value = match &r {
             Ok(v) => Some(Some(v.clone())),
             Err(e) if e.as_errno() == Errno::ENODATA => Some(None),
@@ -147,11 +151,11 @@ impl Fs {
     }
 
     pub async fn listxattr(&self, ino: Ino) -> Result<Vec<Vec<u8>>> {
-        Ok(self.link().call::<ListXattr>(InoParams { ino }).await?.names.into_iter().map(|n| n.0).collect())
+        Ok(self.ordered().await.call::<ListXattr>(InoParams { ino }).await?.names.into_iter().map(|n| n.0).collect())
     }
 
     pub async fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
-        let r = self.link().call::<RemoveXattr>(XattrParams { ino, name: Name::from(name) }).await;
+        let r = self.ordered().await.call::<RemoveXattr>(XattrParams { ino, name: Name::from(name) }).await;
         self.xattrs.forget(ino);
         self.forget(|m| m.forget_attr(ino));
         Ok(r.map(|_| ())?)

@@ -32,6 +32,7 @@ pub fn run_all(store: &dyn MetaStore) {
     create_errors(store);
     invalid_names(store);
     setgid_directory_inheritance(store);
+    reserved_inode_numbers(store);
     // Timestamps and attributes.
     creating_and_removing_touch_parent(store);
     setattr_times_and_version(store);
@@ -79,7 +80,7 @@ fn bucket(s: &dyn MetaStore, name: &str) -> BucketId {
 }
 
 fn node(parent: Ino, name: &[u8], kind: Kind, mode: u32) -> NewNodeParams {
-    NewNodeParams { parent, name: Name(name.to_vec()), kind, mode, uid: 1000, gid: 1000, rdev: 0 }
+    NewNodeParams { parent, name: Name(name.to_vec()), kind, mode, uid: 1000, gid: 1000, rdev: 0, ino: None }
 }
 
 fn mkfile(s: &dyn MetaStore, b: BucketId, parent: Ino, name: &str) -> Attr {
@@ -391,6 +392,33 @@ fn setgid_directory_inheritance(s: &dyn MetaStore) {
 }
 
 // --- timestamps and attributes ---
+
+/// A delegation holder names its new nodes from a reservation, and stamps
+/// its changes with its own time.
+fn reserved_inode_numbers(s: &dyn MetaStore) {
+    let b = bucket(s, "reserved_inode_numbers");
+    let first = s.reserve_inos(b, 10).unwrap();
+    assert!(first > ROOT_INO);
+    // The server's own numbering goes on after the reservation.
+    let plain = mkfile(s, b, ROOT_INO, "plain");
+    assert!(plain.ino >= first + 10, "server picked {} inside the reservation {first}..{}", plain.ino, first + 10);
+    let mut p = node(ROOT_INO, b"mine", Kind::Dir, 0o750);
+    p.ino = Some(first + 3);
+    let mine = super::stamped_at(OLD, || s.mknod(b, &p, None)).unwrap();
+    assert_eq!((mine.ino, mine.kind, mine.nlink), (first + 3, Kind::Dir, 2));
+    assert_eq!((mine.mtime, mine.ctime), (OLD, OLD));
+    assert_eq!(s.getattr(b, ROOT_INO).unwrap().mtime, OLD, "the parent is stamped with the given time too");
+    assert_eq!(s.lookup(b, ROOT_INO, b"mine").unwrap().ino, first + 3);
+    // Stamping ends with the call.
+    assert!(mkfile(s, b, ROOT_INO, "later").ctime > OLD);
+    // A number in use, the root, or one never reserved is refused.
+    for bad in [first + 3, plain.ino, ROOT_INO, plain.ino + 1000] {
+        let mut p = node(ROOT_INO, b"again", Kind::File, 0o644);
+        p.ino = Some(bad);
+        expect_errno(s.mknod(b, &p, None), Errno::EINVAL);
+    }
+    assert_eq!(s.lookup(b, ROOT_INO, b"again").map(|a| a.ino).ok(), None);
+}
 
 fn creating_and_removing_touch_parent(s: &dyn MetaStore) {
     let b = bucket(s, "conf-parent-times");
@@ -1207,6 +1235,35 @@ fn gc_after_overwrite_truncate_and_purge(s: &dyn MetaStore) {
     assert!(!has(s, y));
 }
 
+/// Every mutation gets the bucket's next sequence number, and the log names
+/// what it touched: attributes (including deletion) and directory entries.
+fn change_log_names_every_change(s: &dyn MetaStore) {
+    use crate::meta::Changed;
+    let b = bucket(s, "conf-change-log");
+    let start = s.changes_since(b, 0, 0).unwrap().seq;
+    let f = mkfile(s, b, ROOT_INO, "f");
+    let log = s.changes_since(b, start, 1000).unwrap();
+    assert_eq!(log.seq, start + 1, "one mutation, one sequence number");
+    let what: Vec<&Changed> = log.changes.iter().map(|(_, w)| w).collect();
+    assert!(what.contains(&&Changed::Entry(ROOT_INO, b"f".to_vec())), "create logs the new entry: {what:?}");
+    assert!(what.contains(&&Changed::Attr(f.ino)) && what.contains(&&Changed::Attr(ROOT_INO)), "create logs both inodes: {what:?}");
+    s.unlink(b, ROOT_INO, b"f", &|_| false).unwrap();
+    let log = s.changes_since(b, start + 1, 1000).unwrap();
+    assert_eq!(log.seq, start + 2);
+    let what: Vec<&Changed> = log.changes.iter().map(|(_, w)| w).collect();
+    assert!(
+        what.contains(&&Changed::Entry(ROOT_INO, b"f".to_vec())) && what.contains(&&Changed::Attr(f.ino)),
+        "unlink logs the entry and the deleted inode: {what:?}"
+    );
+    // Reads log nothing; a failed mutation logs nothing.
+    s.getattr(b, ROOT_INO).unwrap();
+    expect_errno(s.unlink(b, ROOT_INO, b"f", &|_| false), Errno::ENOENT);
+    assert_eq!(s.changes_since(b, 0, 0).unwrap().seq, start + 2);
+    // Trimming moves the log start; older cursors are then out of reach.
+    s.trim_changes(1).unwrap();
+    assert!(s.changes_since(b, 0, 0).unwrap().log_start > start);
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -1235,33 +1292,4 @@ mod tests {
         // Inode numbers are not reused after a reopen.
         assert!(super::mkfile(&store, b, ROOT_INO, "g").ino > ino);
     }
-}
-
-/// Every mutation gets the bucket's next sequence number, and the log names
-/// what it touched: attributes (including deletion) and directory entries.
-fn change_log_names_every_change(s: &dyn MetaStore) {
-    use crate::meta::Changed;
-    let b = bucket(s, "conf-change-log");
-    let start = s.changes_since(b, 0, 0).unwrap().seq;
-    let f = mkfile(s, b, ROOT_INO, "f");
-    let log = s.changes_since(b, start, 1000).unwrap();
-    assert_eq!(log.seq, start + 1, "one mutation, one sequence number");
-    let what: Vec<&Changed> = log.changes.iter().map(|(_, w)| w).collect();
-    assert!(what.contains(&&Changed::Entry(ROOT_INO, b"f".to_vec())), "create logs the new entry: {what:?}");
-    assert!(what.contains(&&Changed::Attr(f.ino)) && what.contains(&&Changed::Attr(ROOT_INO)), "create logs both inodes: {what:?}");
-    s.unlink(b, ROOT_INO, b"f", &|_| false).unwrap();
-    let log = s.changes_since(b, start + 1, 1000).unwrap();
-    assert_eq!(log.seq, start + 2);
-    let what: Vec<&Changed> = log.changes.iter().map(|(_, w)| w).collect();
-    assert!(
-        what.contains(&&Changed::Entry(ROOT_INO, b"f".to_vec())) && what.contains(&&Changed::Attr(f.ino)),
-        "unlink logs the entry and the deleted inode: {what:?}"
-    );
-    // Reads log nothing; a failed mutation logs nothing.
-    s.getattr(b, ROOT_INO).unwrap();
-    expect_errno(s.unlink(b, ROOT_INO, b"f", &|_| false), Errno::ENOENT);
-    assert_eq!(s.changes_since(b, 0, 0).unwrap().seq, start + 2);
-    // Trimming moves the log start; older cursors are then out of reach.
-    s.trim_changes(1).unwrap();
-    assert!(s.changes_since(b, 0, 0).unwrap().log_start >= start + 1);
 }

@@ -17,6 +17,25 @@ use crate::error::Result;
 use restfs_proto::methods::{NewNodeParams, RenameParams, SetAttrParams, XattrMode};
 use restfs_proto::{Attr, BlockRef, BlockSlot, BucketInfo, DirEntry, Hash, Ino, Timespec};
 
+thread_local! {
+    static STAMP: std::cell::Cell<Option<Timespec>> = const { std::cell::Cell::new(None) };
+}
+
+/// The time a change is stamped with: the server's clock, or, inside
+/// [`stamped_at`], the time a delegation holder gave the change (the time
+/// it already showed its kernel, so both agree).
+pub fn stamp() -> Timespec {
+    STAMP.with(|s| s.get()).unwrap_or_else(Timespec::now)
+}
+
+/// Run `f` (store calls on this thread) with changes stamped `at`.
+pub fn stamped_at<T>(at: Timespec, f: impl FnOnce() -> T) -> T {
+    STAMP.with(|s| s.set(Some(at)));
+    let out = f();
+    STAMP.with(|s| s.set(None));
+    out
+}
+
 /// A bucket's id inside one store.
 pub type BucketId = i64;
 
@@ -55,7 +74,11 @@ pub trait MetaStore: Send + Sync {
     fn lookup(&self, b: BucketId, parent: Ino, name: &[u8]) -> Result<Attr>;
     fn getattr(&self, b: BucketId, ino: Ino) -> Result<Attr>;
     fn setattr(&self, b: BucketId, p: &SetAttrParams) -> Result<Attr>;
+    /// Reserve `count` inode numbers for a delegation holder; returns the first.
+    fn reserve_inos(&self, b: BucketId, count: u64) -> Result<Ino>;
     /// Create a file, directory or special node; `target` for symlinks.
+    /// With `p.ino`, the node gets that number, which must be reserved
+    /// ([`MetaStore::reserve_inos`]) and unused.
     fn mknod(&self, b: BucketId, p: &NewNodeParams, target: Option<&[u8]>) -> Result<Attr>;
     fn readlink(&self, b: BucketId, ino: Ino) -> Result<Vec<u8>>;
     fn link(&self, b: BucketId, ino: Ino, parent: Ino, name: &[u8]) -> Result<Attr>;

@@ -423,7 +423,7 @@ impl MetaStore for SqliteMeta {
             if exists.is_some() {
                 return Err(Error::fs(Errno::EEXIST, format!("bucket {name:?} exists")));
             }
-            let now = Timespec::now();
+            let now = super::stamp();
             tx.prepare_cached(
                 "INSERT INTO buckets(name, block_size, segment_blocks, created_s, created_ns, next_ino) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?
@@ -511,7 +511,7 @@ impl MetaStore for SqliteMeta {
     fn setattr(&self, b: BucketId, p: &SetAttrParams) -> Result<Attr> {
         self.with_tx(|tx| {
             let mut a = load(tx, b, p.ino)?;
-            let now = Timespec::now();
+            let now = super::stamp();
             if let Some(mode) = p.mode {
                 a.mode = mode & 0o7777;
             }
@@ -546,6 +546,14 @@ impl MetaStore for SqliteMeta {
         })
     }
 
+    fn reserve_inos(&self, b: BucketId, count: u64) -> Result<Ino> {
+        self.with_tx(|tx| {
+            let first: i64 = tx.prepare_cached("SELECT next_ino FROM buckets WHERE id=?1")?.query_row(params![b], |r| r.get(0))?;
+            tx.prepare_cached("UPDATE buckets SET next_ino = next_ino + ?2 WHERE id=?1")?.execute(params![b, count as i64])?;
+            Ok(first as u64)
+        })
+    }
+
     fn mknod(&self, b: BucketId, p: &NewNodeParams, target: Option<&[u8]>) -> Result<Attr> {
         check_name(p.name.as_bytes())?;
         self.with_tx(|tx| {
@@ -556,9 +564,16 @@ impl MetaStore for SqliteMeta {
             if child(tx, b, p.parent, p.name.as_bytes())?.is_some() {
                 return Err(Error::fs(Errno::EEXIST, format!("{:?} exists", p.name)));
             }
-            let ino: i64 = tx.prepare_cached("SELECT next_ino FROM buckets WHERE id=?1")?.query_row(params![b], |r| r.get(0))?;
-            tx.prepare_cached("UPDATE buckets SET next_ino = next_ino + 1 WHERE id=?1")?.execute(params![b])?;
-            let now = Timespec::now();
+            let next: i64 = tx.prepare_cached("SELECT next_ino FROM buckets WHERE id=?1")?.query_row(params![b], |r| r.get(0))?;
+            let ino = match p.ino {
+                None => {
+                    tx.prepare_cached("UPDATE buckets SET next_ino = next_ino + 1 WHERE id=?1")?.execute(params![b])?;
+                    next
+                }
+                Some(ino) if ino > restfs_proto::ROOT_INO && (ino as i64) < next && load(tx, b, ino).is_err() => ino as i64,
+                Some(ino) => return Err(Error::fs(Errno::EINVAL, format!("inode number {ino} is not reserved or is in use"))),
+            };
+            let now = super::stamp();
             let mut mode = p.mode & 0o7777;
             let mut gid = p.gid;
             // BSD group semantics in a setgid directory; subdirectories inherit the bit.
@@ -615,7 +630,7 @@ impl MetaStore for SqliteMeta {
             if child(tx, b, parent, name)?.is_some() {
                 return Err(Error::fs(Errno::EEXIST, format!("{:?} exists", Name(name.to_vec()))));
             }
-            let now = Timespec::now();
+            let now = super::stamp();
             add_entry(tx, b, parent, name, ino)?;
             a.nlink += 1;
             a.ctime = now;
@@ -634,7 +649,7 @@ impl MetaStore for SqliteMeta {
             if a.kind == Kind::Dir {
                 return Err(Error::fs(Errno::EISDIR, "unlink of a directory"));
             }
-            let now = Timespec::now();
+            let now = super::stamp();
             remove_entry(tx, b, parent, name)?;
             drop_link(tx, b, a, now, is_open)?;
             touch_dir(tx, b, &mut dir, now)
@@ -653,7 +668,7 @@ impl MetaStore for SqliteMeta {
             if !is_empty_dir(tx, b, ino)? {
                 return Err(Error::fs(Errno::ENOTEMPTY, "directory not empty"));
             }
-            let now = Timespec::now();
+            let now = super::stamp();
             remove_entry(tx, b, parent, name)?;
             delete_inode(tx, b, ino)?;
             dir.nlink -= 1;
@@ -674,7 +689,7 @@ impl MetaStore for SqliteMeta {
             let src_ino = child(tx, b, p.parent, name)?.ok_or_else(|| Error::fs(Errno::ENOENT, format!("no entry {:?}", p.name)))?;
             let mut src = load(tx, b, src_ino)?;
             let dst_ino = child(tx, b, p.new_parent, new_name)?;
-            let now = Timespec::now();
+            let now = super::stamp();
 
             if p.exchange {
                 let dst_ino = dst_ino.ok_or_else(|| Error::fs(Errno::ENOENT, format!("no entry {:?}", p.new_name)))?;
@@ -847,7 +862,7 @@ impl MetaStore for SqliteMeta {
             }
             tx.prepare_cached("INSERT OR REPLACE INTO xattrs(bucket, ino, name, value) VALUES (?1, ?2, ?3, ?4)")?
                 .execute(params![b, ino as i64, name, value])?;
-            a.ctime = Timespec::now();
+            a.ctime = super::stamp();
             save(tx, b, &a)
         })
     }
@@ -883,7 +898,7 @@ impl MetaStore for SqliteMeta {
             if n == 0 {
                 return Err(Error::fs(Errno::ENODATA, "no such xattr"));
             }
-            a.ctime = Timespec::now();
+            a.ctime = super::stamp();
             save(tx, b, &a)
         })
     }
@@ -950,7 +965,7 @@ impl MetaStore for SqliteMeta {
                 }
             }
             truncate_map(tx, b, ino, size, bs)?;
-            let now = Timespec::now();
+            let now = super::stamp();
             a.size = size;
             a.version += 1;
             a.mtime = mtime.unwrap_or(now);

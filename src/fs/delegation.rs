@@ -1,0 +1,383 @@
+//! Write-behind under a delegation (see `restfsd`'s `delegation`). While
+//! this mount alone has the bucket mounted, the server delegates the bucket
+//! to it: the core then answers creates, removals, renames and commits from
+//! its caches, and they queue here. One task sends the queue in order, in
+//! batches (`fs.batch`); while one batch is in flight the next one fills.
+//! Any other request whose answer could depend on queued changes first
+//! waits until the queue is empty ([`Delegation::drained`]).
+//!
+//! A recall (another mount arrived) stops local answers, sends what is
+//! queued and returns the delegation. A queued change the server refuses
+//! (which the caches said would succeed) is logged, its traces are dropped
+//! from the caches, and the next `fsync` or `syncfs` reports it.
+
+use super::error::FsError;
+use super::journal::Journal;
+use crate::client::Link;
+use restfs_proto::methods::{Batch, BatchOp, BatchParams, Delegate, DelegateParams, DelegateReturn, Empty};
+use restfs_proto::{Attr, Errno, Ino, RpcError};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Notify, oneshot, watch};
+
+/// Inode numbers asked for at a time.
+const RESERVE: u64 = 4096;
+/// Most changes sent in one batch.
+const MAX_BATCH: usize = 512;
+/// Most changes queued: further local answers wait for room.
+const MAX_QUEUE: u64 = 4096;
+/// How long the sender waits for more changes before sending a batch
+/// that nobody waits for.
+const LINGER: Duration = Duration::from_micros(500);
+
+/// What to do with a queued change's outcome.
+pub type Then = Box<dyn FnOnce(&Result<Option<Attr>, RpcError>) + Send>;
+
+/// The outcome of one queued change, as [`Delegation::run`] reports failures.
+pub type Failure = (BatchOp, RpcError);
+
+struct Queued {
+    op: BatchOp,
+    then: Option<Then>,
+}
+
+#[derive(Default)]
+struct State {
+    /// The server delegated the bucket to this mount.
+    held: bool,
+    /// The pushes sent before the grant are applied: local answers may start.
+    ready: bool,
+    /// It asked for it back: no more local answers.
+    recalled: bool,
+    /// Reserved inode numbers not used yet.
+    inos: std::ops::Range<Ino>,
+    asking_inos: bool,
+    queue: VecDeque<Queued>,
+    /// Somebody waits for the queue: send without lingering.
+    hurry: bool,
+    /// The first refused change not reported yet.
+    failed: Option<FsError>,
+    /// Where queued changes are logged before they are answered.
+    journal: Option<Journal>,
+}
+
+pub struct Delegation {
+    me: std::sync::Weak<Delegation>,
+    link: Link,
+    st: Mutex<State>,
+    /// Changes queued so far, and acknowledged so far.
+    queued: AtomicU64,
+    acked: watch::Sender<u64>,
+    wake: Notify,
+    /// Bumped by every local answer (see `Fs::opendir`).
+    local_changes: AtomicU64,
+}
+
+/// A local answer in progress, under the delegation's lock.
+pub struct Local<'a> {
+    d: &'a Delegation,
+    st: std::sync::MutexGuard<'a, State>,
+}
+
+impl Local<'_> {
+    /// A fresh inode number, if any is left.
+    pub fn ino(&mut self) -> Option<Ino> {
+        let ino = self.st.inos.next()?;
+        if self.st.inos.end - self.st.inos.start < RESERVE / 4 && !self.st.asking_inos {
+            self.st.asking_inos = true;
+            self.d.ask_inos();
+        }
+        Some(ino)
+    }
+
+    /// Queue `op`; `then` runs with its outcome.
+    pub fn push(&mut self, op: BatchOp, then: Option<Then>) {
+        if let Some(j) = self.st.journal.as_mut()
+            && let Err(e) = j.append(&op)
+        {
+            tracing::warn!("cannot log a change in the delegation log (a crash now would lose it): {e}");
+        }
+        self.st.queue.push_back(Queued { op, then });
+        self.d.queued.fetch_add(1, Ordering::AcqRel);
+        self.d.local_changes.fetch_add(1, Ordering::AcqRel);
+        self.d.wake.notify_one();
+    }
+}
+
+fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Delegation {
+    pub fn new(link: Link) -> Arc<Delegation> {
+        Arc::new_cyclic(|me| Delegation {
+            me: me.clone(),
+            link,
+            st: Mutex::default(),
+            queued: AtomicU64::new(0),
+            acked: watch::Sender::new(0),
+            wake: Notify::new(),
+            local_changes: AtomicU64::new(0),
+        })
+    }
+
+    /// Does this mount hold the delegation (and may answer locally)?
+    pub fn active(&self) -> bool {
+        let st = lock(&self.st);
+        st.held && st.ready && !st.recalled
+    }
+
+    /// Changes queued and not yet acknowledged.
+    pub fn backlog(&self) -> u64 {
+        self.queued.load(Ordering::Acquire).saturating_sub(*self.acked.borrow())
+    }
+
+    /// Local answers so far.
+    pub fn local_changes(&self) -> u64 {
+        self.local_changes.load(Ordering::Acquire)
+    }
+
+    /// Run `f` as a local answer if the delegation is held, holding it
+    /// until `f` has queued its change. `None` when not held.
+    pub fn local<T>(&self, f: impl FnOnce(&mut Local<'_>) -> Option<T>) -> Option<T> {
+        let st = lock(&self.st);
+        if !(st.held && st.ready) || st.recalled {
+            return None;
+        }
+        f(&mut Local { d: self, st })
+    }
+
+    /// Wait until there is room in the queue (before a local answer).
+    pub async fn room(&self) {
+        let mut acked = self.acked.subscribe();
+        let _ = acked.wait_for(|a| self.queued.load(Ordering::Acquire) < a + MAX_QUEUE).await;
+    }
+
+    /// Wait until every change queued so far is acknowledged.
+    pub async fn drained(&self) {
+        let target = self.queued.load(Ordering::Acquire);
+        if *self.acked.borrow() >= target {
+            return;
+        }
+        lock(&self.st).hurry = true;
+        self.wake.notify_one();
+        let mut acked = self.acked.subscribe();
+        let _ = acked.wait_for(|a| *a >= target).await;
+    }
+
+    /// Queue `op` and wait for its outcome, if the delegation is held;
+    /// else give it back.
+    pub async fn submit(&self, op: BatchOp) -> Result<Result<Option<Attr>, RpcError>, BatchOp> {
+        let (tx, rx) = oneshot::channel();
+        let queued = self.local(|l| {
+            l.push(op.clone(), Some(Box::new(move |r: &Result<Option<Attr>, RpcError>| _ = tx.send(r.clone()))));
+            Some(())
+        });
+        if queued.is_none() {
+            return Err(op);
+        }
+        lock(&self.st).hurry = true;
+        self.wake.notify_one();
+        Ok(rx.await.unwrap_or_else(|_| Err(RpcError::errno(Errno::EIO, "the change queue stopped"))))
+    }
+
+    /// The first refused change since the last call, if any.
+    pub fn take_failure(&self) -> Option<FsError> {
+        lock(&self.st).failed.take()
+    }
+
+    /// Ask the server for the delegation (and inode numbers). Granted,
+    /// returns how many pushes had arrived with the reply: local answers
+    /// start once those are applied ([`Delegation::ready`]).
+    pub async fn acquire(&self) -> Option<u64> {
+        if lock(&self.st).held {
+            return None;
+        }
+        match self.link.call_seen::<Delegate>(DelegateParams { inos: RESERVE }).await {
+            (Ok(r), seen) if r.granted => {
+                let mut st = lock(&self.st);
+                (st.held, st.ready, st.recalled) = (true, false, false);
+                st.inos = r.first..r.first + r.count;
+                tracing::debug!("bucket delegated to this mount (inodes {}..{})", r.first, r.first + r.count);
+                Some(seen)
+            }
+            (Ok(_), _) => None,
+            (Err(e), _) => {
+                tracing::debug!("fs.delegate: {e}");
+                None
+            }
+        }
+    }
+
+    /// The caches have caught up with the grant: answer locally.
+    pub fn ready(&self) {
+        let mut st = lock(&self.st);
+        st.ready = st.held;
+    }
+
+    /// Reserve more inode numbers, in the background.
+    fn ask_inos(&self) {
+        let (link, me) = (self.link.clone(), self.me.clone());
+        tokio::spawn(async move {
+            let r = link.call::<Delegate>(DelegateParams { inos: RESERVE }).await;
+            let Some(me) = me.upgrade() else { return };
+            let mut st = lock(&me.st);
+            st.asking_inos = false;
+            match r {
+                // Numbers in use are consumed in order: the new range follows.
+                Ok(r) if r.granted && st.held => st.inos = st.inos.start.max(r.first)..r.first + r.count,
+                Ok(_) => {}
+                Err(e) => tracing::debug!("fs.delegate for more inodes: {e}"),
+            }
+        });
+    }
+
+    /// The server recalled the delegation: stop answering locally, send
+    /// what is queued, and return it.
+    pub async fn recall(&self) {
+        {
+            let mut st = lock(&self.st);
+            if !st.held {
+                return;
+            }
+            st.recalled = true;
+        }
+        self.drained().await;
+        if let Err(e) = self.link.call::<DelegateReturn>(Empty {}).await {
+            tracing::warn!("returning the delegation: {e}");
+        }
+        let mut st = lock(&self.st);
+        (st.held, st.ready, st.recalled) = (false, false, false);
+        st.inos = 0..0;
+        tracing::debug!("delegation returned");
+    }
+
+    /// Send the queue, in order, until the core goes; `failed` hears of
+    /// every change the server refused.
+    pub async fn run(self: Arc<Self>, failed: impl Fn(Vec<Failure>) + Send) {
+        loop {
+            // Wait for work; linger briefly unless somebody waits.
+            loop {
+                let woken = self.wake.notified();
+                let (len, hurry) = {
+                    let st = lock(&self.st);
+                    (st.queue.len(), st.hurry)
+                };
+                if len > 0 && (hurry || len >= MAX_BATCH) {
+                    break;
+                }
+                if len > 0 {
+                    let _ = tokio::time::timeout(LINGER, woken).await;
+                    break;
+                }
+                woken.await;
+            }
+            let batch: Vec<Queued> = {
+                let mut st = lock(&self.st);
+                let n = st.queue.len().min(MAX_BATCH);
+                let batch = st.queue.drain(..n).collect();
+                if st.queue.is_empty() {
+                    st.hurry = false;
+                }
+                batch
+            };
+            if batch.is_empty() {
+                continue;
+            }
+            let n = batch.len() as u64;
+            let (ops, thens): (Vec<BatchOp>, Vec<Option<Then>>) = batch.into_iter().map(|q| (q.op, q.then)).unzip();
+            let reply = self.link.call::<Batch>(BatchParams { ops: ops.clone() }).await;
+            let outcomes: Vec<Result<Option<Attr>, RpcError>> = match reply {
+                Ok(r) if r.outcomes.len() == ops.len() => r
+                    .outcomes
+                    .into_iter()
+                    .map(|o| match o.error {
+                        Some(e) => Err(e),
+                        None => Ok(o.attr),
+                    })
+                    .collect(),
+                Ok(r) => {
+                    let e =
+                        RpcError::errno(Errno::EIO, format!("fs.batch answered {} outcomes for {} changes", r.outcomes.len(), ops.len()));
+                    vec![Err(e); ops.len()]
+                }
+                Err(e) => vec![Err(e); ops.len()],
+            };
+            let mut failures = Vec::new();
+            for ((op, then), outcome) in ops.into_iter().zip(thens).zip(outcomes) {
+                if let Some(then) = then {
+                    then(&outcome);
+                }
+                if let Err(e) = outcome {
+                    failures.push((op, e));
+                }
+            }
+            if let Some((_, e)) = failures.first() {
+                let mut st = lock(&self.st);
+                if st.failed.is_none() {
+                    st.failed =
+                        Some(FsError::new(e.as_errno(), format!("a change made under the delegation failed on the server: {}", e.message)));
+                }
+            }
+            if !failures.is_empty() {
+                failed(failures);
+            }
+            {
+                let mut st = lock(&self.st);
+                let idle = st.queue.is_empty();
+                if let Some(j) = st.journal.as_mut()
+                    && let Err(e) = j.acked(n, idle)
+                {
+                    tracing::warn!("delegation log: {e}");
+                }
+            }
+            self.acked.send_modify(|a| *a += n);
+        }
+    }
+
+    /// Log queued changes in `journal` from now on, after sending what a
+    /// previous mount left in it. Returns how many of those the server
+    /// refused.
+    pub async fn replay_and_log(&self, mut journal: Journal, left: Vec<BatchOp>) -> usize {
+        let (total, mut refused) = (left.len(), 0);
+        for chunk in left.chunks(MAX_BATCH) {
+            match self.link.call::<Batch>(BatchParams { ops: chunk.to_vec() }).await {
+                Ok(r) => {
+                    for (op, outcome) in chunk.iter().zip(r.outcomes) {
+                        if let Some(e) = outcome.error {
+                            tracing::warn!("a change the last mount made was refused by the server: {op:?}: {e}");
+                            refused += 1;
+                        }
+                    }
+                }
+                Err(e) => {
+                    match journal.set_aside() {
+                        Ok(kept) => {
+                            tracing::error!("cannot send the {total} changes the last mount left unsent ({e}); kept in {}", kept.display())
+                        }
+                        Err(io) => tracing::error!("cannot send the changes the last mount left unsent ({e}), nor keep them: {io}"),
+                    }
+                    lock(&self.st).journal = Some(journal);
+                    return total;
+                }
+            }
+        }
+        if total > 0 {
+            tracing::info!("sent {} changes the last mount had made but not sent", total - refused);
+        }
+        if let Err(e) = journal.clear() {
+            tracing::warn!("delegation log: {e}");
+        }
+        lock(&self.st).journal = Some(journal);
+        refused
+    }
+
+    /// The connection was replaced: the server dropped the delegation.
+    pub fn lost(&self) {
+        let mut st = lock(&self.st);
+        (st.held, st.ready, st.recalled) = (false, false, false);
+        st.inos = 0..0;
+    }
+}

@@ -1,0 +1,160 @@
+//! The write-ahead log of changes answered under the delegation: each one
+//! is appended before it is answered, so a crash of the mount daemon loses
+//! none of them (DESIGN.md: dirty state lives on disk until acknowledged).
+//! The next mount sends what the server never acknowledged. Writes go to
+//! the page cache, which outlives the process; `fsync` covers a machine
+//! crash by waiting for the server instead.
+//!
+//! Records: a tag byte (an op, or a count of ops acknowledged), a
+//! little-endian u32 length, then the op's BSON or the count. A torn record
+//! at the end (the crash came mid-write) is ignored: its op was never
+//! answered.
+
+use restfs_proto::methods::BatchOp;
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+const OP: u8 = 1;
+const ACKED: u8 = 2;
+
+pub struct Journal {
+    file: File,
+    path: PathBuf,
+    /// Nothing is logged since the last truncation.
+    empty: bool,
+}
+
+fn record(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + body.len());
+    out.push(tag);
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// The ops of a log that were never acknowledged, in order.
+fn unacknowledged(bytes: &[u8]) -> Vec<BatchOp> {
+    let (mut ops, mut acked, mut at) = (Vec::new(), 0usize, 0usize);
+    while at + 5 <= bytes.len() {
+        let len = u32::from_le_bytes(bytes[at + 1..at + 5].try_into().expect("four bytes")) as usize;
+        let Some(body) = bytes.get(at + 5..at + 5 + len) else { break };
+        match bytes[at] {
+            OP => match bson::deserialize_from_slice::<BatchOp>(body) {
+                Ok(op) => ops.push(op),
+                Err(e) => {
+                    tracing::warn!("unreadable record in the delegation log: {e}");
+                    break;
+                }
+            },
+            ACKED if len == 8 => acked += u64::from_le_bytes(body.try_into().expect("eight bytes")) as usize,
+            _ => break,
+        }
+        at += 5 + len;
+    }
+    ops.split_off(acked.min(ops.len()))
+}
+
+impl Journal {
+    /// Open the log at `path`; returns it with the ops a previous mount
+    /// logged but never saw acknowledged (still in the file until [`Journal::clear`]).
+    pub fn open(path: &Path) -> io::Result<(Journal, Vec<BatchOp>)> {
+        let left = match std::fs::read(path) {
+            Ok(bytes) => unacknowledged(&bytes),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        Ok((Journal { file, path: path.to_owned(), empty: left.is_empty() }, left))
+    }
+
+    /// Log `op` before it is answered.
+    pub fn append(&mut self, op: &BatchOp) -> io::Result<()> {
+        let body = bson::serialize_to_vec(op).map_err(io::Error::other)?;
+        self.empty = false;
+        self.file.write_all(&record(OP, &body))
+    }
+
+    /// The server acknowledged the next `n` ops; `idle`: none is left.
+    pub fn acked(&mut self, n: u64, idle: bool) -> io::Result<()> {
+        if idle { self.clear() } else { self.file.write_all(&record(ACKED, &n.to_le_bytes())) }
+    }
+
+    /// Start over: everything logged is acknowledged.
+    pub fn clear(&mut self) -> io::Result<()> {
+        if !self.empty {
+            self.file.set_len(0)?;
+            self.empty = true;
+        }
+        Ok(())
+    }
+
+    /// Keep what a previous mount left (it could not be sent) under another
+    /// name, for an administrator, and start over.
+    pub fn set_aside(&mut self) -> io::Result<PathBuf> {
+        let kept = self.path.with_extension(format!("unsent-{}", restfs_proto::Timespec::now().sec));
+        std::fs::copy(&self.path, &kept)?;
+        self.clear()?;
+        Ok(kept)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use restfs_proto::methods::EntryParams;
+    use restfs_proto::{Name, Timespec};
+
+    fn unlink(i: u64) -> BatchOp {
+        BatchOp::Unlink {
+            at: Timespec { sec: i as i64, nsec: 0 },
+            entry: EntryParams { parent: 1, name: Name::from(format!("f{i}").as_bytes()) },
+        }
+    }
+
+    fn names(ops: &[BatchOp]) -> Vec<String> {
+        ops.iter()
+            .map(|op| match op {
+                BatchOp::Unlink { entry, .. } => String::from_utf8_lossy(entry.name.as_bytes()).into_owned(),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_crash_leaves_exactly_the_unacknowledged_ops() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("delegated.log");
+        let (mut j, left) = Journal::open(&path).unwrap();
+        assert!(left.is_empty());
+        for i in 0..5 {
+            j.append(&unlink(i)).unwrap();
+        }
+        j.acked(2, false).unwrap();
+        j.append(&unlink(5)).unwrap();
+        j.acked(1, false).unwrap();
+        drop(j);
+        // A torn record at the end: its op was never answered.
+        let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&[OP, 200, 0, 0, 0, 1, 2]).unwrap();
+        drop(f);
+        let (mut j, left) = Journal::open(&path).unwrap();
+        assert_eq!(names(&left), ["f3", "f4", "f5"]);
+        j.clear().unwrap();
+        assert!(Journal::open(&path).unwrap().1.is_empty());
+    }
+
+    #[test]
+    fn an_idle_queue_truncates_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("delegated.log");
+        let (mut j, _) = Journal::open(&path).unwrap();
+        j.append(&unlink(1)).unwrap();
+        j.acked(1, true).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+        j.append(&unlink(2)).unwrap();
+        let kept = j.set_aside().unwrap();
+        assert_eq!(names(&Journal::open(&kept).unwrap().1), ["f2"]);
+        assert!(Journal::open(&path).unwrap().1.is_empty());
+    }
+}

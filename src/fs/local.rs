@@ -1,0 +1,250 @@
+//! Namespace changes answered from the caches while this mount holds the
+//! bucket's delegation ([`super::delegation`]): creates, removals and
+//! renames of files cost no round trip. Each one checks what POSIX checks
+//! against the caches, updates them the way the server will (same rules,
+//! same timestamp), and queues the change. Whatever the caches cannot
+//! decide (an unknown name, a directory moving, a file open here) goes to
+//! the server as usual: these return `None` then.
+
+use super::delegation::Failure;
+use super::error::{FsError, Result};
+use super::{Ctx, Fs};
+use restfs_cache::meta::Entry as CachedEntry;
+use restfs_proto::methods::{BatchOp, EntryParams, NewNodeParams, RenameParams};
+use restfs_proto::{Attr, Errno, Ino, Kind, Name, Timespec};
+
+fn err<T>(errno: Errno, why: &str) -> Option<Result<T>> {
+    Some(Err(FsError::new(errno, format!("{why} (cached)"))))
+}
+
+/// `dir` with its times set to `at` and its link count moved by `links`.
+fn touched(mut dir: Attr, at: Timespec, links: i32) -> Attr {
+    dir.mtime = at;
+    dir.ctime = at;
+    dir.nlink = dir.nlink.saturating_add_signed(links);
+    dir
+}
+
+impl Fs {
+    /// May this mount answer locally now? (Cheap checks before waiting for
+    /// room in the queue.)
+    async fn may_answer_locally(&self) -> bool {
+        // Pushes carry nothing new while the delegation is held (every
+        // change is this mount's own), so the lease and a live cache suffice.
+        let d = &self.remote.delegation;
+        if !(d.active() && self.mc().is_some() && self.link().lease_valid()) {
+            return false;
+        }
+        d.room().await;
+        true
+    }
+
+    /// A directory's cached attributes, if it is a live directory.
+    fn cached_dir(&self, ino: Ino) -> Option<Attr> {
+        self.mc()?.attr(ino).ok().flatten().filter(|a| a.kind == Kind::Dir && a.nlink > 0)
+    }
+
+    /// Create a file or directory locally.
+    pub(super) async fn local_mknod(&self, ctx: Ctx, parent: Ino, name: &[u8], kind: Kind, mode: u32) -> Option<Result<Attr>> {
+        if !self.may_answer_locally().await {
+            return None;
+        }
+        let m = self.mc()?;
+        self.remote.delegation.local(|l| {
+            let dir = self.cached_dir(parent)?;
+            match m.entry(parent, name).ok().flatten()? {
+                CachedEntry::Found(_) => return err(Errno::EEXIST, "the name exists"),
+                CachedEntry::Missing => {}
+            }
+            let ino = l.ino()?;
+            let at = Timespec::now();
+            let node = NewNodeParams {
+                parent,
+                name: Name::from(name),
+                kind,
+                mode: mode & 0o7777,
+                uid: ctx.uid,
+                gid: ctx.gid,
+                rdev: 0,
+                ino: Some(ino),
+            };
+            // The server's rules: BSD groups in a setgid directory, whose
+            // subdirectories inherit the bit.
+            let (mut mode, mut gid) = (node.mode, node.gid);
+            if dir.mode & libc::S_ISGID != 0 {
+                gid = dir.gid;
+                if kind == Kind::Dir {
+                    mode |= libc::S_ISGID;
+                }
+            }
+            let is_dir = kind == Kind::Dir;
+            let attr = Attr {
+                ino,
+                kind,
+                mode,
+                uid: ctx.uid,
+                gid,
+                nlink: if is_dir { 2 } else { 1 },
+                size: 0,
+                atime: at,
+                mtime: at,
+                ctime: at,
+                rdev: 0,
+                version: 0,
+            };
+            let cached = m
+                .put_attr(&touched(dir, at, i32::from(is_dir)))
+                .and_then(|_| m.put_entry(parent, name, Some(&attr)))
+                .and_then(|_| if is_dir { m.put_listing(ino, parent, &[]) } else { Ok(()) });
+            if let Err(e) = cached {
+                tracing::warn!("{e}");
+            }
+            self.xattrs.created(ino, at);
+            l.push(BatchOp::Mknod { at, node }, None);
+            Some(Ok(attr))
+        })
+    }
+
+    /// Remove a file's name locally.
+    pub(super) async fn local_unlink(&self, parent: Ino, name: &[u8]) -> Option<Result<()>> {
+        if !self.may_answer_locally().await {
+            return None;
+        }
+        let m = self.mc()?;
+        self.remote.delegation.local(|l| {
+            let dir = self.cached_dir(parent)?;
+            let mut victim = match m.entry(parent, name).ok().flatten()? {
+                CachedEntry::Missing => return err(Errno::ENOENT, "no such entry"),
+                CachedEntry::Found(a) if a.kind == Kind::Dir => return err(Errno::EISDIR, "unlink of a directory"),
+                CachedEntry::Found(a) => a,
+            };
+            // The server must hear of opens here before the last name goes.
+            if self.open_file(victim.ino).is_some() {
+                return None;
+            }
+            let at = Timespec::now();
+            let mut cached = m.remove_entry(parent, name).and_then(|_| m.put_attr(&touched(dir, at, 0)));
+            if victim.nlink > 1 {
+                victim.nlink -= 1;
+                victim.ctime = at;
+                cached = cached.and_then(|_| m.put_attr(&victim));
+            }
+            if let Err(e) = cached {
+                tracing::warn!("{e}");
+            }
+            l.push(BatchOp::Unlink { at, entry: EntryParams { parent, name: Name::from(name) } }, None);
+            Some(Ok(()))
+        })
+    }
+
+    /// Remove an empty directory locally.
+    pub(super) async fn local_rmdir(&self, parent: Ino, name: &[u8]) -> Option<Result<()>> {
+        if !self.may_answer_locally().await {
+            return None;
+        }
+        let m = self.mc()?;
+        self.remote.delegation.local(|l| {
+            let dir = self.cached_dir(parent)?;
+            let child = match m.entry(parent, name).ok().flatten()? {
+                CachedEntry::Missing => return err(Errno::ENOENT, "no such entry"),
+                CachedEntry::Found(a) if a.kind != Kind::Dir => return err(Errno::ENOTDIR, "rmdir of a non-directory"),
+                CachedEntry::Found(a) => a,
+            };
+            let (_, entries) = m.listing(child.ino).ok().flatten()?;
+            if !entries.is_empty() {
+                return err(Errno::ENOTEMPTY, "directory not empty");
+            }
+            let at = Timespec::now();
+            if let Err(e) = m.remove_entry(parent, name).and_then(|_| m.put_attr(&touched(dir, at, -1))) {
+                tracing::warn!("{e}");
+            }
+            l.push(BatchOp::Rmdir { at, entry: EntryParams { parent, name: Name::from(name) } }, None);
+            Some(Ok(()))
+        })
+    }
+
+    /// Rename a file locally (directories, which may move subtrees, and
+    /// exchanges go to the server).
+    pub(super) async fn local_rename(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        new_parent: Ino,
+        new_name: &[u8],
+        noreplace: bool,
+    ) -> Option<Result<()>> {
+        if !self.may_answer_locally().await {
+            return None;
+        }
+        let m = self.mc()?;
+        self.remote.delegation.local(|l| {
+            let old_dir = self.cached_dir(parent)?;
+            let new_dir = if new_parent == parent { None } else { Some(self.cached_dir(new_parent)?) };
+            let mut moving = match m.entry(parent, name).ok().flatten()? {
+                CachedEntry::Missing => return err(Errno::ENOENT, "no such entry"),
+                CachedEntry::Found(a) if a.kind == Kind::Dir => return None,
+                CachedEntry::Found(a) => a,
+            };
+            let replaced = match m.entry(new_parent, new_name).ok().flatten()? {
+                CachedEntry::Missing => None,
+                CachedEntry::Found(_) if noreplace => return err(Errno::EEXIST, "the target exists"),
+                CachedEntry::Found(a) if a.kind == Kind::Dir => {
+                    return err(Errno::EISDIR, "cannot replace a directory with a non-directory");
+                }
+                // Two names of one inode (POSIX: nothing happens), or a file open here.
+                CachedEntry::Found(a) if a.ino == moving.ino || self.open_file(a.ino).is_some() => return None,
+                CachedEntry::Found(a) => Some(a),
+            };
+            let at = Timespec::now();
+            moving.ctime = at;
+            let mut cached = m.rename_entry(parent, name, new_parent, new_name).and_then(|_| m.put_attr(&moving));
+            if let Some(mut gone) = replaced.filter(|a| a.nlink > 1) {
+                gone.nlink -= 1;
+                gone.ctime = at;
+                cached = cached.and_then(|_| m.put_attr(&gone));
+            }
+            cached = cached.and_then(|_| m.put_attr(&touched(old_dir, at, 0)));
+            if let Some(new_dir) = new_dir {
+                cached = cached.and_then(|_| m.put_attr(&touched(new_dir, at, 0)));
+            }
+            if let Err(e) = cached {
+                tracing::warn!("{e}");
+            }
+            let rename =
+                RenameParams { parent, name: Name::from(name), new_parent, new_name: Name::from(new_name), noreplace, exchange: false };
+            l.push(BatchOp::Rename { at, rename }, None);
+            Some(Ok(()))
+        })
+    }
+
+    /// The server refused changes answered locally: drop what the caches
+    /// (and the kernel's) learnt from them; the server's state comes back
+    /// on the next lookups.
+    pub(super) fn refused(&self, failures: Vec<Failure>) {
+        for (op, e) in failures {
+            tracing::error!("the server refused a change this mount had already made: {op:?}: {e}");
+            let (entries, inodes): (Vec<(Ino, &[u8])>, Vec<Ino>) = match &op {
+                BatchOp::Mknod { node, .. } => (vec![(node.parent, node.name.as_bytes())], vec![node.parent]),
+                BatchOp::Unlink { entry, .. } | BatchOp::Rmdir { entry, .. } => {
+                    (vec![(entry.parent, entry.name.as_bytes())], vec![entry.parent])
+                }
+                BatchOp::Rename { rename: r, .. } => {
+                    (vec![(r.parent, r.name.as_bytes()), (r.new_parent, r.new_name.as_bytes())], vec![r.parent, r.new_parent])
+                }
+                BatchOp::Commit { commit, .. } => (vec![], vec![commit.ino]),
+            };
+            for (parent, name) in entries {
+                self.removed(parent, name);
+                if let Some(k) = self.kernel.get() {
+                    k.invalidate_entry(parent, name);
+                }
+            }
+            for ino in inodes {
+                self.forget(|m| m.forget_attr(ino));
+                if let Some(k) = self.kernel.get() {
+                    k.invalidate_inode(ino);
+                }
+            }
+        }
+    }
+}

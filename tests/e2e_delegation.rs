@@ -1,0 +1,157 @@
+//! Write-behind under the delegation: a mount alone on its bucket answers
+//! creates, renames, removals and closes itself and sends them in ordered
+//! batches. Another mount arriving recalls the delegation and sees every
+//! change; changes a killed daemon had not sent reach the server at its
+//! next mount; fsync still waits for the server.
+
+mod common;
+
+use common::*;
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+fn delegated(mnt: &Path) -> bool {
+    restfs::stats::read(mnt).map(|s| s.delegated).unwrap_or(false)
+}
+
+fn wait_delegated(mnt: &Path, want: bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while delegated(mnt) != want {
+        assert!(Instant::now() < deadline, "{}: delegation held should be {want}", mnt.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Distinct content per file.
+fn content(i: usize) -> Vec<u8> {
+    format!("file {i} ").repeat(i % 50 + 1).into_bytes()
+}
+
+const PER_CHANGE: &[&str] = &["fs.create", "fs.mkdir", "fs.rename", "fs.unlink", "fs.rmdir", "seg.commit"];
+
+#[test]
+fn a_lone_mount_answers_changes_itself_and_a_newcomer_sees_them_all() {
+    let root = scratch("e2e-delegation");
+    let server = Server::start(&root.join("data"));
+    server.create_bucket("d");
+    let (pa, pb) = (root.join("a"), root.join("b"));
+    let a = Mount::new(&server, "d", &pa, &format!("cache_dir={}", root.join("cache-a").display()));
+    wait_delegated(&pa, true);
+    let count = |m: &str| {
+        let (_, out) = server.admin(&["server-stats"]);
+        out.lines().find_map(|l| l.strip_prefix(&format!("requests.{m}\t"))).map_or(0, |v| v.trim().parse::<u64>().unwrap())
+    };
+    let before: Vec<u64> = PER_CHANGE.iter().map(|m| count(m)).collect();
+    let batches = count("fs.batch");
+
+    let dir = pa.join("dir");
+    std::fs::create_dir(&dir).unwrap();
+    for i in 0..300 {
+        std::fs::write(dir.join(format!("f{i}")), content(i)).unwrap();
+    }
+    for i in (0..300).step_by(2) {
+        std::fs::rename(dir.join(format!("f{i}")), dir.join(format!("g{i}"))).unwrap();
+    }
+    for i in (0..300).step_by(4) {
+        std::fs::remove_file(dir.join(format!("g{i}"))).unwrap();
+    }
+    std::fs::create_dir(pa.join("gone")).unwrap();
+    std::fs::remove_dir(pa.join("gone")).unwrap();
+    let expected: Vec<(String, Vec<u8>)> =
+        (0..300).filter(|i| i % 4 != 0).map(|i| (if i % 2 == 0 { format!("g{i}") } else { format!("f{i}") }, content(i))).collect();
+
+    let after: Vec<u64> = PER_CHANGE.iter().map(|m| count(m)).collect();
+    assert_eq!(before, after, "changes under the delegation went to the server one by one ({PER_CHANGE:?})");
+    let stats = restfs::stats::read(&pa).unwrap();
+    assert!(stats.counters["changes_delegated"] >= 300 + 300 + 150 + 75 + 3, "{:?}", stats.counters);
+    let sent = count("fs.batch") - batches;
+    assert!(sent < 300, "{sent} batches for 830 changes");
+
+    // A second mount recalls the delegation and finds every change.
+    let b = Mount::new(&server, "d", &pb, &format!("cache_dir={}", root.join("cache-b").display()));
+    assert!(!delegated(&pa), "the delegation outlived the second mount's arrival");
+    let mut names: Vec<String> =
+        std::fs::read_dir(pb.join("dir")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    let mut want: Vec<String> = expected.iter().map(|(n, _)| n.clone()).collect();
+    want.sort();
+    assert_eq!(names, want);
+    for (name, data) in &expected {
+        assert_eq!(&std::fs::read(pb.join("dir").join(name)).unwrap(), data, "{name}");
+    }
+    assert!(!pb.join("gone").exists());
+
+    // Two mounts: changes go to the server as they are made, both ways.
+    std::fs::write(pb.join("from-b"), b"b").unwrap();
+    assert_eq!(std::fs::read(pa.join("from-b")).unwrap(), b"b");
+    std::fs::rename(pa.join("dir/f1"), pa.join("moved-by-a")).unwrap();
+    assert_eq!(std::fs::read(pb.join("moved-by-a")).unwrap(), content(1));
+    assert!(!pb.join("dir/f1").exists());
+
+    // Alone again, the first mount gets the delegation back.
+    b.unmount();
+    wait_delegated(&pa, true);
+    std::fs::write(pa.join("late"), b"late").unwrap();
+    a.unmount();
+    let a = Mount::new(&server, "d", &pb, &format!("cache_dir={}", root.join("cache-b").display()));
+    assert_eq!(std::fs::read(pb.join("late")).unwrap(), b"late");
+    a.unmount();
+}
+
+#[test]
+fn changes_a_killed_daemon_had_not_sent_reach_the_server_at_its_next_mount() {
+    let root = scratch("e2e-delegation-kill");
+    let mut server = Server::start(&root.join("data"));
+    server.create_bucket("d");
+    let (pa, pb) = (root.join("a"), root.join("b"));
+    let opts_a = format!("cache_dir={}", root.join("cache-a").display());
+    let a = Mount::new(&server, "d", &pa, &opts_a);
+    wait_delegated(&pa, true);
+    std::fs::create_dir(pa.join("dir")).unwrap();
+    // With the server frozen nothing is acknowledged: the changes stay queued.
+    server.signal(libc::SIGSTOP);
+    for i in 0..50 {
+        std::fs::write(pa.join(format!("dir/f{i}")), content(i)).unwrap();
+    }
+    std::fs::rename(pa.join("dir/f0"), pa.join("dir/renamed")).unwrap();
+    let queued = restfs::stats::read(&pa).unwrap().changes_queued;
+    a.kill();
+    server.signal(libc::SIGCONT);
+    assert!(queued >= 50, "only {queued} changes were queued");
+
+    // The next mount with the same cache sends them before anything else.
+    let a = Mount::new(&server, "d", &pa, &opts_a);
+    a.unmount();
+    let b = Mount::new(&server, "d", &pb, &format!("cache_dir={}", root.join("cache-b").display()));
+    assert_eq!(std::fs::read(pb.join("dir/renamed")).unwrap(), content(0));
+    for i in 1..50 {
+        assert_eq!(std::fs::read(pb.join(format!("dir/f{i}"))).unwrap(), content(i), "f{i}");
+    }
+    b.unmount();
+    server.stop();
+}
+
+#[test]
+fn fsync_returns_once_the_server_has_the_changes() {
+    let root = scratch("e2e-delegation-fsync");
+    let server = Server::start(&root.join("data"));
+    server.create_bucket("d");
+    let (pa, pb) = (root.join("a"), root.join("b"));
+    let a = Mount::new(&server, "d", &pa, &format!("cache_dir={}", root.join("cache-a").display()));
+    wait_delegated(&pa, true);
+    for i in 0..20 {
+        std::fs::write(pa.join(format!("f{i}")), content(i)).unwrap();
+    }
+    let mut f = std::fs::File::create(pa.join("synced")).unwrap();
+    f.write_all(b"on the server").unwrap();
+    f.sync_all().unwrap();
+    // Killed right after: a mount with another cache (no replay) finds it all.
+    a.kill();
+    let b = Mount::new(&server, "d", &pb, &format!("cache_dir={}", root.join("cache-b").display()));
+    assert_eq!(std::fs::read(pb.join("synced")).unwrap(), b"on the server");
+    for i in 0..20 {
+        assert_eq!(std::fs::read(pb.join(format!("f{i}"))).unwrap(), content(i), "f{i}");
+    }
+    b.unmount();
+}
