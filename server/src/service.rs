@@ -6,8 +6,8 @@
 //!   its hash was verified, so a commit can never name a missing block;
 //! - an unlinked inode stays while any connection holds it open and is
 //!   purged at its last release;
-//! - committed mutations become durable within [`SYNC_INTERVAL`], or at once
-//!   on `fs.sync`.
+//! - mutations are committed in groups (within the store's group window),
+//!   become durable within [`SYNC_INTERVAL`], or at once on `fs.sync`.
 
 use crate::blocks::{BlockStore, INLINE_MAX};
 use crate::error::{Error, Result};
@@ -61,6 +61,9 @@ pub struct Service {
     pub counters: Counters,
     pub callbacks: crate::callbacks::Callbacks,
     pub delegations: crate::delegation::Delegations,
+    /// A group commit is scheduled (see [`Service::spawn_background`]).
+    group_pending: AtomicBool,
+    group_wake: tokio::sync::Notify,
 }
 
 /// Server-wide counters, reported by `admin.stats`.
@@ -133,6 +136,8 @@ impl Service {
             counters: Counters::default(),
             callbacks: Default::default(),
             delegations: Default::default(),
+            group_pending: AtomicBool::new(false),
+            group_wake: tokio::sync::Notify::new(),
             token: std::sync::OnceLock::new(),
         })
     }
@@ -167,6 +172,9 @@ impl Service {
     pub async fn mutate<T: Send + 'static>(&self, b: BucketId, f: impl FnOnce(&dyn MetaStore) -> Result<T> + Send + 'static) -> Result<T> {
         let out = self.meta(f).await;
         self.dirty.store(true, Ordering::Release);
+        if !self.group_pending.swap(true, Ordering::AcqRel) {
+            self.group_wake.notify_one();
+        }
         if DEFERRED_BUMP.try_with(|c| c.set(Some(b))).is_err() {
             self.bump(b);
         }
@@ -248,24 +256,13 @@ impl Service {
         let _shared = self.gc_lock.read().await;
         self.counters.block_puts.fetch_add(blocks.len() as u64, Ordering::Relaxed);
         self.counters.block_put_bytes.fetch_add(blocks.iter().map(|(_, d)| d.len() as u64).sum(), Ordering::Relaxed);
-        self.blocking(move |store, meta| {
-            for (hash, data) in blocks {
-                if data.len() > MAX_BLOCK_SIZE as usize {
-                    return Err(Error::fs(Errno::EFBIG, format!("block of {} bytes exceeds the {MAX_BLOCK_SIZE}-byte limit", data.len())));
-                }
-                if Hash::of(&data) != hash {
-                    return Err(Error::fs(Errno::EINVAL, format!("block content does not match its hash {hash}")));
-                }
-                if data.len() <= INLINE_MAX {
-                    meta.add_block(&hash, data.len() as u32, Some(&data))?;
-                } else {
-                    store.put(&hash, &data)?;
-                    meta.add_block(&hash, data.len() as u32, None)?;
-                }
-            }
-            Ok(())
-        })
-        .await
+        // Small blocks only go to the metadata store: in place, like other
+        // metadata calls; the block store may wait on the disk.
+        if blocks.iter().map(|(_, d)| d.len()).sum::<usize>() <= INLINE_MAX {
+            let (store, meta) = (self.blocks.clone(), self.meta.clone());
+            return put_verified(store.as_ref(), meta.as_ref(), blocks);
+        }
+        self.blocking(move |store, meta| put_verified(store, meta, blocks)).await
     }
 
     /// A block's bytes, checked against its hash.
@@ -351,8 +348,19 @@ impl Service {
         Ok(())
     }
 
-    /// Background duties: group sync and periodic garbage collection.
+    /// Background duties: group commit, group sync and periodic garbage collection.
     pub fn spawn_background(self: &Arc<Self>) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                me.group_wake.notified().await;
+                tokio::time::sleep(crate::meta::sqlite::GROUP_WINDOW).await;
+                me.group_pending.store(false, Ordering::Release);
+                if let Err(e) = me.meta(|m| m.commit_group()).await {
+                    tracing::error!("group commit failed: {e}");
+                }
+            }
+        });
         let me = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(SYNC_INTERVAL);
@@ -394,4 +402,24 @@ impl Service {
             }
         });
     }
+}
+
+/// Verify blocks against their hashes and store them: small ones in the
+/// metadata store, others in the block store, then registered.
+fn put_verified(store: &dyn BlockStore, meta: &dyn MetaStore, blocks: Vec<(Hash, Vec<u8>)>) -> Result<()> {
+    for (hash, data) in blocks {
+        if data.len() > MAX_BLOCK_SIZE as usize {
+            return Err(Error::fs(Errno::EFBIG, format!("block of {} bytes exceeds the {MAX_BLOCK_SIZE}-byte limit", data.len())));
+        }
+        if Hash::of(&data) != hash {
+            return Err(Error::fs(Errno::EINVAL, format!("block content does not match its hash {hash}")));
+        }
+        if data.len() <= INLINE_MAX {
+            meta.add_block(&hash, data.len() as u32, Some(&data))?;
+        } else {
+            store.put(&hash, &data)?;
+            meta.add_block(&hash, data.len() as u32, None)?;
+        }
+    }
+    Ok(())
 }

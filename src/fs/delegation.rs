@@ -70,7 +70,10 @@ pub struct Delegation {
     /// Changes queued so far, and acknowledged so far.
     queued: AtomicU64,
     acked: watch::Sender<u64>,
+    /// Wakes the sender when the queue gets its first change.
     wake: Notify,
+    /// Wakes a lingering sender: somebody waits for the queue.
+    hurry: Notify,
     /// Bumped by every local answer (see `Fs::opendir`).
     local_changes: AtomicU64,
 }
@@ -102,7 +105,9 @@ impl Local<'_> {
         self.st.queue.push_back(Queued { op, then });
         self.d.queued.fetch_add(1, Ordering::AcqRel);
         self.d.local_changes.fetch_add(1, Ordering::AcqRel);
-        self.d.wake.notify_one();
+        if self.st.queue.len() == 1 {
+            self.d.wake.notify_one();
+        }
     }
 }
 
@@ -119,6 +124,7 @@ impl Delegation {
             queued: AtomicU64::new(0),
             acked: watch::Sender::new(0),
             wake: Notify::new(),
+            hurry: Notify::new(),
             local_changes: AtomicU64::new(0),
         })
     }
@@ -161,8 +167,7 @@ impl Delegation {
         if *self.acked.borrow() >= target {
             return;
         }
-        lock(&self.st).hurry = true;
-        self.wake.notify_one();
+        self.hurry_up();
         let mut acked = self.acked.subscribe();
         let _ = acked.wait_for(|a| *a >= target).await;
     }
@@ -178,9 +183,15 @@ impl Delegation {
         if queued.is_none() {
             return Err(op);
         }
-        lock(&self.st).hurry = true;
-        self.wake.notify_one();
+        self.hurry_up();
         Ok(rx.await.unwrap_or_else(|_| Err(RpcError::errno(Errno::EIO, "the change queue stopped"))))
+    }
+
+    /// Somebody waits for the queue: send it without lingering.
+    fn hurry_up(&self) {
+        lock(&self.st).hurry = true;
+        self.hurry.notify_one();
+        self.wake.notify_one();
     }
 
     /// The first refused change since the last call, if any.
@@ -258,21 +269,31 @@ impl Delegation {
     /// every change the server refused.
     pub async fn run(self: Arc<Self>, failed: impl Fn(Vec<Failure>) + Send) {
         loop {
-            // Wait for work; linger briefly unless somebody waits.
+            // Wait for work. After a pause, let more join the first change
+            // for a moment, unless somebody waits; while a batch was in
+            // flight the next one filled already.
+            let mut paused = false;
             loop {
                 let woken = self.wake.notified();
+                tokio::pin!(woken);
+                woken.as_mut().enable();
+                if !lock(&self.st).queue.is_empty() {
+                    break;
+                }
+                paused = true;
+                woken.await;
+            }
+            if paused {
+                let hurried = self.hurry.notified();
+                tokio::pin!(hurried);
+                hurried.as_mut().enable();
                 let (len, hurry) = {
                     let st = lock(&self.st);
                     (st.queue.len(), st.hurry)
                 };
-                if len > 0 && (hurry || len >= MAX_BATCH) {
-                    break;
+                if !hurry && len < MAX_BATCH {
+                    let _ = tokio::time::timeout(LINGER, hurried).await;
                 }
-                if len > 0 {
-                    let _ = tokio::time::timeout(LINGER, woken).await;
-                    break;
-                }
-                woken.await;
             }
             let batch: Vec<Queued> = {
                 let mut st = lock(&self.st);

@@ -451,41 +451,27 @@ impl FileData {
             .collect();
         let mut params = SegmentCommitParams { ino: self.attr.ino, size, slots, mtime: Some(self.attr.mtime), blocks: Vec::new() };
         let before = self.attr.version;
-        // Until the server acknowledges, the commit is journaled (its blocks
-        // are pinned in the disk cache): a later mount completes it.
         let record = Unacked { base_version: before, commit: params.clone() };
-        journal(r, &record);
-        self.send_all(r, staged).await?;
         for b in &inline {
             r.cache.insert(b.hash, b.data.clone());
             r.metrics.add(super::metrics::BLOCKS_UPLOADED, 1);
             r.metrics.add(super::metrics::BYTES_UPLOADED, b.data.len() as u64);
             params.blocks.push(BlockData { hash: b.hash, data: Bytes(b.data.to_vec()) });
         }
-        let fresh = match self.commit_behind(r, params, record) {
-            // Under the delegation: nobody else commits, so the server will
-            // make exactly this version.
+        // Under the delegation a commit of small blocks only is queued
+        // without waiting, logged by the delegation's journal.
+        let behind = if staged.is_empty() { self.commit_behind(r, params, None) } else { Err(params) };
+        let fresh = match behind {
             Ok(fresh) => fresh,
             Err(params) => {
-                let committed = r.commit(params).await;
-                if committed.is_err() {
-                    // Not stored: they go with the next upload.
-                    self.unsent.extend(inline);
+                // Until the server acknowledges, the commit is journaled (its
+                // blocks are pinned in the disk cache): a later mount completes it.
+                journal(r, &record);
+                self.send_all(r, staged).await?;
+                match self.commit_behind(r, params, Some(record)) {
+                    Ok(fresh) => fresh,
+                    Err(params) => self.commit_now(r, params, inline).await?,
                 }
-                let fresh = committed.map_err(|e| {
-                    if e.as_errno() == Errno::EAGAIN {
-                        FsError::new(Errno::EIO, format!("commit of inode {} lost blocks the server collected: {e}", self.attr.ino))
-                    } else {
-                        e.into()
-                    }
-                })?;
-                r.release(std::mem::take(&mut self.pinned));
-                if let Some(meta) = &r.meta
-                    && let Err(e) = meta.clear_unacked(self.attr.ino)
-                {
-                    tracing::warn!("{e}");
-                }
-                fresh
             }
         };
         // Our commit is the only change since `before`: the map stays valid.
@@ -518,14 +504,38 @@ impl FileData {
         Ok(true)
     }
 
+    /// Commit and wait for the server's answer.
+    async fn commit_now(&mut self, r: &Arc<Remote>, params: SegmentCommitParams, inline: Vec<Staged>) -> Result<Attr> {
+        let committed = r.commit(params).await;
+        if committed.is_err() {
+            // Not stored: they go with the next upload.
+            self.unsent.extend(inline);
+        }
+        let fresh = committed.map_err(|e| {
+            if e.as_errno() == Errno::EAGAIN {
+                FsError::new(Errno::EIO, format!("commit of inode {} lost blocks the server collected: {e}", self.attr.ino))
+            } else {
+                FsError::from(e)
+            }
+        })?;
+        r.release(std::mem::take(&mut self.pinned));
+        if let Some(meta) = &r.meta
+            && let Err(e) = meta.clear_unacked(self.attr.ino)
+        {
+            tracing::warn!("{e}");
+        }
+        Ok(fresh)
+    }
+
     /// Queue the commit behind the delegation's other changes, without
     /// waiting: returns the attributes it will give the file. Gives the
-    /// commit back when the delegation is not held.
+    /// commit back when the delegation is not held. `record`: the commit as
+    /// journaled, cleared from the journal once acknowledged.
     fn commit_behind(
         &mut self,
         r: &Arc<Remote>,
         params: SegmentCommitParams,
-        record: Unacked,
+        record: Option<Unacked>,
     ) -> std::result::Result<Attr, SegmentCommitParams> {
         let at = Timespec::now();
         let mtime = params.mtime.unwrap_or(at);
@@ -539,7 +549,7 @@ impl FileData {
                 // Refused, the blocks stay pinned for the journal's next mount.
                 if outcome.is_ok() {
                     remote.release(pinned);
-                    if let Some(meta) = &remote.meta {
+                    if let (Some(meta), Some(record)) = (&remote.meta, record) {
                         let text = serde_json::to_string(&record).unwrap_or_default();
                         if let Err(e) = meta.clear_unacked_if(record.commit.ino, &text) {
                             tracing::warn!("{e}");

@@ -19,6 +19,9 @@ use crate::client::Link;
 /// Most bytes sent in one `block.put` call.
 const PUT_BATCH_BYTES: usize = 8 << 20;
 
+/// Up to this many bytes are hashed and staged on the calling thread.
+const STAGE_IN_PLACE: usize = 128 << 10;
+
 /// Blocks up to this size travel with their commit (no `has` first).
 pub const SMALL_BLOCK: usize = 64 << 10;
 
@@ -149,8 +152,9 @@ impl Remote {
         if blocks.is_empty() {
             return Ok(Vec::new());
         }
+        let total: usize = blocks.iter().map(|(_, d)| d.len()).sum();
         let ring = self.ring.clone();
-        tokio::task::spawn_blocking(move || {
+        let stage_all = move || -> Vec<Staged> {
             blocks
                 .into_iter()
                 .map(|(index, data)| {
@@ -163,9 +167,12 @@ impl Remote {
                     Staged { index, hash, data: Arc::new(BlockBytes::Heap(data)) }
                 })
                 .collect()
-        })
-        .await
-        .map_err(|e| FsError::new(Errno::EIO, format!("hashing failed: {e}")))
+        };
+        // A little data costs less in place than a hand-off to another thread.
+        if total <= STAGE_IN_PLACE {
+            return Ok(stage_all());
+        }
+        tokio::task::spawn_blocking(stage_all).await.map_err(|e| FsError::new(Errno::EIO, format!("hashing failed: {e}")))
     }
 
     /// Release the pins [`Remote::stage`] took, once the blocks are committed.

@@ -118,7 +118,13 @@ pub trait MetaStore: Send + Sync {
     /// number and bytes of all forgotten.
     fn collect_garbage(&self, min_age_secs: u64) -> Result<Garbage>;
 
-    /// Make every committed mutation durable on disk.
+    /// Commit mutations the store holds back to commit them in a group
+    /// (see the SQLite store). Returns whether there were any.
+    fn commit_group(&self) -> Result<bool> {
+        Ok(false)
+    }
+
+    /// Make every mutation so far durable on disk.
     fn sync(&self) -> Result<()>;
 
     // Change log.
