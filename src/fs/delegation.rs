@@ -26,8 +26,10 @@ use tokio::sync::{Notify, oneshot, watch};
 const RESERVE: u64 = 4096;
 /// Most changes sent in one batch.
 const MAX_BATCH: usize = 512;
-/// Most changes queued: further local answers wait for room.
+/// Most changes queued, and most bytes of file data they carry: further
+/// local answers wait for room (this bounds the daemon's memory).
 const MAX_QUEUE: u64 = 4096;
+const MAX_QUEUE_BYTES: u64 = 32 << 20;
 /// How long the sender waits for more changes before sending a batch
 /// that nobody waits for.
 const LINGER: Duration = Duration::from_micros(500);
@@ -69,6 +71,8 @@ pub struct Delegation {
     st: Mutex<State>,
     /// Changes queued so far, and acknowledged so far.
     queued: AtomicU64,
+    /// Bytes of file data in changes not yet acknowledged.
+    queued_bytes: AtomicU64,
     acked: watch::Sender<u64>,
     /// Wakes the sender when the queue gets its first change.
     wake: Notify,
@@ -102,12 +106,21 @@ impl Local<'_> {
         {
             tracing::warn!("cannot log a change in the delegation log (a crash now would lose it): {e}");
         }
+        self.d.queued_bytes.fetch_add(data_bytes(&op), Ordering::AcqRel);
         self.st.queue.push_back(Queued { op, then });
         self.d.queued.fetch_add(1, Ordering::AcqRel);
         self.d.local_changes.fetch_add(1, Ordering::AcqRel);
         if self.st.queue.len() == 1 {
             self.d.wake.notify_one();
         }
+    }
+}
+
+/// Bytes of file data `op` carries.
+fn data_bytes(op: &BatchOp) -> u64 {
+    match op {
+        BatchOp::Commit { commit, .. } => commit.blocks.iter().map(|b| b.data.0.len() as u64).sum(),
+        _ => 0,
     }
 }
 
@@ -122,6 +135,7 @@ impl Delegation {
             link,
             st: Mutex::default(),
             queued: AtomicU64::new(0),
+            queued_bytes: AtomicU64::new(0),
             acked: watch::Sender::new(0),
             wake: Notify::new(),
             hurry: Notify::new(),
@@ -158,7 +172,11 @@ impl Delegation {
     /// Wait until there is room in the queue (before a local answer).
     pub async fn room(&self) {
         let mut acked = self.acked.subscribe();
-        let _ = acked.wait_for(|a| self.queued.load(Ordering::Acquire) < a + MAX_QUEUE).await;
+        let _ = acked
+            .wait_for(|a| {
+                self.queued.load(Ordering::Acquire) < a + MAX_QUEUE && self.queued_bytes.load(Ordering::Acquire) < MAX_QUEUE_BYTES
+            })
+            .await;
     }
 
     /// Wait until every change queued so far is acknowledged.
@@ -308,6 +326,7 @@ impl Delegation {
                 continue;
             }
             let n = batch.len() as u64;
+            let bytes: u64 = batch.iter().map(|q| data_bytes(&q.op)).sum();
             let (ops, thens): (Vec<BatchOp>, Vec<Option<Then>>) = batch.into_iter().map(|q| (q.op, q.then)).unzip();
             let reply = self.link.call::<Batch>(BatchParams { ops: ops.clone() }).await;
             let outcomes: Vec<Result<Option<Attr>, RpcError>> = match reply {
@@ -354,6 +373,7 @@ impl Delegation {
                     tracing::warn!("delegation log: {e}");
                 }
             }
+            self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
             self.acked.send_modify(|a| *a += n);
         }
     }

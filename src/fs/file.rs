@@ -460,7 +460,12 @@ impl FileData {
         }
         // Under the delegation a commit of small blocks only is queued
         // without waiting, logged by the delegation's journal.
-        let behind = if staged.is_empty() { self.commit_behind(r, params, None) } else { Err(params) };
+        let behind = if staged.is_empty() {
+            r.delegation.room().await;
+            self.commit_behind(r, params, None)
+        } else {
+            Err(params)
+        };
         let fresh = match behind {
             Ok(fresh) => fresh,
             Err(params) => {
