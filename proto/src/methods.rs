@@ -495,6 +495,11 @@ pub struct DelegateResult {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BatchParams {
     pub ops: Vec<BatchOp>,
+    /// Names the batch for good: the server applies a batch with a token
+    /// once, and answers a repeat (a retry, or a replay by the holder's
+    /// next mount after a crash) with the first outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 /// One change of a batch.

@@ -39,7 +39,6 @@ const REPLAYABLE: &[&str] = &[
     Unlink::NAME,
     Rmdir::NAME,
     Rename::NAME,
-    Batch::NAME,
     SetXattr::NAME,
     RemoveXattr::NAME,
     BucketCreate::NAME,
@@ -58,6 +57,9 @@ const PUSH_PAGE: u64 = 1000;
 
 /// Numbers connections, for [`crate::delegation`].
 static SESSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// The replay cache's "client" for batches named by a token.
+const BATCH_REPLIES: &str = "fs.batch";
 
 /// Most inode numbers reserved in one `fs.delegate`.
 const MAX_RESERVATION: u64 = 1 << 20;
@@ -791,7 +793,7 @@ impl Session {
         let refused = DelegateResult { granted: false, first: 0, count: 0 };
         if self.service.delegations.holds(b, self.id) {
             let count = p.inos.min(MAX_RESERVATION);
-            let first = self.service.mutate(b, move |m| m.reserve_inos(b, count)).await?;
+            let first = self.reserve(b, count).await?;
             return Ok(DelegateResult { granted: true, first, count });
         }
         // Others' changes are pushed in full before the grant: after it,
@@ -816,9 +818,16 @@ impl Session {
             return Ok(refused);
         }
         drop(pushes);
-        let count = p.inos.min(MAX_RESERVATION);
+        let first = self.reserve(b, p.inos.min(MAX_RESERVATION)).await?;
+        Ok(DelegateResult { granted: true, first, count: p.inos.min(MAX_RESERVATION) })
+    }
+
+    /// Reserve inode numbers, committed at once: a server crash must not
+    /// hand them out again.
+    async fn reserve(&self, b: BucketId, count: u64) -> Outcome<Ino> {
         let first = self.service.mutate(b, move |m| m.reserve_inos(b, count)).await?;
-        Ok(DelegateResult { granted: true, first, count })
+        self.service.meta(|m| m.commit_group()).await?;
+        Ok(first)
     }
 
     async fn delegate_return(self: Arc<Self>, _: Empty) -> Outcome<Empty> {
@@ -847,6 +856,13 @@ impl Session {
 
     /// Apply a holder's queued changes in order, each stamped with its time.
     async fn batch(self: Arc<Self>, p: BatchParams) -> Outcome<BatchResult> {
+        // Applied once per token (see `BatchParams::token`).
+        if let Some(token) = &p.token
+            && let Some(earlier) = self.service.replayed(BATCH_REPLIES.into(), token.clone()).await
+            && let Ok(result) = serde_json::from_slice::<BatchResult>(&earlier)
+        {
+            return Ok(result);
+        }
         let mut outcomes = Vec::with_capacity(p.ops.len());
         for op in p.ops {
             let s = self.clone();
@@ -865,7 +881,12 @@ impl Session {
                 Err(e) => BatchOutcome { attr: None, error: Some(e) },
             });
         }
-        Ok(BatchResult { outcomes })
+        let result = BatchResult { outcomes };
+        if let Some(token) = p.token {
+            let remembered = serde_json::to_vec(&result).map_err(|e| RpcError::errno(Errno::EIO, e.to_string()))?;
+            self.service.remember(BATCH_REPLIES.into(), token, remembered).await;
+        }
+        Ok(result)
     }
 
     async fn ping(self: Arc<Self>, _: Empty) -> Outcome<Empty> {

@@ -755,3 +755,84 @@ async fn disconnect_releases_open_files() {
     assert_eq!(ok(&mut b, "block.has", json!({"hashes": [h.to_hex()]})).await["present"], json!([false]));
     fx.finish().await;
 }
+
+// --- delegation ---
+
+/// Call `method` and wait for its answer, collecting the notifications
+/// (pushes, recalls) that arrive first.
+async fn call_noting(ws: &mut Ws, method: &str, params: Value, notes: &mut Vec<Value>) -> Value {
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    send_text(ws, &json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string()).await;
+    loop {
+        let m = next_json(ws).await;
+        if m.get("id") == Some(&json!(id)) {
+            assert!(m.get("error").is_none(), "{method} failed: {m}");
+            return m["result"].clone();
+        }
+        notes.push(m);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn delegation_batches_apply_once_and_a_mount_recalls_it() {
+    let fx = Fixture::start().await;
+    let mut a = fx.connect().await;
+    let mut notes = Vec::new();
+    let hello = json!({"versions": [1], "encodings": ["json"], "capabilities": ["push", "callbacks"]});
+    call_noting(&mut a, "hello", hello.clone(), &mut notes).await;
+    call_noting(&mut a, "bucket.create", json!({"name": "deleg"}), &mut notes).await;
+    call_noting(&mut a, "bucket.mount", json!({"name": "deleg"}), &mut notes).await;
+    call_noting(&mut a, "bucket.subscribe", json!({}), &mut notes).await;
+    let d = call_noting(&mut a, "fs.delegate", json!({"inos": 10}), &mut notes).await;
+    assert_eq!((d["granted"].as_bool(), d["count"].as_u64()), (Some(true), Some(10)), "{d}");
+    let ino = d["first"].as_u64().unwrap();
+
+    let at = json!({"sec": 1_700_000_000, "nsec": 5});
+    let ops = json!([
+        {"mknod": {"at": at, "node": {"parent": 1, "name": "f", "kind": "file", "mode": 0o640, "uid": 7, "gid": 7, "ino": ino}}},
+        {"rename": {"at": at, "rename": {"parent": 1, "name": "f", "new_parent": 1, "new_name": "g"}}},
+    ]);
+    let first = call_noting(&mut a, "fs.batch", json!({"ops": ops, "token": "tok-1"}), &mut notes).await;
+    let outcomes = first["outcomes"].as_array().unwrap();
+    assert_eq!(outcomes[0]["attr"]["ino"].as_u64(), Some(ino), "{first}");
+    assert_eq!(outcomes[0]["attr"]["ctime"], at, "stamped with the holder's time: {first}");
+    assert!(outcomes.iter().all(|o| o.get("error").is_none()), "{first}");
+    // The same token again (a replay after a crash): answered, not applied twice.
+    let again = call_noting(&mut a, "fs.batch", json!({"ops": ops, "token": "tok-1"}), &mut notes).await;
+    assert_eq!(again, first);
+    // Without it, the changes would be applied again, and fail.
+    let twice = call_noting(&mut a, "fs.batch", json!({"ops": ops}), &mut notes).await;
+    let errors: Vec<&str> =
+        twice["outcomes"].as_array().unwrap().iter().map(|o| o["error"]["data"]["errno"].as_str().unwrap_or("-")).collect();
+    assert_eq!(errors, ["EINVAL", "ENOENT"], "{twice}");
+    // The holder's own changes come back as sequence numbers only.
+    for n in notes.iter().filter(|n| n["method"] == "push.changes") {
+        assert_eq!(n["params"]["changes"], json!([]), "{n}");
+    }
+
+    // Another mount waits until the holder returns the delegation.
+    let addr = fx.server.addr;
+    let newcomer = tokio::spawn(async move {
+        let mut b = connect(addr).await;
+        ok(&mut b, "hello", json!({"versions": [1], "encodings": ["json"]})).await;
+        ok(&mut b, "bucket.mount", json!({"name": "deleg"})).await;
+        let l = ok(&mut b, "fs.readdir", json!({"ino": 1, "limit": 100})).await;
+        (b, l)
+    });
+    let recall = loop {
+        let m = next_json(&mut a).await;
+        if m["method"] == "fs.recall" {
+            break m;
+        }
+    };
+    assert!(recall.get("id").is_none(), "a notification: {recall}");
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(!newcomer.is_finished(), "the newcomer did not wait for the holder");
+    call_noting(&mut a, "fs.delegate_return", json!({}), &mut notes).await;
+    let (_b, listing) = newcomer.await.unwrap();
+    let names: Vec<&str> = listing["entries"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["g"]);
+    let d = call_noting(&mut a, "fs.delegate", json!({"inos": 10}), &mut notes).await;
+    assert_eq!(d["granted"], false, "two mounts: no delegation");
+    fx.finish().await;
+}

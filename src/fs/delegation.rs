@@ -12,7 +12,7 @@
 //! from the caches, and the next `fsync` or `syncfs` reports it.
 
 use super::error::FsError;
-use super::journal::Journal;
+use super::journal::{Journal, Leftover};
 use crate::client::Link;
 use restfs_proto::methods::{Batch, BatchOp, BatchParams, Delegate, DelegateParams, DelegateReturn, Empty};
 use restfs_proto::{Attr, Errno, Ino, RpcError};
@@ -114,6 +114,13 @@ impl Local<'_> {
             self.d.wake.notify_one();
         }
     }
+}
+
+/// A batch token no other batch of any mount will have.
+fn new_token() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    format!("{now:x}-{:x}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 /// Bytes of file data `op` carries.
@@ -328,7 +335,13 @@ impl Delegation {
             let n = batch.len() as u64;
             let bytes: u64 = batch.iter().map(|q| data_bytes(&q.op)).sum();
             let (ops, thens): (Vec<BatchOp>, Vec<Option<Then>>) = batch.into_iter().map(|q| (q.op, q.then)).unzip();
-            let reply = self.link.call::<Batch>(BatchParams { ops: ops.clone() }).await;
+            let token = new_token();
+            if let Some(j) = lock(&self.st).journal.as_mut()
+                && let Err(e) = j.sending(&token, n)
+            {
+                tracing::warn!("delegation log: {e}");
+            }
+            let reply = self.link.call::<Batch>(BatchParams { ops: ops.clone(), token: Some(token) }).await;
             let outcomes: Vec<Result<Option<Attr>, RpcError>> = match reply {
                 Ok(r) if r.outcomes.len() == ops.len() => r
                     .outcomes
@@ -381,12 +394,23 @@ impl Delegation {
     /// Log queued changes in `journal` from now on, after sending what a
     /// previous mount left in it. Returns how many of those the server
     /// refused.
-    pub async fn replay_and_log(&self, mut journal: Journal, left: Vec<BatchOp>) -> usize {
-        let (total, mut refused) = (left.len(), 0);
-        for chunk in left.chunks(MAX_BATCH) {
-            match self.link.call::<Batch>(BatchParams { ops: chunk.to_vec() }).await {
+    pub async fn replay_and_log(&self, mut journal: Journal, left: Leftover) -> usize {
+        let total = left.ops.len();
+        let (first, in_flight) = match left.in_flight {
+            Some((token, n)) => (n, Some(token)),
+            None => (0, None),
+        };
+        // The batch in flight at the crash under its own token; then the rest.
+        let mut batches: Vec<(&[BatchOp], String)> = Vec::new();
+        if let Some(token) = in_flight {
+            batches.push((&left.ops[..first], token));
+        }
+        batches.extend(left.ops[first..].chunks(MAX_BATCH).map(|c| (c, new_token())));
+        let mut refused = 0;
+        for (ops, token) in batches.into_iter().filter(|(ops, _)| !ops.is_empty()) {
+            match self.link.call::<Batch>(BatchParams { ops: ops.to_vec(), token: Some(token) }).await {
                 Ok(r) => {
-                    for (op, outcome) in chunk.iter().zip(r.outcomes) {
+                    for (op, outcome) in ops.iter().zip(r.outcomes) {
                         if let Some(e) = outcome.error {
                             tracing::warn!("a change the last mount made was refused by the server: {op:?}: {e}");
                             refused += 1;

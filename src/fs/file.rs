@@ -459,8 +459,9 @@ impl FileData {
             params.blocks.push(BlockData { hash: b.hash, data: Bytes(b.data.to_vec()) });
         }
         // Under the delegation a commit of small blocks only is queued
-        // without waiting, logged by the delegation's journal.
-        let behind = if staged.is_empty() {
+        // without waiting, logged by the delegation's journal (only once
+        // every block it names is on the server: no upload is pending).
+        let behind = if staged.is_empty() && self.uploads.is_empty() && self.unsent.is_empty() {
             r.delegation.room().await;
             self.commit_behind(r, params, None)
         } else {

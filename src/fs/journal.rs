@@ -5,10 +5,12 @@
 //! the page cache, which outlives the process; `fsync` covers a machine
 //! crash by waiting for the server instead.
 //!
-//! Records: a tag byte (an op, or a count of ops acknowledged), a
-//! little-endian u32 length, then the op's BSON or the count. A torn record
-//! at the end (the crash came mid-write) is ignored: its op was never
-//! answered.
+//! Records: a tag byte, a little-endian u32 length, then the body: an op's
+//! BSON; the count of ops acknowledged; or, before a batch is sent, its
+//! count and token. A torn record at the end (the crash came mid-write) is
+//! ignored: its op was never answered. The batch in flight at a crash may
+//! or may not have been applied: the next mount sends it again under the
+//! same token, and the server, which remembers tokens, applies it once.
 
 use restfs_proto::methods::BatchOp;
 use std::fs::File;
@@ -17,6 +19,15 @@ use std::path::{Path, PathBuf};
 
 const OP: u8 = 1;
 const ACKED: u8 = 2;
+const SENDING: u8 = 3;
+
+/// What a previous mount left: the ops never acknowledged, in order, and
+/// the batch in flight (its token and how many of them it held), if any.
+#[derive(Debug, Default)]
+pub struct Leftover {
+    pub ops: Vec<BatchOp>,
+    pub in_flight: Option<(String, usize)>,
+}
 
 pub struct Journal {
     file: File,
@@ -33,9 +44,9 @@ fn record(tag: u8, body: &[u8]) -> Vec<u8> {
     out
 }
 
-/// The ops of a log that were never acknowledged, in order.
-fn unacknowledged(bytes: &[u8]) -> Vec<BatchOp> {
-    let (mut ops, mut acked, mut at) = (Vec::new(), 0usize, 0usize);
+/// What a log holds that was never acknowledged.
+fn unacknowledged(bytes: &[u8]) -> Leftover {
+    let (mut ops, mut acked, mut in_flight, mut at) = (Vec::new(), 0usize, None, 0usize);
     while at + 5 <= bytes.len() {
         let len = u32::from_le_bytes(bytes[at + 1..at + 5].try_into().expect("four bytes")) as usize;
         let Some(body) = bytes.get(at + 5..at + 5 + len) else { break };
@@ -47,25 +58,34 @@ fn unacknowledged(bytes: &[u8]) -> Vec<BatchOp> {
                     break;
                 }
             },
-            ACKED if len == 8 => acked += u64::from_le_bytes(body.try_into().expect("eight bytes")) as usize,
+            ACKED if len == 8 => {
+                acked += u64::from_le_bytes(body.try_into().expect("eight bytes")) as usize;
+                in_flight = None;
+            }
+            SENDING if len >= 8 => {
+                let n = u64::from_le_bytes(body[..8].try_into().expect("eight bytes")) as usize;
+                in_flight = Some((String::from_utf8_lossy(&body[8..]).into_owned(), n));
+            }
             _ => break,
         }
         at += 5 + len;
     }
-    ops.split_off(acked.min(ops.len()))
+    let ops = ops.split_off(acked.min(ops.len()));
+    let in_flight = in_flight.map(|(token, n)| (token, n.min(ops.len())));
+    Leftover { ops, in_flight }
 }
 
 impl Journal {
     /// Open the log at `path`; returns it with the ops a previous mount
     /// logged but never saw acknowledged (still in the file until [`Journal::clear`]).
-    pub fn open(path: &Path) -> io::Result<(Journal, Vec<BatchOp>)> {
+    pub fn open(path: &Path) -> io::Result<(Journal, Leftover)> {
         let left = match std::fs::read(path) {
             Ok(bytes) => unacknowledged(&bytes),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Leftover::default(),
             Err(e) => return Err(e),
         };
         let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-        Ok((Journal { file, path: path.to_owned(), empty: left.is_empty() }, left))
+        Ok((Journal { file, path: path.to_owned(), empty: left.ops.is_empty() }, left))
     }
 
     /// Log `op` before it is answered.
@@ -73,6 +93,13 @@ impl Journal {
         let body = bson::serialize_to_vec(op).map_err(io::Error::other)?;
         self.empty = false;
         self.file.write_all(&record(OP, &body))
+    }
+
+    /// The next `n` ops go to the server as the batch named `token`.
+    pub fn sending(&mut self, token: &str, n: u64) -> io::Result<()> {
+        let mut body = n.to_le_bytes().to_vec();
+        body.extend_from_slice(token.as_bytes());
+        self.file.write_all(&record(SENDING, &body))
     }
 
     /// The server acknowledged the next `n` ops; `idle`: none is left.
@@ -126,22 +153,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("delegated.log");
         let (mut j, left) = Journal::open(&path).unwrap();
-        assert!(left.is_empty());
+        assert!(left.ops.is_empty() && left.in_flight.is_none());
         for i in 0..5 {
             j.append(&unlink(i)).unwrap();
         }
+        j.sending("t1", 2).unwrap();
         j.acked(2, false).unwrap();
         j.append(&unlink(5)).unwrap();
+        j.sending("t2", 1).unwrap();
         j.acked(1, false).unwrap();
+        j.sending("t3", 2).unwrap();
         drop(j);
         // A torn record at the end: its op was never answered.
         let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(&[OP, 200, 0, 0, 0, 1, 2]).unwrap();
         drop(f);
         let (mut j, left) = Journal::open(&path).unwrap();
-        assert_eq!(names(&left), ["f3", "f4", "f5"]);
+        assert_eq!(names(&left.ops), ["f3", "f4", "f5"]);
+        assert_eq!(left.in_flight, Some(("t3".to_string(), 2)), "the batch in flight is sent again under its token");
         j.clear().unwrap();
-        assert!(Journal::open(&path).unwrap().1.is_empty());
+        assert!(Journal::open(&path).unwrap().1.ops.is_empty());
     }
 
     #[test]
@@ -154,7 +185,8 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
         j.append(&unlink(2)).unwrap();
         let kept = j.set_aside().unwrap();
-        assert_eq!(names(&Journal::open(&kept).unwrap().1), ["f2"]);
-        assert!(Journal::open(&path).unwrap().1.is_empty());
+        let left = Journal::open(&kept).unwrap().1;
+        assert_eq!((names(&left.ops), left.in_flight), (vec!["f2".to_string()], None));
+        assert!(Journal::open(&path).unwrap().1.ops.is_empty());
     }
 }
