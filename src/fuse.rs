@@ -71,15 +71,20 @@ impl FuseAdapter {
     {
         let _runtime = self.rt.enter();
         let (fs, started) = (self.fs.clone(), std::time::Instant::now());
+        let waited = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let job = job(self.fs.clone(), self.view);
-        let mut job = Box::pin(async move {
-            job.await;
-            fs.metrics().request(op, started.elapsed());
+        let mut job = Box::pin({
+            let waited = waited.clone();
+            async move {
+                job.await;
+                fs.metrics().request(op, started.elapsed(), waited.load(std::sync::atomic::Ordering::Relaxed));
+            }
         });
         // A wake-up lost to the no-op waker does no harm: a spawned task is
         // polled at once, and from then on with the runtime's waker.
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         if job.as_mut().poll(&mut cx).is_pending() {
+            waited.store(true, std::sync::atomic::Ordering::Relaxed);
             self.rt.spawn(job);
         }
     }
@@ -187,6 +192,28 @@ fn file_attr(a: &Attr, view: AttrView) -> FileAttr {
     }
 }
 
+/// What an entry reply says of an absent name (inode 0).
+fn absent_entry() -> FileAttr {
+    let t = SystemTime::UNIX_EPOCH;
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: t,
+        mtime: t,
+        ctime: t,
+        crtime: t,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 0,
+        flags: 0,
+    }
+}
+
 fn errno(e: &FsError) -> Errno {
     if e.errno.0 == libc::EIO {
         tracing::warn!("I/O error: {e}");
@@ -256,7 +283,15 @@ impl Filesystem for FuseAdapter {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let name = bytes(name);
-        self.run("lookup", |fs, bs| async move { entry(reply, fs.lookup(parent.0, &name).await, bs) });
+        self.run("lookup", |fs, bs| async move {
+            match fs.lookup(parent.0, &name).await {
+                // A negative entry: the kernel answers the next lookups itself.
+                Err(e) if e.errno == restfs_proto::Errno::ENOENT && fs.absence_lasts(parent.0, &name) => {
+                    reply.entry(&TTL, &absent_entry(), Generation(0))
+                }
+                r => entry(reply, r, bs),
+            }
+        });
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {

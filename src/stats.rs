@@ -30,12 +30,12 @@ pub fn read(path: &Path) -> Result<Snapshot, String> {
 
 /// Print a snapshot as a table.
 pub fn print(s: &Snapshot) {
-    println!("{:<14} {:>10} {:>12} {:>12}", "operation", "requests", "avg latency", "max latency");
+    println!("{:<14} {:>10} {:>12} {:>12} {:>8}", "operation", "requests", "avg latency", "max latency", "waited");
     let mut ops: Vec<_> = s.ops.iter().collect();
     ops.sort_by_key(|(_, o)| std::cmp::Reverse(o.count));
     for (op, o) in ops {
         let avg = o.total_us as f64 / o.count.max(1) as f64;
-        println!("{op:<14} {:>10} {:>9.1} µs {:>9} µs", o.count, avg, o.max_us);
+        println!("{op:<14} {:>10} {:>9.1} µs {:>9} µs {:>8}", o.count, avg, o.max_us, o.waited);
     }
     println!();
     for (k, v) in &s.counters {

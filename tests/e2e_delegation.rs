@@ -28,7 +28,7 @@ fn content(i: usize) -> Vec<u8> {
     format!("file {i} ").repeat(i % 50 + 1).into_bytes()
 }
 
-const PER_CHANGE: &[&str] = &["fs.create", "fs.mkdir", "fs.rename", "fs.unlink", "fs.rmdir", "seg.commit"];
+const PER_CHANGE: &[&str] = &["fs.create", "fs.mkdir", "fs.rename", "fs.unlink", "fs.rmdir", "fs.link", "seg.commit"];
 
 #[test]
 fn a_lone_mount_answers_changes_itself_and_a_newcomer_sees_them_all() {
@@ -56,17 +56,21 @@ fn a_lone_mount_answers_changes_itself_and_a_newcomer_sees_them_all() {
     for i in (0..300).step_by(4) {
         std::fs::remove_file(dir.join(format!("g{i}"))).unwrap();
     }
+    for i in (1..300).step_by(6) {
+        std::fs::hard_link(dir.join(format!("f{i}")), dir.join(format!("h{i}"))).unwrap();
+    }
     std::fs::create_dir(pa.join("gone")).unwrap();
     std::fs::remove_dir(pa.join("gone")).unwrap();
-    let expected: Vec<(String, Vec<u8>)> =
+    let mut expected: Vec<(String, Vec<u8>)> =
         (0..300).filter(|i| i % 4 != 0).map(|i| (if i % 2 == 0 { format!("g{i}") } else { format!("f{i}") }, content(i))).collect();
+    expected.extend((1..300).step_by(6).map(|i| (format!("h{i}"), content(i))));
 
     let after: Vec<u64> = PER_CHANGE.iter().map(|m| count(m)).collect();
     assert_eq!(before, after, "changes under the delegation went to the server one by one ({PER_CHANGE:?})");
     let stats = restfs::stats::read(&pa).unwrap();
-    assert!(stats.counters["changes_delegated"] >= 300 + 300 + 150 + 75 + 3, "{:?}", stats.counters);
+    assert!(stats.counters["changes_delegated"] >= 300 + 300 + 150 + 75 + 50 + 3, "{:?}", stats.counters);
     let sent = count("fs.batch") - batches;
-    assert!(sent < 300, "{sent} batches for 830 changes");
+    assert!(sent < 300, "{sent} batches for 880 changes");
 
     // A second mount recalls the delegation and finds every change.
     let b = Mount::new(&server, "d", &pb, &format!("cache_dir={}", root.join("cache-b").display()));
@@ -79,6 +83,11 @@ fn a_lone_mount_answers_changes_itself_and_a_newcomer_sees_them_all() {
     assert_eq!(names, want);
     for (name, data) in &expected {
         assert_eq!(&std::fs::read(pb.join("dir").join(name)).unwrap(), data, "{name}");
+    }
+    use std::os::unix::fs::MetadataExt;
+    for i in (1..300).step_by(6) {
+        let (f, h) = (std::fs::metadata(pb.join(format!("dir/f{i}"))).unwrap(), std::fs::metadata(pb.join(format!("dir/h{i}"))).unwrap());
+        assert_eq!((f.ino(), f.nlink()), (h.ino(), 2), "f{i} and h{i} should be one inode with two links");
     }
     assert!(!pb.join("gone").exists());
 

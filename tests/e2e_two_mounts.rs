@@ -108,6 +108,39 @@ fn pushes_reach_warm_caches_on_the_other_mount() {
     b.unmount();
 }
 
+#[test]
+fn absent_names_are_cached_by_the_kernel_until_created_elsewhere() {
+    let root = scratch("e2e-absent");
+    let server = Server::start(&root.join("data"));
+    server.create_bucket("shared");
+    let (pa, pb) = (root.join("a"), root.join("b"));
+    let a = Mount::new(&server, "shared", &pa, &format!("cache_dir={}", root.join("cache-a").display()));
+    let b = Mount::new(&server, "shared", &pb, &format!("cache_dir={}", root.join("cache-b").display()));
+    std::fs::create_dir(pa.join("dir")).unwrap();
+    eventually("dir on B", || pb.join("dir").is_dir());
+    let lookups = || restfs::stats::read(&pb).unwrap().ops.get("lookup").map_or(0, |o| o.count);
+
+    for path in [pb.join("late"), pb.join("dir/late")] {
+        assert!(std::fs::metadata(&path).is_err());
+        let before = lookups();
+        for _ in 0..100 {
+            assert_eq!(std::fs::metadata(&path).unwrap_err().kind(), std::io::ErrorKind::NotFound);
+        }
+        let asked = lookups() - before;
+        assert!(asked < 5, "{}: 100 stats of an absent name cost {asked} lookups", path.display());
+    }
+    // Created on A: B's kernel drops its negative entries at the push.
+    std::fs::write(pa.join("late"), b"top").unwrap();
+    std::fs::write(pa.join("dir/late"), b"nested").unwrap();
+    eventually("create seen on B", || std::fs::read(pb.join("late")).is_ok_and(|d| d == b"top"));
+    eventually("nested create seen on B", || std::fs::read(pb.join("dir/late")).is_ok_and(|d| d == b"nested"));
+    // And removed again: absent on B once more.
+    std::fs::remove_file(pa.join("late")).unwrap();
+    eventually("unlink seen on B", || !pb.join("late").exists());
+    a.unmount();
+    b.unmount();
+}
+
 /// Same-size rewrites are the hard case for caches answering opens: the
 /// size, the kernel's pages and the cached attributes all look current.
 #[test]

@@ -523,6 +523,10 @@ pub enum BatchOp {
         at: Timespec,
         rename: RenameParams,
     },
+    Link {
+        at: Timespec,
+        link: LinkParams,
+    },
     Commit {
         at: Timespec,
         commit: SegmentCommitParams,

@@ -154,6 +154,8 @@ pub struct DirEntry {
 pub const NAME_MAX: usize = 255;
 /// Longest symlink target, in bytes.
 pub const PATH_MAX: usize = 4095;
+/// Most hard links one inode may have.
+pub const LINK_MAX: u32 = 65000;
 /// Largest xattr value, in bytes (as Linux).
 pub const XATTR_SIZE_MAX: usize = 65536;
 

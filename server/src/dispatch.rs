@@ -874,6 +874,7 @@ impl Session {
                 BatchOp::Unlink { at, entry } => stamped(at, s.unlink(entry)).await.map(|_| None),
                 BatchOp::Rmdir { at, entry } => stamped(at, s.rmdir(entry)).await.map(|_| None),
                 BatchOp::Rename { at, rename } => stamped(at, s.rename(rename)).await.map(|_| None),
+                BatchOp::Link { at, link } => stamped(at, s.link(link)).await.map(|_| None),
                 BatchOp::Commit { at, commit } => stamped(at, s.segment_commit(commit)).await.map(Some),
             };
             outcomes.push(match done {

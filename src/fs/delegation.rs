@@ -20,7 +20,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{Notify, oneshot, watch};
+use tokio::sync::{Notify, watch};
 
 /// Inode numbers asked for at a time.
 const RESERVE: u64 = 4096;
@@ -45,14 +45,23 @@ struct Queued {
     then: Option<Then>,
 }
 
+/// Where this mount stands with the bucket's delegation.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    /// Not delegated to this mount.
+    #[default]
+    Not,
+    /// Granted; the pushes sent before the grant are still being applied.
+    Granted,
+    /// Local answers may go on.
+    Active,
+    /// The server asked for it back: no more local answers; the queue drains.
+    Recalled,
+}
+
 #[derive(Default)]
 struct State {
-    /// The server delegated the bucket to this mount.
-    held: bool,
-    /// The pushes sent before the grant are applied: local answers may start.
-    ready: bool,
-    /// It asked for it back: no more local answers.
-    recalled: bool,
+    hold: Hold,
     /// Reserved inode numbers not used yet.
     inos: std::ops::Range<Ino>,
     asking_inos: bool,
@@ -152,8 +161,7 @@ impl Delegation {
 
     /// Does this mount hold the delegation (and may answer locally)?
     pub fn active(&self) -> bool {
-        let st = lock(&self.st);
-        st.held && st.ready && !st.recalled
+        lock(&self.st).hold == Hold::Active
     }
 
     /// Changes queued and not yet acknowledged.
@@ -170,7 +178,7 @@ impl Delegation {
     /// until `f` has queued its change. `None` when not held.
     pub fn local<T>(&self, f: impl FnOnce(&mut Local<'_>) -> Option<T>) -> Option<T> {
         let st = lock(&self.st);
-        if !(st.held && st.ready) || st.recalled {
+        if st.hold != Hold::Active {
             return None;
         }
         f(&mut Local { d: self, st })
@@ -197,21 +205,6 @@ impl Delegation {
         let _ = acked.wait_for(|a| *a >= target).await;
     }
 
-    /// Queue `op` and wait for its outcome, if the delegation is held;
-    /// else give it back.
-    pub async fn submit(&self, op: BatchOp) -> Result<Result<Option<Attr>, RpcError>, BatchOp> {
-        let (tx, rx) = oneshot::channel();
-        let queued = self.local(|l| {
-            l.push(op.clone(), Some(Box::new(move |r: &Result<Option<Attr>, RpcError>| _ = tx.send(r.clone()))));
-            Some(())
-        });
-        if queued.is_none() {
-            return Err(op);
-        }
-        self.hurry_up();
-        Ok(rx.await.unwrap_or_else(|_| Err(RpcError::errno(Errno::EIO, "the change queue stopped"))))
-    }
-
     /// Somebody waits for the queue: send it without lingering.
     fn hurry_up(&self) {
         lock(&self.st).hurry = true;
@@ -228,13 +221,13 @@ impl Delegation {
     /// returns how many pushes had arrived with the reply: local answers
     /// start once those are applied ([`Delegation::ready`]).
     pub async fn acquire(&self) -> Option<u64> {
-        if lock(&self.st).held {
+        if lock(&self.st).hold != Hold::Not {
             return None;
         }
         match self.link.call_seen::<Delegate>(DelegateParams { inos: RESERVE }).await {
             (Ok(r), seen) if r.granted => {
                 let mut st = lock(&self.st);
-                (st.held, st.ready, st.recalled) = (true, false, false);
+                st.hold = Hold::Granted;
                 st.inos = r.first..r.first + r.count;
                 tracing::debug!("bucket delegated to this mount (inodes {}..{})", r.first, r.first + r.count);
                 Some(seen)
@@ -250,7 +243,9 @@ impl Delegation {
     /// The caches have caught up with the grant: answer locally.
     pub fn ready(&self) {
         let mut st = lock(&self.st);
-        st.ready = st.held;
+        if st.hold == Hold::Granted {
+            st.hold = Hold::Active;
+        }
     }
 
     /// Reserve more inode numbers, in the background.
@@ -263,7 +258,7 @@ impl Delegation {
             st.asking_inos = false;
             match r {
                 // Numbers in use are consumed in order: the new range follows.
-                Ok(r) if r.granted && st.held => st.inos = st.inos.start.max(r.first)..r.first + r.count,
+                Ok(r) if r.granted && st.hold != Hold::Not => st.inos = st.inos.start.max(r.first)..r.first + r.count,
                 Ok(_) => {}
                 Err(e) => tracing::debug!("fs.delegate for more inodes: {e}"),
             }
@@ -275,17 +270,17 @@ impl Delegation {
     pub async fn recall(&self) {
         {
             let mut st = lock(&self.st);
-            if !st.held {
+            if st.hold == Hold::Not {
                 return;
             }
-            st.recalled = true;
+            st.hold = Hold::Recalled;
         }
         self.drained().await;
         if let Err(e) = self.link.call::<DelegateReturn>(Empty {}).await {
             tracing::warn!("returning the delegation: {e}");
         }
         let mut st = lock(&self.st);
-        (st.held, st.ready, st.recalled) = (false, false, false);
+        st.hold = Hold::Not;
         st.inos = 0..0;
         tracing::debug!("delegation returned");
     }
@@ -442,7 +437,7 @@ impl Delegation {
     /// The connection was replaced: the server dropped the delegation.
     pub fn lost(&self) {
         let mut st = lock(&self.st);
-        (st.held, st.ready, st.recalled) = (false, false, false);
+        st.hold = Hold::Not;
         st.inos = 0..0;
     }
 }

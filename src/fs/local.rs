@@ -10,8 +10,8 @@ use super::delegation::Failure;
 use super::error::{FsError, Result};
 use super::{Ctx, Fs};
 use restfs_cache::meta::Entry as CachedEntry;
-use restfs_proto::methods::{BatchOp, EntryParams, NewNodeParams, RenameParams};
-use restfs_proto::{Attr, Errno, Ino, Kind, Name, Timespec};
+use restfs_proto::methods::{BatchOp, EntryParams, LinkParams, NewNodeParams, RenameParams};
+use restfs_proto::{Attr, Errno, Ino, Kind, LINK_MAX, Name, Timespec};
 
 fn err<T>(errno: Errno, why: &str) -> Option<Result<T>> {
     Some(Err(FsError::new(errno, format!("{why} (cached)"))))
@@ -107,24 +107,40 @@ impl Fs {
 
     /// Remove a file's name locally.
     pub(super) async fn local_unlink(&self, parent: Ino, name: &[u8]) -> Option<Result<()>> {
+        self.local_remove(parent, name, false).await
+    }
+
+    /// Remove an empty directory locally.
+    pub(super) async fn local_rmdir(&self, parent: Ino, name: &[u8]) -> Option<Result<()>> {
+        self.local_remove(parent, name, true).await
+    }
+
+    /// Unlink (`dir` false) or rmdir (`dir` true) locally.
+    async fn local_remove(&self, parent: Ino, name: &[u8], dir: bool) -> Option<Result<()>> {
         if !self.may_answer_locally().await {
             return None;
         }
         let m = self.mc()?;
         self.remote.delegation.local(|l| {
-            let dir = self.cached_dir(parent)?;
+            let parent_attr = self.cached_dir(parent)?;
             let mut victim = match m.entry(parent, name).ok().flatten()? {
                 CachedEntry::Missing => return err(Errno::ENOENT, "no such entry"),
-                CachedEntry::Found(a) if a.kind == Kind::Dir => return err(Errno::EISDIR, "unlink of a directory"),
+                CachedEntry::Found(a) if dir && a.kind != Kind::Dir => return err(Errno::ENOTDIR, "rmdir of a non-directory"),
+                CachedEntry::Found(a) if !dir && a.kind == Kind::Dir => return err(Errno::EISDIR, "unlink of a directory"),
                 CachedEntry::Found(a) => a,
             };
-            // The server must hear of opens here before the last name goes.
-            if self.open_file(victim.ino).is_some() {
+            if dir {
+                let (_, entries) = m.listing(victim.ino).ok().flatten()?;
+                if !entries.is_empty() {
+                    return err(Errno::ENOTEMPTY, "directory not empty");
+                }
+            } else if self.open_file(victim.ino).is_some() {
+                // The server must hear of opens here before the last name goes.
                 return None;
             }
             let at = Timespec::now();
-            let mut cached = m.remove_entry(parent, name).and_then(|_| m.put_attr(&touched(dir, at, 0)));
-            if victim.nlink > 1 {
+            let mut cached = m.remove_entry(parent, name).and_then(|_| m.put_attr(&touched(parent_attr, at, if dir { -1 } else { 0 })));
+            if !dir && victim.nlink > 1 {
                 victim.nlink -= 1;
                 victim.ctime = at;
                 cached = cached.and_then(|_| m.put_attr(&victim));
@@ -132,33 +148,8 @@ impl Fs {
             if let Err(e) = cached {
                 tracing::warn!("{e}");
             }
-            l.push(BatchOp::Unlink { at, entry: EntryParams { parent, name: Name::from(name) } }, None);
-            Some(Ok(()))
-        })
-    }
-
-    /// Remove an empty directory locally.
-    pub(super) async fn local_rmdir(&self, parent: Ino, name: &[u8]) -> Option<Result<()>> {
-        if !self.may_answer_locally().await {
-            return None;
-        }
-        let m = self.mc()?;
-        self.remote.delegation.local(|l| {
-            let dir = self.cached_dir(parent)?;
-            let child = match m.entry(parent, name).ok().flatten()? {
-                CachedEntry::Missing => return err(Errno::ENOENT, "no such entry"),
-                CachedEntry::Found(a) if a.kind != Kind::Dir => return err(Errno::ENOTDIR, "rmdir of a non-directory"),
-                CachedEntry::Found(a) => a,
-            };
-            let (_, entries) = m.listing(child.ino).ok().flatten()?;
-            if !entries.is_empty() {
-                return err(Errno::ENOTEMPTY, "directory not empty");
-            }
-            let at = Timespec::now();
-            if let Err(e) = m.remove_entry(parent, name).and_then(|_| m.put_attr(&touched(dir, at, -1))) {
-                tracing::warn!("{e}");
-            }
-            l.push(BatchOp::Rmdir { at, entry: EntryParams { parent, name: Name::from(name) } }, None);
+            let entry = EntryParams { parent, name: Name::from(name) };
+            l.push(if dir { BatchOp::Rmdir { at, entry } } else { BatchOp::Unlink { at, entry } }, None);
             Some(Ok(()))
         })
     }
@@ -217,6 +208,43 @@ impl Fs {
         })
     }
 
+    /// Give a file another name locally.
+    pub(super) async fn local_link(&self, ino: Ino, parent: Ino, name: &[u8]) -> Option<Result<Attr>> {
+        if !self.may_answer_locally().await {
+            return None;
+        }
+        let m = self.mc()?;
+        self.remote.delegation.local(|l| {
+            let dir = self.cached_dir(parent)?;
+            // A file open here may carry changes its cached attributes lack.
+            let mut file = m.attr(ino).ok().flatten().filter(|_| self.open_file(ino).is_none())?;
+            match m.entry(parent, name).ok().flatten()? {
+                CachedEntry::Found(_) => return err(Errno::EEXIST, "the name exists"),
+                CachedEntry::Missing => {}
+            }
+            // The server's rules (`MetaStore::link`).
+            if file.kind == Kind::Dir {
+                return err(Errno::EPERM, "cannot hard-link a directory");
+            }
+            if file.nlink == 0 {
+                return err(Errno::ENOENT, "cannot link an unlinked file");
+            }
+            if file.nlink >= LINK_MAX {
+                return err(Errno::EMLINK, "too many links");
+            }
+            let at = Timespec::now();
+            file.nlink += 1;
+            file.ctime = at;
+            let cached =
+                m.put_attr(&file).and_then(|_| m.put_entry(parent, name, Some(&file))).and_then(|_| m.put_attr(&touched(dir, at, 0)));
+            if let Err(e) = cached {
+                tracing::warn!("{e}");
+            }
+            l.push(BatchOp::Link { at, link: LinkParams { ino, parent, name: Name::from(name) } }, None);
+            Some(Ok(file))
+        })
+    }
+
     /// The server refused changes answered locally: drop what the caches
     /// (and the kernel's) learnt from them; the server's state comes back
     /// on the next lookups.
@@ -231,6 +259,7 @@ impl Fs {
                 BatchOp::Rename { rename: r, .. } => {
                     (vec![(r.parent, r.name.as_bytes()), (r.new_parent, r.new_name.as_bytes())], vec![r.parent, r.new_parent])
                 }
+                BatchOp::Link { link, .. } => (vec![(link.parent, link.name.as_bytes())], vec![link.parent, link.ino]),
                 BatchOp::Commit { commit, .. } => (vec![], vec![commit.ino]),
             };
             for (parent, name) in entries {

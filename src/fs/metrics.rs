@@ -53,6 +53,10 @@ pub struct OpStats {
     /// Sum of latencies, in microseconds.
     pub total_us: u64,
     pub max_us: u64,
+    /// Requests that had to wait (on the server, a lock, a queue): not
+    /// answered in place on the FUSE thread.
+    #[serde(default)]
+    pub waited: u64,
 }
 
 /// What `restfs.stats` returns.
@@ -88,7 +92,12 @@ impl Snapshot {
                 let e = earlier.ops.get(k).copied().unwrap_or_default();
                 (
                     k.clone(),
-                    OpStats { count: v.count - e.count.min(v.count), total_us: v.total_us.saturating_sub(e.total_us), max_us: v.max_us },
+                    OpStats {
+                        count: v.count - e.count.min(v.count),
+                        total_us: v.total_us.saturating_sub(e.total_us),
+                        max_us: v.max_us,
+                        waited: v.waited.saturating_sub(e.waited),
+                    },
                 )
             })
             .filter(|(_, v)| v.count > 0)
@@ -122,12 +131,13 @@ impl Metrics {
         }
     }
 
-    /// One request of operation `op` took `took`.
-    pub fn request(&self, op: &'static str, took: Duration) {
+    /// One request of operation `op` took `took` (and had to wait).
+    pub fn request(&self, op: &'static str, took: Duration, waited: bool) {
         let us = took.as_micros() as u64;
         let mut ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
         let s = ops.entry(op).or_default();
         s.count += 1;
+        s.waited += u64::from(waited);
         s.total_us += us;
         s.max_us = s.max_us.max(us);
     }
@@ -157,14 +167,14 @@ mod tests {
         let m = Metrics::default();
         m.add(BLOCKS_FETCHED, 1);
         m.add(MEMORY_HITS, 3);
-        m.request("read", Duration::from_micros(10));
+        m.request("read", Duration::from_micros(10), false);
         let a = m.snapshot();
-        m.request("read", Duration::from_micros(30));
+        m.request("read", Duration::from_micros(30), true);
         m.add(BYTES_READ, 4096);
         let b = m.snapshot();
         assert_eq!(a.cache_hit_rate(), Some(0.75));
         let d = b.since(&a);
-        assert_eq!(d.ops["read"], OpStats { count: 1, total_us: 30, max_us: 30 });
+        assert_eq!(d.ops["read"], OpStats { count: 1, total_us: 30, max_us: 30, waited: 1 });
         assert_eq!(d.counters[BYTES_READ], 4096);
         assert_eq!(d.counters[MEMORY_HITS], 0);
         let json = serde_json::to_string(&b).unwrap();

@@ -27,7 +27,7 @@ use restfs_cache::meta::Entry as CachedEntry;
 use restfs_cache::{BlockCache, MetaCache, MetaCacheError};
 use restfs_proto::methods::{self as m, *};
 use restfs_proto::{Attr, BucketInfo, Errno, Ino, Kind, Name, SetTime};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -38,6 +38,8 @@ const SETTLE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
 const DELEGATION_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How long `open` waits for the server before trusting cached attributes.
+/// Most absent names the kernel caches at once (past it, all are taken back).
+const MAX_ABSENT: usize = 1 << 16;
 const OPEN_PATIENCE: std::time::Duration = std::time::Duration::from_millis(300);
 
 /// The caller of an operation.
@@ -122,6 +124,10 @@ pub struct Fs {
     /// reply, so that push must not invalidate it (dropping the dentry of a
     /// closed file evicts its inode, and its cached pages with it).
     creating: Mutex<HashMap<(Ino, Vec<u8>), u32>>,
+    /// Names the kernel was told are absent (its negative dentries, which
+    /// pushes invalidate like any other): kept to take them all back when
+    /// a reset says pushes were missed.
+    absent: Mutex<HashSet<(Ino, Vec<u8>)>>,
     /// Ask for the bucket's delegation when alone (see [`delegation`]).
     delegate: bool,
     /// Changes answered under the delegation are logged on disk.
@@ -154,6 +160,7 @@ impl Fs {
             handles: Mutex::default(),
             next_fh: AtomicU64::new(1),
             page_versions: Mutex::default(),
+            absent: Mutex::default(),
             kernel: std::sync::OnceLock::new(),
             applied_seq: AtomicU64::new(0),
             xattrs: xattr::XattrCache::default(),
@@ -537,6 +544,9 @@ impl Fs {
     }
 
     pub async fn link_node(&self, ino: Ino, parent: Ino, name: &[u8]) -> Result<Attr> {
+        if let Some(done) = self.local_link(ino, parent, name).await {
+            return done;
+        }
         let epoch = self.epoch();
         let reply = self
             .creating(parent, name, self.ordered().await.call_seen::<m::Link>(LinkParams { ino, parent, name: Name::from(name) }))
@@ -1036,6 +1046,32 @@ impl Fs {
         if let Some(kernel) = self.kernel.get() {
             for ino in inos {
                 kernel.invalidate_inode(ino);
+            }
+        }
+        self.forget_absent();
+    }
+
+    /// May the kernel cache that `name` is absent from `parent` (a lookup
+    /// just said ENOENT)? Yes when the metadata cache holds it absent:
+    /// pushes then keep that true, and invalidate the kernel's entry.
+    pub fn absence_lasts(&self, parent: Ino, name: &[u8]) -> bool {
+        let Some(m) = self.mc() else { return false };
+        if !matches!(m.entry(parent, name), Ok(Some(CachedEntry::Missing))) {
+            return false;
+        }
+        if lock(&self.absent).len() >= MAX_ABSENT {
+            self.forget_absent();
+        }
+        lock(&self.absent).insert((parent, name.to_vec()));
+        true
+    }
+
+    /// Take back every absence the kernel was told of.
+    fn forget_absent(&self) {
+        let names = std::mem::take(&mut *lock(&self.absent));
+        if let Some(kernel) = self.kernel.get() {
+            for (parent, name) in names {
+                kernel.invalidate_entry(parent, &name);
             }
         }
     }

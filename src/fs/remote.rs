@@ -6,7 +6,7 @@ use super::error::{FsError, Result};
 use super::metrics;
 use restfs_cache::{BlockBytes, BlockCache, BlockRing};
 use restfs_proto::methods::{
-    BatchOp, BlockData, BlockGet, BlockGetParams, BlockHas, BlockHasParams, BlockPut, BlockPutParams, SegmentCommit, SegmentCommitParams,
+    BlockData, BlockGet, BlockGetParams, BlockHas, BlockHasParams, BlockPut, BlockPutParams, SegmentCommit, SegmentCommitParams,
     SegmentGet, SegmentGetParams,
 };
 use restfs_proto::{BlockRef, Bytes, Errno, Hash, Ino};
@@ -56,17 +56,9 @@ impl Remote {
         &self.link
     }
 
-    /// Commit: queued behind the delegation's changes while it is held
-    /// (one round trip with them), else sent after them.
+    /// Commit and wait for the server's answer, after the changes queued
+    /// under the delegation (`FileData::commit_behind` queues one instead).
     pub async fn commit(&self, params: SegmentCommitParams) -> std::result::Result<restfs_proto::Attr, restfs_proto::RpcError> {
-        let op = BatchOp::Commit { at: restfs_proto::Timespec::now(), commit: params };
-        let params = match self.delegation.submit(op).await {
-            Ok(outcome) => {
-                return outcome?.ok_or_else(|| restfs_proto::RpcError::errno(Errno::EIO, "fs.batch commit without attributes"));
-            }
-            Err(BatchOp::Commit { commit, .. }) => commit,
-            Err(_) => unreachable!("submit gives back what it was given"),
-        };
         self.ordered().await.call::<SegmentCommit>(params).await
     }
 

@@ -21,7 +21,8 @@ use super::{BlockLocation, BucketId, ChangeLog, Changed, Garbage, IsOpen, Listin
 use crate::error::{Error, Result};
 use restfs_proto::methods::{NewNodeParams, RenameParams, SetAttrParams, XattrMode};
 use restfs_proto::{
-    Attr, BlockRef, BlockSlot, BucketInfo, DirEntry, Errno, Hash, Ino, Kind, Name, ROOT_INO, SetTime, Timespec, XATTR_SIZE_MAX, check_name,
+    Attr, BlockRef, BlockSlot, BucketInfo, DirEntry, Errno, Hash, Ino, Kind, LINK_MAX, Name, ROOT_INO, SetTime, Timespec, XATTR_SIZE_MAX,
+    check_name,
 };
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use std::path::Path;
@@ -113,9 +114,6 @@ CREATE TABLE IF NOT EXISTS replies(
 ";
 
 const ATTR_COLS: &str = "ino, kind, mode, uid, gid, nlink, size, atime_s, atime_ns, mtime_s, mtime_ns, ctime_s, ctime_ns, rdev, version";
-
-/// Most hard links one inode may have.
-const LINK_MAX: u32 = 65000;
 
 pub struct SqliteMeta {
     conn: Mutex<Connection>,
