@@ -262,9 +262,17 @@ fn empty(reply: ReplyEmpty, r: crate::fs::Result<()>) {
 impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Capabilities one at a time: one unsupported bit would reject a set.
-        for cap in
-            [InitFlags::FUSE_DO_READDIRPLUS, InitFlags::FUSE_READDIRPLUS_AUTO, InitFlags::FUSE_PARALLEL_DIROPS, InitFlags::FUSE_ASYNC_DIO]
-        {
+        // HANDLE_KILLPRIV_V2: writes by unprivileged processes carry a flag
+        // and the daemon drops set-ID bits (`Fs::kill_suidgid`); in return
+        // the kernel stops asking for `security.capability` before every
+        // write (SB_NOSEC: once per inode found without it).
+        for cap in [
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_ASYNC_DIO,
+            InitFlags::FUSE_HANDLE_KILLPRIV_V2,
+        ] {
             if let Err(missing) = config.add_capabilities(cap) {
                 tracing::debug!("kernel lacks {missing:?}");
             }
@@ -305,7 +313,7 @@ impl Filesystem for FuseAdapter {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -321,7 +329,9 @@ impl Filesystem for FuseAdapter {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let s = SetAttr { mode, uid, gid, size, atime: set_time(atime), mtime: set_time(mtime) };
+        // Under HANDLE_KILLPRIV_V2 the kernel leaves these to the filesystem.
+        let kill_suidgid = uid.is_some() || gid.is_some() || (size.is_some() && req.uid() != 0);
+        let s = SetAttr { mode, uid, gid, size, atime: set_time(atime), mtime: set_time(mtime), kill_suidgid };
         self.run("setattr", |fs, bs| async move {
             match fs.setattr(ino.0, s).await {
                 Ok(a) => reply.attr(&TTL, &file_attr(&a, bs)),
@@ -430,18 +440,22 @@ impl Filesystem for FuseAdapter {
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         let data = data.to_vec();
+        let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
         self.run("write", |fs, _| async move {
-            match fs.write(fh.0, offset, &data).await {
+            if kill && let Err(e) = fs.kill_suidgid(ino.0).await {
+                return reply_error!(reply, e);
+            }
+            match fs.write(fh.0, offset, data).await {
                 Ok(n) => reply.written(n),
                 Err(e) => reply_error!(reply, e),
             }

@@ -928,7 +928,7 @@ async fn close(fs: &Fs, fh: u64) -> Result<(), Errno> {
 }
 
 async fn write(fs: &Fs, fh: u64, w: &Wr) -> Result<u32, Errno> {
-    fs.write(fh, w.off, &w.pat.bytes()).await.map_err(en)
+    fs.write(fh, w.off, w.pat.bytes().to_vec()).await.map_err(en)
 }
 
 async fn truncate(fs: &Fs, ino: Ino, size: u64) -> Result<restfs_proto::Attr, Errno> {
@@ -1459,7 +1459,7 @@ fn reopen_and_unlink_right_after_close_keeps_the_file() {
                 let mut lost = Vec::new();
                 for round in 0..ROUNDS {
                     let (attr, o) = fs.create(CTX, root, name.as_bytes(), 0o644).await.map_err(s)?;
-                    fs.write(o.fh, 0, b"data").await.map_err(s)?;
+                    fs.write(o.fh, 0, b"data".to_vec()).await.map_err(s)?;
                     fs.flush(o.fh).await.map_err(s)?;
                     fs.release(o.fh).await.map_err(s)?;
                     let fh = fs.open(attr.ino).await.map_err(s)?.fh;

@@ -328,12 +328,39 @@ impl FileData {
         hashes
     }
 
-    pub async fn write(&mut self, r: &Arc<Remote>, offset: u64, data: &[u8]) -> Result<()> {
+    pub async fn write(&mut self, r: &Arc<Remote>, offset: u64, data: Vec<u8>) -> Result<()> {
         let bs = r.block_size;
         let end = offset.checked_add(data.len() as u64).ok_or_else(|| FsError::new(Errno::EFBIG, "write past the largest offset"))?;
         if end > i64::MAX as u64 {
             return Err(FsError::new(Errno::EFBIG, "write past the largest offset"));
         }
+        if offset.is_multiple_of(bs) && data.len() as u64 == bs {
+            // A whole block (what sequential writers send): it becomes the
+            // dirty block as it is, with no copy.
+            self.dirty.insert(offset / bs, data);
+        } else {
+            self.write_into_blocks(r, offset, &data).await?;
+        }
+        self.attr.size = self.attr.size.max(end);
+        let now = Timespec::now();
+        self.attr.mtime = now;
+        self.attr.ctime = now;
+        self.changed = true;
+        if self.dirty.len() > DIRTY_LIMIT {
+            let staged = self.stage_dirty(r, true).await?;
+            self.start_upload(r, staged);
+            while self.uploads.len() > UPLOADS_IN_FLIGHT {
+                self.finish_oldest_upload().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copy `data` into the dirty blocks it covers (read from the store
+    /// first where it covers them in part).
+    async fn write_into_blocks(&mut self, r: &Remote, offset: u64, data: &[u8]) -> Result<()> {
+        let bs = r.block_size;
+        let end = offset + data.len() as u64;
         let mut pos = offset;
         while pos < end {
             let idx = pos / bs;
@@ -351,18 +378,6 @@ impl FileData {
             let src = (pos - offset) as usize;
             buf[from..to].copy_from_slice(&data[src..src + (to - from)]);
             pos = idx * bs + to as u64;
-        }
-        self.attr.size = self.attr.size.max(end);
-        let now = Timespec::now();
-        self.attr.mtime = now;
-        self.attr.ctime = now;
-        self.changed = true;
-        if self.dirty.len() > DIRTY_LIMIT {
-            let staged = self.stage_dirty(r, true).await?;
-            self.start_upload(r, staged);
-            while self.uploads.len() > UPLOADS_IN_FLIGHT {
-                self.finish_oldest_upload().await?;
-            }
         }
         Ok(())
     }

@@ -58,12 +58,26 @@ pub struct SetAttr {
     pub size: Option<u64>,
     pub atime: Option<SetTime>,
     pub mtime: Option<SetTime>,
+    /// Drop set-ID bits and file capabilities of a regular file too (a
+    /// chown, or a truncate by a process without CAP_FSETID: the kernel
+    /// leaves it to the filesystem, see `Fs::kill_suidgid`).
+    pub kill_suidgid: bool,
+}
+
+/// `mode` without the set-ID bits a write, truncate or chown drops: the
+/// set-user-ID bit, and the set-group-ID bit of a group-executable file.
+fn killed_mode(mode: u32) -> u32 {
+    let mut mode = mode & !libc::S_ISUID;
+    if mode & (libc::S_ISGID | libc::S_IXGRP) == (libc::S_ISGID | libc::S_IXGRP) {
+        mode &= !libc::S_ISGID;
+    }
+    mode
 }
 
 impl SetAttr {
     /// Changes nothing.
     pub fn is_empty(&self) -> bool {
-        let SetAttr { mode, uid, gid, size, atime, mtime } = self;
+        let SetAttr { mode, uid, gid, size, atime, mtime, kill_suidgid: _ } = self;
         mode.is_none() && uid.is_none() && gid.is_none() && size.is_none() && atime.is_none() && mtime.is_none()
     }
 }
@@ -403,9 +417,49 @@ impl Fs {
                 return Ok(st.attr.clone());
             }
         }
+        let mut s = s;
+        let mut drop_capabilities = false;
+        if s.kill_suidgid {
+            let attr = self.getattr(ino).await?;
+            if attr.kind == Kind::File {
+                drop_capabilities = true;
+                if s.mode.is_none() && killed_mode(attr.mode) != attr.mode {
+                    s.mode = Some(killed_mode(attr.mode));
+                }
+            }
+        }
         let fresh = self.setattr_uncached(ino, s).await?;
         self.merge(&fresh);
+        if drop_capabilities {
+            self.drop_capabilities(ino).await?;
+        }
         Ok(fresh)
+    }
+
+    /// Before a write by a process without CAP_FSETID (which the kernel
+    /// leaves to the filesystem, see `FuseAdapter::init`): drop the
+    /// set-user-ID bit, the set-group-ID bit of a group-executable file,
+    /// and file capabilities, as a local filesystem does.
+    pub async fn kill_suidgid(&self, ino: Ino) -> Result<()> {
+        let attr = self.getattr(ino).await?;
+        let mode = killed_mode(attr.mode);
+        if mode != attr.mode {
+            self.setattr(ino, SetAttr { mode: Some(mode), ..SetAttr::default() }).await?;
+            if let Some(k) = self.kernel.get() {
+                k.invalidate_attrs(ino);
+            }
+        }
+        self.drop_capabilities(ino).await
+    }
+
+    /// Remove a file's capabilities, if it has any.
+    async fn drop_capabilities(&self, ino: Ino) -> Result<()> {
+        const CAPABILITIES: &[u8] = b"security.capability";
+        match self.getxattr(ino, CAPABILITIES).await {
+            Ok(_) => self.removexattr(ino, CAPABILITIES).await,
+            Err(e) if e.errno == Errno::ENODATA => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     async fn setattr_uncached(&self, ino: Ino, s: SetAttr) -> Result<Attr> {
@@ -793,12 +847,13 @@ impl Fs {
         Ok(self.read_buf(fh, offset, size).await?.into_vec())
     }
 
-    pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+    pub async fn write(&self, fh: u64, offset: u64, data: Vec<u8>) -> Result<u32> {
         let file = self.file_handle(fh)?;
         let mut st = file.lock().await;
+        let len = data.len();
         st.write(&self.remote, offset, data).await?;
-        self.metrics().add(metrics::BYTES_WRITTEN, data.len() as u64);
-        Ok(data.len() as u32)
+        self.metrics().add(metrics::BYTES_WRITTEN, len as u64);
+        Ok(len as u32)
     }
 
     /// Commit a file's local changes, keeping the caches in step.
