@@ -9,18 +9,14 @@ mod common;
 use common::*;
 use std::io::Write;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn delegated(mnt: &Path) -> bool {
     restfs::stats::read(mnt).map(|s| s.delegated).unwrap_or(false)
 }
 
 fn wait_delegated(mnt: &Path, want: bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while delegated(mnt) != want {
-        assert!(Instant::now() < deadline, "{}: delegation held should be {want}", mnt.display());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(&format!("{}: delegation held = {want}", mnt.display()), Duration::from_secs(10), || delegated(mnt) == want);
 }
 
 /// Distinct content per file.
@@ -38,10 +34,7 @@ fn a_lone_mount_answers_changes_itself_and_a_newcomer_sees_them_all() {
     let (pa, pb) = (root.join("a"), root.join("b"));
     let a = Mount::new(&server, "d", &pa, &format!("cache_dir={}", root.join("cache-a").display()));
     wait_delegated(&pa, true);
-    let count = |m: &str| {
-        let (_, out) = server.admin(&["server-stats"]);
-        out.lines().find_map(|l| l.strip_prefix(&format!("requests.{m}\t"))).map_or(0, |v| v.trim().parse::<u64>().unwrap())
-    };
+    let count = |m: &str| server.counter_or_zero(&format!("requests.{m}"));
     let before: Vec<u64> = PER_CHANGE.iter().map(|m| count(m)).collect();
     let batches = count("fs.batch");
 

@@ -64,14 +64,6 @@ fn daemons(dir: &Path) -> Vec<i32> {
         .collect()
 }
 
-fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// A mountpoint under /tmp, which every user may traverse.
 fn mountpoint(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("restfs-{name}-{}", std::process::id()));

@@ -133,6 +133,14 @@ impl Server {
         (out.status.code().unwrap_or(-1), text)
     }
 
+    /// A server counter, zero until it first moves (request counters
+    /// appear with the first request of their method).
+    pub fn counter_or_zero(&self, name: &str) -> u64 {
+        let (code, out) = self.admin(&["server-stats"]);
+        assert_eq!(code, 0, "server-stats failed: {out}");
+        out.lines().find_map(|l| l.strip_prefix(&format!("{name}\t"))).map_or(0, |v| v.trim().parse().unwrap())
+    }
+
     /// A server counter from `restfs server-stats`.
     pub fn counter(&self, name: &str) -> u64 {
         let (code, out) = self.admin(&["server-stats"]);
@@ -339,4 +347,15 @@ pub fn same_content(a: &Path, b: &Path) -> bool {
             return false;
         }
     }
+}
+
+/// Poll `done` until it holds; fails the test after `limit`. Returns how
+/// long it took.
+pub fn wait_until(what: &str, limit: std::time::Duration, mut done: impl FnMut() -> bool) -> std::time::Duration {
+    let start = std::time::Instant::now();
+    while !done() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    start.elapsed()
 }
