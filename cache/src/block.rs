@@ -6,6 +6,8 @@ use crate::ring::MappedRecord;
 
 pub enum BlockBytes {
     Heap(Vec<u8>),
+    /// Shared with its writer (a dirty block being staged).
+    Shared(std::sync::Arc<Vec<u8>>),
     Mapped(MappedRecord),
 }
 
@@ -14,6 +16,7 @@ impl std::ops::Deref for BlockBytes {
     fn deref(&self) -> &[u8] {
         match self {
             BlockBytes::Heap(v) => v,
+            BlockBytes::Shared(v) => v,
             BlockBytes::Mapped(m) => m.bytes(),
         }
     }
@@ -27,7 +30,7 @@ impl From<Vec<u8>> for BlockBytes {
 
 impl std::fmt::Debug for BlockBytes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kind = if matches!(self, BlockBytes::Heap(_)) { "heap" } else { "mapped" };
+        let kind = if matches!(self, BlockBytes::Mapped(_)) { "mapped" } else { "heap" };
         write!(f, "BlockBytes({kind}, {} bytes)", self.len())
     }
 }

@@ -5,6 +5,9 @@
 //! committed) + `dirty` blocks (written, only here). Reads layer them in
 //! that order. A flush uploads dirty blocks and commits pending slots and
 //! the size in one `seg.commit`, which makes them visible to every client.
+//! Past a few dirty blocks, full ones are hashed, staged and sent in the
+//! background while writes go on; they stay readable in `dirty` until
+//! that is done, and a write meanwhile copies the block (copy on write).
 //!
 //! Invariants: a dirty buffer holds the block's bytes from its start, at
 //! most `block_size` of them; bytes of a block past its buffer or slot
@@ -12,6 +15,7 @@
 
 use super::error::{FsError, Result};
 use super::remote::{Remote, Staged};
+use restfs_cache::BlockBytes;
 use restfs_proto::methods::{BatchOp, BlockData, SegmentCommitParams};
 use restfs_proto::{Attr, BlockSlot, Bytes, Errno, Hash, Ino, Timespec};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -23,7 +27,7 @@ const DIRTY_LIMIT: usize = 8;
 
 /// Uploads of early-staged blocks in flight per file: writes go on while
 /// they travel, and wait (backpressure) when this many are under way.
-const UPLOADS_IN_FLIGHT: usize = 4;
+const UPLOADS_IN_FLIGHT: usize = 3;
 
 /// Blocks fetched ahead of sequential reads.
 const READ_AHEAD_BLOCKS: u64 = 8;
@@ -126,7 +130,9 @@ pub struct FileData {
     /// The ctime of the newest attributes the server gave (`attr.ctime`
     /// moves with local writes).
     pub server_ctime: Timespec,
-    dirty: BTreeMap<u64, Vec<u8>>,
+    dirty: BTreeMap<u64, Arc<Vec<u8>>>,
+    /// Dirty blocks an upload task is staging (still in `dirty`).
+    staging: HashSet<u64>,
     pending: BTreeMap<u64, Option<(Hash, u32)>>,
     map: HashMap<u64, (Hash, u32)>,
     loaded: HashSet<u64>,
@@ -141,11 +147,21 @@ pub struct FileData {
     /// Blocks below this index were already fetched ahead.
     read_ahead_to: u64,
     /// Uploads in flight, oldest first; each gives its blocks back.
-    uploads: VecDeque<tokio::task::JoinHandle<(Result<()>, Vec<Staged>)>>,
+    uploads: VecDeque<tokio::task::JoinHandle<Upload>>,
     /// Staged blocks whose upload failed: sent again with the next one.
     unsent: Vec<Staged>,
     /// Blocks pinned in the disk cache until the next commit succeeds.
     pinned: Vec<Hash>,
+}
+
+/// What an upload task did: dirty blocks it staged, and whether it sent
+/// them (and the earlier `unsent` ones it took along).
+struct Upload {
+    sent: Result<()>,
+    /// The dirty blocks it was given, and what it staged of them.
+    indexes: Vec<u64>,
+    staged: Vec<Staged>,
+    resent: Vec<Staged>,
 }
 
 /// A commit sent but not acknowledged, as journaled in the metadata cache.
@@ -174,6 +190,7 @@ impl File {
                 server_ctime: attr.ctime,
                 attr: attr.clone(),
                 dirty: BTreeMap::new(),
+                staging: HashSet::new(),
                 pending: BTreeMap::new(),
                 map: HashMap::new(),
                 loaded: HashSet::new(),
@@ -290,7 +307,7 @@ impl FileData {
             let idx = pos / bs;
             let (from, to) = ((pos % bs) as usize, ((end - idx * bs).min(bs)) as usize);
             parts.push(match self.dirty.get(&idx) {
-                Some(buf) => Part::Local(padded(buf, from, to)),
+                Some(buf) => Part::Local(padded(buf.as_slice(), from, to)),
                 None => match self.slot(r, idx).await? {
                     None => Part::Local(vec![0; to - from]),
                     Some((hash, len)) => Part::Stored { hash, len, from, to },
@@ -337,7 +354,7 @@ impl FileData {
         if offset.is_multiple_of(bs) && data.len() as u64 == bs {
             // A whole block (what sequential writers send): it becomes the
             // dirty block as it is, with no copy.
-            self.dirty.insert(offset / bs, data);
+            self.dirty.insert(offset / bs, Arc::new(data));
         } else {
             self.write_into_blocks(r, offset, &data).await?;
         }
@@ -346,9 +363,8 @@ impl FileData {
         self.attr.mtime = now;
         self.attr.ctime = now;
         self.changed = true;
-        if self.dirty.len() > DIRTY_LIMIT {
-            let staged = self.stage_dirty(r, true).await?;
-            self.start_upload(r, staged);
+        if self.dirty.len().saturating_sub(self.staging.len()) > DIRTY_LIMIT {
+            self.start_staging(r);
             while self.uploads.len() > UPLOADS_IN_FLIGHT {
                 self.finish_oldest_upload().await?;
             }
@@ -369,9 +385,10 @@ impl FileData {
             if !self.dirty.contains_key(&idx) {
                 let whole = from == 0 && to as u64 == bs;
                 let base = if whole { Vec::new() } else { self.stored_block(r, idx).await? };
-                self.dirty.insert(idx, base);
+                self.dirty.insert(idx, Arc::new(base));
             }
-            let buf = self.dirty.get_mut(&idx).expect("inserted above");
+            // Copied first if an upload task still reads it.
+            let buf = Arc::make_mut(self.dirty.get_mut(&idx).expect("inserted above"));
             if buf.len() < to {
                 buf.resize(to, 0);
             }
@@ -382,13 +399,14 @@ impl FileData {
         Ok(())
     }
 
-    /// Stage dirty blocks (all but the last one when `keep_last`) in the
-    /// disk cache and move them to `pending`; returns them, to be sent.
-    async fn stage_dirty(&mut self, r: &Remote, keep_last: bool) -> Result<Vec<Staged>> {
-        let mut blocks = std::mem::take(&mut self.dirty);
-        if keep_last && let Some((idx, buf)) = blocks.pop_last() {
-            self.dirty.insert(idx, buf);
+    /// Stage every dirty block in the disk cache and move them to
+    /// `pending`; returns them, to be sent. Uploads in flight finish first.
+    async fn stage_dirty(&mut self, r: &Arc<Remote>) -> Result<Vec<Staged>> {
+        if let Err(e) = self.finish_uploads().await {
+            // Their blocks are in `unsent`, sent again with the rest.
+            tracing::debug!("upload of inode {}: {e}", self.attr.ino);
         }
+        let blocks = std::mem::take(&mut self.dirty);
         let (holes, data): (Vec<_>, Vec<_>) = blocks.into_iter().partition(|(_, b)| b.is_empty());
         for (idx, _) in holes {
             self.pending.insert(idx, None);
@@ -402,33 +420,76 @@ impl FileData {
         Ok(staged)
     }
 
-    /// Send staged blocks the server may lack, in the background.
-    fn start_upload(&mut self, r: &Arc<Remote>, mut blocks: Vec<Staged>) {
-        blocks.append(&mut self.unsent);
-        if blocks.is_empty() {
+    /// Hash, stage and send the full dirty blocks in the background: all
+    /// but the last (which a sequential writer is still filling) and those
+    /// already under way.
+    fn start_staging(&mut self, r: &Arc<Remote>) {
+        let last = self.dirty.keys().next_back().copied();
+        let chosen: Vec<u64> = self.dirty.keys().copied().filter(|idx| Some(*idx) != last && !self.staging.contains(idx)).collect();
+        let mut blocks = Vec::new();
+        for idx in chosen {
+            if self.dirty[&idx].is_empty() {
+                self.dirty.remove(&idx);
+                self.pending.insert(idx, None);
+            } else {
+                blocks.push((idx, self.dirty[&idx].clone()));
+                self.staging.insert(idx);
+            }
+        }
+        self.spawn_upload(r, blocks, Vec::new());
+    }
+
+    /// Stage `blocks` (dirty), then send them with `staged` and the earlier
+    /// unsent blocks, in a task.
+    fn spawn_upload(&mut self, r: &Arc<Remote>, blocks: Vec<(u64, Arc<Vec<u8>>)>, mut staged: Vec<Staged>) {
+        staged.append(&mut self.unsent);
+        if blocks.is_empty() && staged.is_empty() {
             return;
         }
         let r = r.clone();
         r.metrics.uploads(1);
         self.uploads.push_back(tokio::spawn(async move {
-            let sent = r.send(&blocks).await;
+            let indexes = blocks.iter().map(|(idx, _)| *idx).collect();
+            let done = match r.stage(blocks).await {
+                Ok(fresh) => {
+                    let all: Vec<Staged> = fresh.iter().chain(&staged).cloned().collect();
+                    Upload { sent: r.send(&all).await, indexes, staged: fresh, resent: staged }
+                }
+                Err(e) => Upload { sent: Err(e), indexes, staged: Vec::new(), resent: staged },
+            };
             r.metrics.uploads(-1);
-            (sent, blocks)
+            done
         }));
     }
 
+    /// Wait for the oldest upload; what it staged leaves `dirty` for
+    /// `pending` (unless written again meanwhile).
     async fn finish_oldest_upload(&mut self) -> Result<()> {
         let Some(task) = self.uploads.pop_front() else { return Ok(()) };
-        let (sent, blocks) = task.await.map_err(|e| FsError::new(Errno::EIO, format!("upload task failed: {e}")))?;
-        if sent.is_err() {
-            self.unsent.extend(blocks);
+        let done = task.await.map_err(|e| FsError::new(Errno::EIO, format!("upload task failed: {e}")))?;
+        for idx in &done.indexes {
+            self.staging.remove(idx);
         }
-        sent
+        let mut moved = Vec::new();
+        for b in done.staged {
+            self.pinned.push(b.hash);
+            let unchanged = matches!((&*b.data, self.dirty.get(&b.index)), (BlockBytes::Shared(s), Some(d)) if Arc::ptr_eq(s, d));
+            if unchanged {
+                self.dirty.remove(&b.index);
+                self.pending.insert(b.index, Some((b.hash, b.data.len() as u32)));
+                moved.push(b);
+            }
+        }
+        if done.sent.is_err() {
+            // Sent again with the next upload or the commit.
+            self.unsent.extend(moved);
+            self.unsent.extend(done.resent);
+        }
+        done.sent
     }
 
-    /// Send `blocks` and wait for every upload; the first error wins.
-    async fn send_all(&mut self, r: &Arc<Remote>, blocks: Vec<Staged>) -> Result<()> {
-        self.start_upload(r, blocks);
+    /// Wait for every upload; the first error wins.
+    async fn finish_uploads(&mut self) -> Result<()> {
         let mut first = Ok(());
         while !self.uploads.is_empty() {
             let done = self.finish_oldest_upload().await;
@@ -437,6 +498,12 @@ impl FileData {
             }
         }
         first
+    }
+
+    /// Send `blocks` and wait for every upload; the first error wins.
+    async fn send_all(&mut self, r: &Arc<Remote>, blocks: Vec<Staged>) -> Result<()> {
+        self.spawn_upload(r, Vec::new(), blocks);
+        self.finish_uploads().await
     }
 
     /// Extend the size without writing (fallocate); the new range reads as zeros.
@@ -454,7 +521,7 @@ impl FileData {
         if !self.changed {
             return Ok(false);
         }
-        let staged = self.stage_dirty(r, false).await?;
+        let staged = self.stage_dirty(r).await?;
         // Small blocks ride with the commit: one round trip instead of three.
         let (inline, staged): (Vec<Staged>, Vec<Staged>) = staged.into_iter().partition(|b| b.data.len() <= super::remote::SMALL_BLOCK);
         let size = self.attr.size;

@@ -140,7 +140,7 @@ impl Remote {
     /// Hash blocks and stage them in the disk cache, pinned until
     /// [`Remote::release`]: from here on they survive a crash of this
     /// client or an outage, waiting to be sent.
-    pub async fn stage(&self, blocks: Vec<(u64, Vec<u8>)>) -> Result<Vec<Staged>> {
+    pub async fn stage(&self, blocks: Vec<(u64, Arc<Vec<u8>>)>) -> Result<Vec<Staged>> {
         if blocks.is_empty() {
             return Ok(Vec::new());
         }
@@ -156,7 +156,7 @@ impl Remote {
                     {
                         tracing::warn!("block cache: cannot stage block {hash}: {e}");
                     }
-                    Staged { index, hash, data: Arc::new(BlockBytes::Heap(data)) }
+                    Staged { index, hash, data: Arc::new(BlockBytes::Shared(data)) }
                 })
                 .collect()
         };
@@ -211,6 +211,7 @@ impl Remote {
 }
 
 /// A block hashed and staged in the disk cache, not yet committed.
+#[derive(Clone)]
 pub struct Staged {
     pub index: u64,
     pub hash: Hash,
