@@ -140,6 +140,9 @@ impl SqliteMeta {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         // Savepoints keep their undo pages here: in memory, not in a temp file.
         conn.pragma_update(None, "temp_store", "MEMORY")?;
+        // A page cache of our own (64 MiB, not SQLite's 2 MiB): lookups stay
+        // in memory, whatever happens to the kernel's page cache.
+        conn.pragma_update(None, "cache_size", -65536)?;
         // Checkpoints (which fsync) run in `sync`, on the blocking pool, not
         // inside whichever commit happens to fill the WAL.
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
