@@ -156,4 +156,6 @@ fn fsync_returns_once_the_server_has_the_changes() {
         assert_eq!(std::fs::read(pb.join(format!("f{i}"))).unwrap(), content(i), "f{i}");
     }
     b.unmount();
+    // The killed daemon's mount is dead: detach it.
+    restfs::mount::lazy_unmount(&pa).unwrap();
 }
