@@ -316,14 +316,17 @@ fn raise_readahead(mountpoint: &Path) {
     }
 }
 
-/// Resident memory above which freed heap goes back to the system.
+/// Resident memory above which freed heap goes back to the system...
 const RESIDENT_SOFT_LIMIT: u64 = 160 << 20;
+/// ...when at least this much of the heap is free (else there is nothing
+/// worth a trim, which walks and locks every arena).
+const FREE_HEAP_WORTH_TRIMMING: usize = 16 << 20;
 
 /// Keep the daemon's memory bounded. Large buffers are served from the
 /// heap and kept (see `keep_large_buffers`), which saves page faults but
 /// lets freed chunks pile up between live ones (measured: 160 of 256 MiB
 /// resident after a 10 GiB copy was free heap). Once a second, past the
-/// soft limit, hand free heap pages back.
+/// soft limit and with enough of the heap free, hand free pages back.
 async fn bound_heap() {
     let page = 4096;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -333,8 +336,8 @@ async fn bound_heap() {
             .ok()
             .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
             .map_or(0, |pages| pages * page);
-        if resident > RESIDENT_SOFT_LIMIT {
-            // SAFETY: plain allocator call.
+        // SAFETY: plain allocator calls.
+        if resident > RESIDENT_SOFT_LIMIT && unsafe { libc::mallinfo2() }.fordblks >= FREE_HEAP_WORTH_TRIMMING {
             unsafe { libc::malloc_trim(0) };
         }
     }
