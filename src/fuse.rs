@@ -70,23 +70,20 @@ impl FuseAdapter {
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         let _runtime = self.rt.enter();
-        let (fs, started) = (self.fs.clone(), std::time::Instant::now());
-        let waited = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let job = job(self.fs.clone(), self.view);
-        let mut job = Box::pin({
-            let waited = waited.clone();
-            async move {
-                job.await;
-                fs.metrics().request(op, started.elapsed(), waited.load(std::sync::atomic::Ordering::Relaxed));
-            }
-        });
+        let started = std::time::Instant::now();
+        let mut job = Box::pin(job(self.fs.clone(), self.view));
         // A wake-up lost to the no-op waker does no harm: a spawned task is
         // polled at once, and from then on with the runtime's waker.
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        if job.as_mut().poll(&mut cx).is_pending() {
-            waited.store(true, std::sync::atomic::Ordering::Relaxed);
-            self.rt.spawn(job);
+        if job.as_mut().poll(&mut cx).is_ready() {
+            self.fs.metrics().request(op, started.elapsed(), false);
+            return;
         }
+        let fs = self.fs.clone();
+        self.rt.spawn(async move {
+            job.await;
+            fs.metrics().request(op, started.elapsed(), true);
+        });
     }
 }
 

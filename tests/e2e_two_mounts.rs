@@ -11,12 +11,7 @@ use std::io::Write;
 
 #[test]
 fn close_on_one_mount_then_open_on_the_other_sees_the_data() {
-    let root = scratch("e2e-two");
-    let server = Server::start(&root.join("data"));
-    server.create_bucket("shared");
-    let (pa, pb) = (root.join("a"), root.join("b"));
-    let a = Mount::new(&server, "shared", &pa, &format!("cache_dir={}", root.join("cache-a").display()));
-    let b = Mount::new(&server, "shared", &pb, &format!("cache_dir={}", root.join("cache-b").display()));
+    let (_server, pa, pb, a, b) = two_mounts("e2e-two", "");
 
     // Sizes that grow, shrink and cross block boundaries.
     let sizes = [10usize, 5000, 3, 1 << 20, (1 << 20) + 7, 2_500_000, 0, 77];
@@ -63,12 +58,7 @@ fn names(dir: &std::path::Path) -> Vec<String> {
 #[test]
 fn pushes_reach_warm_caches_on_the_other_mount() {
     use std::os::unix::fs::FileExt;
-    let root = scratch("e2e-push");
-    let server = Server::start(&root.join("data"));
-    server.create_bucket("shared");
-    let (pa, pb) = (root.join("a"), root.join("b"));
-    let a = Mount::new(&server, "shared", &pa, &format!("cache_dir={}", root.join("cache-a").display()));
-    let b = Mount::new(&server, "shared", &pb, &format!("cache_dir={}", root.join("cache-b").display()));
+    let (_server, pa, pb, a, b) = two_mounts("e2e-push", "");
 
     // An fd held open on B sees A's rewrite (same size) through B's page cache.
     std::fs::write(pa.join("f"), vec![b'0'; 8192]).unwrap();
@@ -106,12 +96,7 @@ fn pushes_reach_warm_caches_on_the_other_mount() {
 
 #[test]
 fn absent_names_are_cached_by_the_kernel_until_created_elsewhere() {
-    let root = scratch("e2e-absent");
-    let server = Server::start(&root.join("data"));
-    server.create_bucket("shared");
-    let (pa, pb) = (root.join("a"), root.join("b"));
-    let a = Mount::new(&server, "shared", &pa, &format!("cache_dir={}", root.join("cache-a").display()));
-    let b = Mount::new(&server, "shared", &pb, &format!("cache_dir={}", root.join("cache-b").display()));
+    let (_server, pa, pb, a, b) = two_mounts("e2e-absent", "");
     std::fs::create_dir(pa.join("dir")).unwrap();
     eventually("dir on B", || pb.join("dir").is_dir());
     let lookups = || restfs::stats::read(&pb).unwrap().ops.get("lookup").map_or(0, |o| o.count);
@@ -141,12 +126,7 @@ fn absent_names_are_cached_by_the_kernel_until_created_elsewhere() {
 /// size, the kernel's pages and the cached attributes all look current.
 #[test]
 fn opens_from_cache_see_every_rewrite_closed_elsewhere() {
-    let root = scratch("e2e-callbacks");
-    let server = Server::start(&root.join("data"));
-    server.create_bucket("shared");
-    let (pa, pb) = (root.join("a"), root.join("b"));
-    let a = Mount::new(&server, "shared", &pa, &format!("cache_dir={}", root.join("cache-a").display()));
-    let b = Mount::new(&server, "shared", &pb, &format!("cache_dir={}", root.join("cache-b").display()));
+    let (_server, pa, pb, a, b) = two_mounts("e2e-callbacks", "");
     for round in 0..300u32 {
         let content = vec![(round % 251) as u8; 4096];
         std::fs::write(pa.join("f"), &content).unwrap();
@@ -164,12 +144,7 @@ fn opens_from_cache_see_every_rewrite_closed_elsewhere() {
 /// (3 s), and once thawed it reconnects, catches up and sees the change.
 #[test]
 fn a_frozen_mount_delays_changes_elsewhere_by_at_most_its_lease() {
-    let root = scratch("e2e-frozen");
-    let server = Server::start(&root.join("data"));
-    server.create_bucket("shared");
-    let (pa, pb) = (root.join("a"), root.join("b"));
-    let a = Mount::new(&server, "shared", &pa, &format!("cache_dir={}", root.join("cache-a").display()));
-    let b = Mount::new(&server, "shared", &pb, &format!("cache_dir={}", root.join("cache-b").display()));
+    let (_server, pa, pb, a, b) = two_mounts("e2e-frozen", "");
     std::fs::write(pa.join("f"), b"before").unwrap();
     assert_eq!(std::fs::read(pb.join("f")).unwrap(), b"before");
 
@@ -193,12 +168,7 @@ fn a_frozen_mount_delays_changes_elsewhere_by_at_most_its_lease() {
 #[test]
 fn files_held_open_survive_their_unlinking() {
     use std::io::Read;
-    let root = scratch("e2e-held");
-    let server = Server::start(&root.join("data"));
-    server.create_bucket("shared");
-    let (pa, pb) = (root.join("a"), root.join("b"));
-    let a = Mount::new(&server, "shared", &pa, &format!("cache_dir={}", root.join("cache-a").display()));
-    let b = Mount::new(&server, "shared", &pb, &format!("cache_dir={}", root.join("cache-b").display()));
+    let (_server, pa, pb, a, b) = two_mounts("e2e-held", "");
     let content: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
     for name in ["elsewhere", "here"] {
         std::fs::write(pa.join(name), &content).unwrap();
@@ -233,12 +203,7 @@ fn files_held_open_survive_their_unlinking() {
 fn prefetched_data_is_never_stale_after_changes_elsewhere() {
     use std::os::unix::fs::FileExt;
     const MIB: usize = 1 << 20;
-    let root = scratch("e2e-prefetch");
-    let server = Server::start(&root.join("data"));
-    server.create_bucket("shared");
-    let (pa, pb) = (root.join("a"), root.join("b"));
-    let a = Mount::new(&server, "shared", &pa, &format!("cache_dir={}", root.join("cache-a").display()));
-    let b = Mount::new(&server, "shared", &pb, &format!("cache_dir={}", root.join("cache-b").display()));
+    let (_server, pa, pb, a, b) = two_mounts("e2e-prefetch", "");
     let pattern = |v: u8, len: usize| -> Vec<u8> { (0..len).map(|i| (i / 4096) as u8 ^ v).collect() };
     let read_at = |f: &std::fs::File, off: usize, len: usize| -> Vec<u8> {
         let mut buf = vec![0u8; len];

@@ -26,12 +26,7 @@ impl Rng {
 
 #[test]
 fn writes_buffered_by_the_kernel_reach_other_mounts_on_close() {
-    let root = scratch("e2e-writeback");
-    let server = Server::start(&root.join("data"));
-    server.create_bucket("wb");
-    let (mnt_a, mnt_b) = (root.join("a"), root.join("b"));
-    let a = Mount::new(&server, "wb", &mnt_a, &format!("cache_dir={},writeback", root.join("cache-a").display()));
-    let b = Mount::new(&server, "wb", &mnt_b, &format!("cache_dir={}", root.join("cache-b").display()));
+    let (_server, mnt_a, mnt_b, a, b) = two_mounts("e2e-writeback", ",writeback");
 
     let mut rng = Rng(0x5eed_1234_abcd_0001);
     let mut model: Vec<u8> = Vec::new();

@@ -425,15 +425,17 @@ impl FileData {
     /// already under way.
     fn start_staging(&mut self, r: &Arc<Remote>) {
         let last = self.dirty.keys().next_back().copied();
-        let chosen: Vec<u64> = self.dirty.keys().copied().filter(|idx| Some(*idx) != last && !self.staging.contains(idx)).collect();
+        let chosen: Vec<(u64, Arc<Vec<u8>>)> =
+            self.dirty.iter().filter(|(idx, _)| Some(**idx) != last && !self.staging.contains(idx)).map(|(i, b)| (*i, b.clone())).collect();
         let mut blocks = Vec::new();
-        for idx in chosen {
-            if self.dirty[&idx].is_empty() {
+        for (idx, data) in chosen {
+            if data.is_empty() {
+                // A hole: nothing to send.
                 self.dirty.remove(&idx);
                 self.pending.insert(idx, None);
             } else {
-                blocks.push((idx, self.dirty[&idx].clone()));
                 self.staging.insert(idx);
+                blocks.push((idx, data));
             }
         }
         self.spawn_upload(r, blocks, Vec::new());

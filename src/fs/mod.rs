@@ -37,9 +37,10 @@ const SETTLE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
 /// How often a mount without the delegation asks for it.
 const DELEGATION_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// How long `open` waits for the server before trusting cached attributes.
 /// Most absent names the kernel caches at once (past it, all are taken back).
 const MAX_ABSENT: usize = 1 << 16;
+
+/// How long `open` waits for the server before trusting cached attributes.
 const OPEN_PATIENCE: std::time::Duration = std::time::Duration::from_millis(300);
 
 /// The caller of an operation.
@@ -428,8 +429,14 @@ impl Fs {
                 }
             }
         }
-        let fresh = self.setattr_uncached(ino, s).await?;
-        self.merge(&fresh);
+        let fresh = if s.kill_suidgid && s.is_empty() {
+            // Only the set-ID check was asked for, and no bit needs dropping.
+            self.getattr(ino).await?
+        } else {
+            let fresh = self.setattr_uncached(ino, s).await?;
+            self.merge(&fresh);
+            fresh
+        };
         if drop_capabilities {
             self.drop_capabilities(ino).await?;
         }
@@ -441,15 +448,15 @@ impl Fs {
     /// set-user-ID bit, the set-group-ID bit of a group-executable file,
     /// and file capabilities, as a local filesystem does.
     pub async fn kill_suidgid(&self, ino: Ino) -> Result<()> {
-        let attr = self.getattr(ino).await?;
-        let mode = killed_mode(attr.mode);
-        if mode != attr.mode {
-            self.setattr(ino, SetAttr { mode: Some(mode), ..SetAttr::default() }).await?;
-            if let Some(k) = self.kernel.get() {
-                k.invalidate_attrs(ino);
-            }
+        let before = self.getattr(ino).await?.mode;
+        let after = self.setattr(ino, SetAttr { kill_suidgid: true, ..SetAttr::default() }).await?.mode;
+        // The kernel got no reply carrying the new mode.
+        if after != before
+            && let Some(k) = self.kernel.get()
+        {
+            k.invalidate_attrs(ino);
         }
-        self.drop_capabilities(ino).await
+        Ok(())
     }
 
     /// Remove a file's capabilities, if it has any.

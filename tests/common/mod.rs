@@ -359,3 +359,16 @@ pub fn wait_until(what: &str, limit: std::time::Duration, mut done: impl FnMut()
     }
     start.elapsed()
 }
+
+/// A fresh server with one bucket mounted twice, each with its own cache
+/// directory: `(server, a's path, b's path, a, b)`. `options_a` is added to
+/// a's options. Bind the server to a named variable: it must outlive both.
+pub fn two_mounts(name: &str, options_a: &str) -> (Server, PathBuf, PathBuf, Mount, Mount) {
+    let root = scratch(name);
+    let server = Server::start(&root.join("data"));
+    server.create_bucket("shared");
+    let (pa, pb) = (root.join("a"), root.join("b"));
+    let a = Mount::new(&server, "shared", &pa, &format!("cache_dir={}{options_a}", root.join("cache-a").display()));
+    let b = Mount::new(&server, "shared", &pb, &format!("cache_dir={}", root.join("cache-b").display()));
+    (server, pa, pb, a, b)
+}
