@@ -147,6 +147,14 @@ impl Options {
                 "debug" => self.debug = true,
                 "reconnect_timeout" => {
                     let secs: u64 = need()?.parse().map_err(|_| format!("reconnect_timeout must be whole seconds, not {value:?}"))?;
+                    // A call is resent under its id until the timeout; past the
+                    // server's replay window it could be applied twice.
+                    if secs >= restfs_proto::REPLAY_KEEP_SECS {
+                        return Err(format!(
+                            "reconnect_timeout must be under {} seconds (the server's replay window)",
+                            restfs_proto::REPLAY_KEEP_SECS
+                        ));
+                    }
                     self.reconnect_timeout = Duration::from_secs(secs);
                 }
                 "mount_timeout" => {
@@ -208,7 +216,7 @@ pub const USAGE: &str = "usage: mount.restfs ws://HOST:PORT/BUCKET MOUNTPOINT [-
   -o credentials=FILE  file with the server's token= (mode 600)
   -o debug           verbose logging
   -o mount_timeout=S give up mounting after S seconds (default 30)
-  -o reconnect_timeout=S  ride out server outages up to S seconds (default 60)
+  -o reconnect_timeout=S  ride out server outages up to S seconds (default 60, under 3600)
   -s -n -v           accepted for mount(8) compatibility";
 
 pub fn parse_args(args: &[String]) -> Result<MountArgs, String> {
@@ -622,5 +630,10 @@ mod tests {
         assert!(args(&["ws://h:1/b", "/mnt", "-ocache_dir="]).unwrap_err().contains("needs a value"));
         assert!(args(&["ws://h:1", "/mnt"]).unwrap_err().contains("no bucket"));
         assert!(args(&["ws://h:1/b"]).is_err());
+        assert_eq!(
+            args(&["ws://h:1/b", "/mnt", "-o", "reconnect_timeout=600"]).unwrap().options.reconnect_timeout,
+            Duration::from_secs(600)
+        );
+        assert!(args(&["ws://h:1/b", "/mnt", "-o", "reconnect_timeout=3600"]).unwrap_err().contains("replay window"));
     }
 }

@@ -159,3 +159,23 @@ fn fsync_returns_once_the_server_has_the_changes() {
     // The killed daemon's mount is dead: detach it.
     restfs::mount::lazy_unmount(&pa).unwrap();
 }
+
+#[test]
+fn the_server_forgets_batch_outcomes_the_holder_has_logged() {
+    let root = scratch("e2e-delegation-forget");
+    let mut server = Server::start(&root.join("data"));
+    server.create_bucket("d");
+    let pa = root.join("a");
+    let a = Mount::new(&server, "d", &pa, &format!("cache_dir={}", root.join("cache-a").display()));
+    wait_delegated(&pa, true);
+    let batches = server.counter_or_zero("requests.fs.batch");
+    std::fs::write(pa.join("first"), b"1").unwrap();
+    wait_until("the first batch", Duration::from_secs(10), || server.counter_or_zero("requests.fs.batch") > batches);
+    assert_eq!(server.counter_or_zero("batch_outcomes_forgotten"), 0, "forgotten before the log was synced");
+    // Past the holder's sync interval, its next batch names the earlier ones.
+    std::thread::sleep(Duration::from_millis(5500));
+    std::fs::write(pa.join("second"), b"2").unwrap();
+    wait_until("outcomes forgotten", Duration::from_secs(10), || server.counter_or_zero("batch_outcomes_forgotten") >= 1);
+    a.unmount();
+    server.stop();
+}

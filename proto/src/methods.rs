@@ -500,6 +500,11 @@ pub struct BatchParams {
     /// next mount after a crash) with the first outcome.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// Tokens of earlier batches whose outcomes the holder has received and
+    /// logged: they will not be sent again, so the server forgets them.
+    /// Those never named here (their holder crashed) are kept for weeks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forget: Vec<String>,
 }
 
 /// One change of a batch.

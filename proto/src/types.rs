@@ -156,6 +156,10 @@ pub const NAME_MAX: usize = 255;
 pub const PATH_MAX: usize = 4095;
 /// Most hard links one inode may have.
 pub const LINK_MAX: u32 = 65000;
+/// How long a server answers a repeated non-idempotent request (same
+/// client, same id) from its replay cache instead of applying it again: a
+/// client must not resend a request older than this.
+pub const REPLAY_KEEP_SECS: u64 = 3600;
 /// Largest xattr value, in bytes (as Linux).
 pub const XATTR_SIZE_MAX: usize = 65536;
 

@@ -9,7 +9,7 @@
 
 use crate::callbacks::Lease;
 use crate::meta::{BucketId, MetaStore};
-use crate::service::{GC_MIN_AGE_SECS, Service};
+use crate::service::{BATCH_REPLIES, GC_MIN_AGE_SECS, Service};
 use restfs_proto::methods::*;
 use restfs_proto::rpc::{IdField, RawMessage, code, encode_response};
 use restfs_proto::{
@@ -58,8 +58,8 @@ const PUSH_PAGE: u64 = 1000;
 /// Numbers connections, for [`crate::delegation`].
 static SESSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
-/// The replay cache's "client" for batches named by a token.
-const BATCH_REPLIES: &str = "fs.batch";
+/// Most batch tokens forgotten per `fs.batch` (a holder names one or a few).
+const MAX_FORGET: usize = 1024;
 
 /// Most inode numbers reserved in one `fs.delegate`.
 const MAX_RESERVATION: u64 = 1 << 20;
@@ -855,7 +855,11 @@ impl Session {
     }
 
     /// Apply a holder's queued changes in order, each stamped with its time.
-    async fn batch(self: Arc<Self>, p: BatchParams) -> Outcome<BatchResult> {
+    async fn batch(self: Arc<Self>, mut p: BatchParams) -> Outcome<BatchResult> {
+        if !p.forget.is_empty() {
+            p.forget.truncate(MAX_FORGET);
+            self.service.forget(BATCH_REPLIES, std::mem::take(&mut p.forget)).await;
+        }
         // Applied once per token (see `BatchParams::token`).
         if let Some(token) = &p.token
             && let Some(earlier) = self.service.replayed(BATCH_REPLIES.into(), token.clone()).await

@@ -32,8 +32,15 @@ pub const GC_INTERVAL: Duration = Duration::from_secs(600);
 /// from further back is told to revalidate everything.
 pub const CHANGE_LOG_KEEP: u64 = 100_000;
 
-/// How long replies to non-idempotent calls stay in the replay cache.
-pub const REPLAY_KEEP_SECS: u64 = 3600;
+pub use restfs_proto::REPLAY_KEEP_SECS;
+
+/// How long the outcome of a batch stays in the replay cache unless its
+/// holder says it has it (`BatchParams::forget`): long enough for a mount
+/// that crashed with a batch in flight to come back and send it again.
+pub const BATCH_REPLY_KEEP_SECS: u64 = 30 * 24 * 3600;
+
+/// The replay cache's "client" for batches named by a token.
+pub const BATCH_REPLIES: &str = "fs.batch";
 
 tokio::task_local! {
     /// Inside [`Service::deferring_bumps`]: the bucket to wake once the reply is on its way.
@@ -73,6 +80,8 @@ pub struct Counters {
     pub block_puts: std::sync::atomic::AtomicU64,
     pub block_put_bytes: std::sync::atomic::AtomicU64,
     pub requests: std::sync::atomic::AtomicU64,
+    /// Batch outcomes dropped from the replay cache because their holder has them.
+    pub batch_outcomes_forgotten: std::sync::atomic::AtomicU64,
     /// Requests per method, by index in [`restfs_proto::methods::ALL_METHODS`].
     pub by_method: Box<[std::sync::atomic::AtomicU64]>,
 }
@@ -86,6 +95,7 @@ impl Default for Counters {
             block_puts: zero(),
             block_put_bytes: zero(),
             requests: zero(),
+            batch_outcomes_forgotten: zero(),
             by_method: restfs_proto::methods::ALL_METHODS.iter().map(|_| zero()).collect(),
         }
     }
@@ -100,6 +110,7 @@ impl Counters {
             ("block_puts", get(&self.block_puts)),
             ("block_put_bytes", get(&self.block_put_bytes)),
             ("requests", get(&self.requests)),
+            ("batch_outcomes_forgotten", get(&self.batch_outcomes_forgotten)),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -206,6 +217,16 @@ impl Service {
             tracing::error!("replay cache lookup failed: {e}");
             None
         })
+    }
+
+    /// Forget replies whose requests will not come again.
+    pub async fn forget(&self, client: &'static str, requests: Vec<String>) {
+        let n = requests.len() as u64;
+        if let Err(e) = self.meta(move |m| m.forget_replies(client, &requests)).await {
+            tracing::error!("replay cache trim failed: {e}");
+        } else if client == BATCH_REPLIES {
+            self.counters.batch_outcomes_forgotten.fetch_add(n, Ordering::Relaxed);
+        }
     }
 
     /// Remember a reply so a retry after a reconnection (or restart) gets it again.
@@ -381,7 +402,7 @@ impl Service {
                 if let Err(e) = me.meta_blocking(|m| m.trim_changes(CHANGE_LOG_KEEP)).await {
                     tracing::error!("change log trim failed: {e}");
                 }
-                if let Err(e) = me.meta_blocking(|m| m.trim_replies(REPLAY_KEEP_SECS)).await {
+                if let Err(e) = me.meta_blocking(|m| m.trim_replies(REPLAY_KEEP_SECS, BATCH_REPLIES, BATCH_REPLY_KEEP_SECS)).await {
                     tracing::error!("replay cache trim failed: {e}");
                 }
             }

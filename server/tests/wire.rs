@@ -800,8 +800,11 @@ async fn delegation_batches_apply_once_and_a_mount_recalls_it() {
     // The same token again (a replay after a crash): answered, not applied twice.
     let again = call_noting(&mut a, "fs.batch", json!({"ops": ops, "token": "tok-1"}), &mut notes).await;
     assert_eq!(again, first);
-    // Without it, the changes would be applied again, and fail.
-    let twice = call_noting(&mut a, "fs.batch", json!({"ops": ops}), &mut notes).await;
+    // Once the holder says it has the outcome, the server forgets it, so
+    // the token is new again: the changes are applied again, and fail.
+    let none = call_noting(&mut a, "fs.batch", json!({"ops": [], "token": "tok-2", "forget": ["tok-1"]}), &mut notes).await;
+    assert_eq!(none["outcomes"], json!([]), "{none}");
+    let twice = call_noting(&mut a, "fs.batch", json!({"ops": ops, "token": "tok-1"}), &mut notes).await;
     let errors: Vec<&str> =
         twice["outcomes"].as_array().unwrap().iter().map(|o| o["error"]["data"]["errno"].as_str().unwrap_or("-")).collect();
     assert_eq!(errors, ["EINVAL", "ENOENT"], "{twice}");

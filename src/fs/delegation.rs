@@ -34,6 +34,12 @@ const MAX_QUEUE_BYTES: u64 = 32 << 20;
 /// that nobody waits for.
 const LINGER: Duration = Duration::from_micros(500);
 
+/// Tokens of acknowledged batches are passed on for the server to forget
+/// (`BatchParams::forget`) this often, or once this many wait, each time
+/// after syncing the log that records their acknowledgement.
+const FORGET_EVERY: Duration = Duration::from_secs(5);
+const FORGET_AT_MOST: usize = 256;
+
 /// What to do with a queued change's outcome.
 pub type Then = Box<dyn FnOnce(&Result<Option<Attr>, RpcError>) + Send>;
 
@@ -72,6 +78,10 @@ struct State {
     failed: Option<FsError>,
     /// Where queued changes are logged before they are answered.
     journal: Option<Journal>,
+    /// Tokens of acknowledged batches the server still remembers, and since
+    /// when the oldest of them waits.
+    answered: Vec<String>,
+    answered_since: Option<std::time::Instant>,
 }
 
 pub struct Delegation {
@@ -122,6 +132,14 @@ impl Local<'_> {
         if self.st.queue.len() == 1 {
             self.d.wake.notify_one();
         }
+    }
+}
+
+impl State {
+    /// The batch named `token` is acknowledged (and logged so).
+    fn answered(&mut self, token: String) {
+        self.answered.push(token);
+        self.answered_since.get_or_insert_with(std::time::Instant::now);
     }
 }
 
@@ -336,7 +354,8 @@ impl Delegation {
             {
                 tracing::warn!("delegation log: {e}");
             }
-            let reply = self.link.call::<Batch>(BatchParams { ops: ops.clone(), token: Some(token) }).await;
+            let forget = self.forgettable().await;
+            let reply = self.link.call::<Batch>(BatchParams { ops: ops.clone(), token: Some(token.clone()), forget }).await;
             let outcomes: Vec<Result<Option<Attr>, RpcError>> = match reply {
                 Ok(r) if r.outcomes.len() == ops.len() => r
                     .outcomes
@@ -380,6 +399,7 @@ impl Delegation {
                 {
                     tracing::warn!("delegation log: {e}");
                 }
+                st.answered(token);
             }
             self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
             self.acked.send_modify(|a| *a += n);
@@ -402,9 +422,11 @@ impl Delegation {
         }
         batches.extend(left.ops[first..].chunks(MAX_BATCH).map(|c| (c, new_token())));
         let mut refused = 0;
+        let mut sent = Vec::new();
         for (ops, token) in batches.into_iter().filter(|(ops, _)| !ops.is_empty()) {
-            match self.link.call::<Batch>(BatchParams { ops: ops.to_vec(), token: Some(token) }).await {
+            match self.link.call::<Batch>(BatchParams { ops: ops.to_vec(), token: Some(token.clone()), forget: Vec::new() }).await {
                 Ok(r) => {
+                    sent.push(token);
                     for (op, outcome) in ops.iter().zip(r.outcomes) {
                         if let Some(e) = outcome.error {
                             tracing::warn!("a change the last mount made was refused by the server: {op:?}: {e}");
@@ -430,8 +452,35 @@ impl Delegation {
         if let Err(e) = journal.clear() {
             tracing::warn!("delegation log: {e}");
         }
-        lock(&self.st).journal = Some(journal);
+        let mut st = lock(&self.st);
+        st.journal = Some(journal);
+        sent.into_iter().for_each(|token| st.answered(token));
         refused
+    }
+
+    /// Tokens of acknowledged batches the server may forget now: none of
+    /// them will be sent again, even by the next mount after a machine
+    /// crash, once the log's record of their acknowledgement is on disk.
+    async fn forgettable(&self) -> Vec<String> {
+        let (tokens, log) = {
+            let mut st = lock(&self.st);
+            let due = st.answered.len() >= FORGET_AT_MOST || st.answered_since.is_some_and(|t| t.elapsed() >= FORGET_EVERY);
+            if !due {
+                return Vec::new();
+            }
+            st.answered_since = None;
+            (std::mem::take(&mut st.answered), st.journal.as_ref().map(Journal::handle))
+        };
+        let Some(log) = log else { return tokens };
+        let synced = tokio::task::spawn_blocking(move || log.and_then(|f| f.sync_data())).await;
+        match synced.map_err(std::io::Error::other).and_then(|r| r) {
+            Ok(()) => tokens,
+            Err(e) => {
+                // Not told to forget them, the server keeps them for weeks.
+                tracing::warn!("delegation log: {e}");
+                Vec::new()
+            }
+        }
     }
 
     /// The connection was replaced: the server dropped the delegation.

@@ -107,6 +107,11 @@ impl Journal {
         if idle { self.clear() } else { self.file.write_all(&record(ACKED, &n.to_le_bytes())) }
     }
 
+    /// Another handle on the log's file, to sync it without holding the log.
+    pub fn handle(&self) -> io::Result<File> {
+        self.file.try_clone()
+    }
+
     /// Start over: everything logged is acknowledged.
     pub fn clear(&mut self) -> io::Result<()> {
         if !self.empty {

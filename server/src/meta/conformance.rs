@@ -69,6 +69,8 @@ pub fn run_all(store: &dyn MetaStore) {
     // Garbage collection.
     gc_respects_references_and_age(store);
     gc_after_overwrite_truncate_and_purge(store);
+    // Replay cache.
+    replay_cache_forgets_and_trims(store);
 }
 
 // --- helpers ---
@@ -1262,6 +1264,27 @@ fn change_log_names_every_change(s: &dyn MetaStore) {
     // Trimming moves the log start; older cursors are then out of reach.
     s.trim_changes(1).unwrap();
     assert!(s.changes_since(b, 0, 0).unwrap().log_start > start);
+}
+
+fn replay_cache_forgets_and_trims(s: &dyn MetaStore) {
+    let got = |client: &str, request: &str| s.reply(client, request).unwrap();
+    s.remember_reply("c1", "1", b"one").unwrap();
+    s.remember_reply("c1", "2", b"two").unwrap();
+    s.remember_reply("batches", "t1", b"batch one").unwrap();
+    s.remember_reply("batches", "t2", b"batch two").unwrap();
+    assert_eq!(got("c1", "1").as_deref(), Some(&b"one"[..]));
+    assert_eq!(got("c2", "1"), None, "replies are per client");
+    s.forget_replies("batches", &["t1".to_string(), "unknown".to_string()]).unwrap();
+    assert_eq!(got("batches", "t1"), None);
+    assert_eq!(got("batches", "t2").as_deref(), Some(&b"batch two"[..]));
+    s.trim_replies(3600, "batches", 3600).unwrap();
+    assert!(got("c1", "2").is_some() && got("batches", "t2").is_some(), "trimmed replies younger than the window");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    s.trim_replies(0, "batches", 3600).unwrap();
+    assert_eq!((got("c1", "1"), got("c1", "2")), (None, None), "replies older than the window survived");
+    assert!(got("batches", "t2").is_some(), "the lasting client's replies follow their own window");
+    s.trim_replies(0, "batches", 0).unwrap();
+    assert_eq!(got("batches", "t2"), None);
 }
 
 #[cfg(test)]

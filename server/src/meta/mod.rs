@@ -137,8 +137,11 @@ pub trait MetaStore: Send + Sync {
     // Replay cache: replies to non-idempotent requests, by client and request id.
     fn remember_reply(&self, client: &str, request: &str, reply: &[u8]) -> Result<()>;
     fn reply(&self, client: &str, request: &str) -> Result<Option<Vec<u8>>>;
-    /// Forget replies older than `secs`.
-    fn trim_replies(&self, secs: u64) -> Result<()>;
+    /// Forget these replies of `client` (their requests will not come again).
+    fn forget_replies(&self, client: &str, requests: &[String]) -> Result<()>;
+    /// Forget replies older than `secs`, except those of `lasting`, which
+    /// are kept for `lasting_secs`.
+    fn trim_replies(&self, secs: u64, lasting: &str, lasting_secs: u64) -> Result<()>;
 }
 
 /// What one logged change names.

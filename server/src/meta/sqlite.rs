@@ -1133,10 +1133,21 @@ impl MetaStore for SqliteMeta {
         })
     }
 
-    fn trim_replies(&self, secs: u64) -> Result<()> {
+    fn forget_replies(&self, client: &str, requests: &[String]) -> Result<()> {
         self.with_conn(|c| {
-            c.prepare_cached("DELETE FROM replies WHERE at < ?1")?
-                .execute(params![Timespec::now().sec - secs.min(i64::MAX as u64) as i64])?;
+            let mut forget = c.prepare_cached("DELETE FROM replies WHERE client = ?1 AND request = ?2")?;
+            for request in requests {
+                forget.execute(params![client, request])?;
+            }
+            Ok(())
+        })
+    }
+
+    fn trim_replies(&self, secs: u64, lasting: &str, lasting_secs: u64) -> Result<()> {
+        let before = |secs: u64| Timespec::now().sec - secs.min(i64::MAX as u64) as i64;
+        self.with_conn(|c| {
+            c.prepare_cached("DELETE FROM replies WHERE at < ?1 AND client != ?2")?.execute(params![before(secs), lasting])?;
+            c.prepare_cached("DELETE FROM replies WHERE at < ?1 AND client = ?2")?.execute(params![before(lasting_secs), lasting])?;
             Ok(())
         })
     }
