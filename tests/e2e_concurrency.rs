@@ -94,3 +94,49 @@ fn concurrent_writers(name: &str, options: &str) {
     b.unmount();
     m.unmount();
 }
+
+/// A writer jumping around a file bigger than the dirty limit: its writes
+/// wait as patches, then as whole blocks in the disk cache, for the commit,
+/// instead of each block being sent each time; every byte arrives, and
+/// reads meanwhile see them.
+#[test]
+fn random_writes_send_each_block_once_per_commit() {
+    const BLOCKS: u64 = 24;
+    let root = scratch("e2e-random-writes");
+    let server = Server::start(&root.join("data"));
+    server.create_bucket("rand");
+    let mnt = root.join("mnt");
+    let m = Mount::new(&server, "rand", &mnt, &format!("cache_dir={}", root.join("cache-a").display()));
+    let path = mnt.join("random.bin");
+    let mut model = pattern(1, 0, (BLOCKS << 20) as usize);
+    std::fs::write(&path, &model).unwrap();
+    let uploaded = || restfs::stats::read(&mnt).unwrap().counters["blocks_uploaded"];
+    let before = uploaded();
+
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+    let mut x: u64 = 12345;
+    for i in 0..3000 {
+        x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        let offset = (x >> 24) % ((BLOCKS << 20) - 8192);
+        let data = pattern(i + 2, offset, 1 + (x % 8000) as usize);
+        f.write_all_at(&data, offset).unwrap();
+        model[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+        if i == 1500 {
+            // Through the same descriptor (no commit): the pages written in
+            // part are read from the daemon, which lays its patches over.
+            let mut now = vec![0; model.len()];
+            f.read_exact_at(&mut now, 0).unwrap();
+            assert!(now == model, "content differs before the commit");
+        }
+    }
+    drop(f);
+    let sent = uploaded() - before;
+    assert!(sent <= BLOCKS, "{sent} blocks sent for 3000 random writes to a {BLOCKS}-block file");
+    assert!(std::fs::read(&path).unwrap() == model, "content differs through the writing mount");
+
+    let mnt_b = root.join("mnt-b");
+    let b = Mount::new(&server, "rand", &mnt_b, &format!("cache_dir={}", root.join("cache-b").display()));
+    assert!(std::fs::read(mnt_b.join("random.bin")).unwrap() == model, "content differs from a second mount");
+    b.unmount();
+    m.unmount();
+}

@@ -14,6 +14,7 @@
 //! length, and blocks with neither, read as zeros (holes).
 
 use super::error::{FsError, Result};
+use super::patch::{self, Patches};
 use super::remote::{Remote, Staged};
 use restfs_cache::BlockBytes;
 use restfs_proto::methods::{BatchOp, BlockData, SegmentCommitParams};
@@ -21,6 +22,16 @@ use restfs_proto::{Attr, BlockSlot, Bytes, Errno, Hash, Ino, Timespec};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
+
+/// A file is written sequentially while each write begins where the last
+/// one ended, or after this many writes in a row that began at most
+/// `STREAM_SLACK` blocks away from it.
+const STREAM_RUN: u32 = 3;
+const STREAM_SLACK: u64 = 2;
+
+/// Bytes of writes kept as patches (see [`super::patch`]) before the
+/// fullest patched blocks are made whole.
+const PATCH_BUDGET: usize = 16 << 20;
 
 /// Dirty blocks held in memory before full ones are uploaded early.
 const DIRTY_LIMIT: usize = 8;
@@ -131,6 +142,8 @@ pub struct FileData {
     /// moves with local writes).
     pub server_ctime: Timespec,
     dirty: BTreeMap<u64, Arc<Vec<u8>>>,
+    /// Writes of a random writer into blocks not in `dirty`.
+    patches: Patches,
     /// Dirty blocks an upload task is staging (still in `dirty`).
     staging: HashSet<u64>,
     pending: BTreeMap<u64, Option<(Hash, u32)>>,
@@ -150,6 +163,17 @@ pub struct FileData {
     uploads: VecDeque<tokio::task::JoinHandle<Upload>>,
     /// Staged blocks whose upload failed: sent again with the next one.
     unsent: Vec<Staged>,
+    /// Full blocks of a file written out of order, moved from memory to
+    /// the disk cache and sent with the next commit (sending them early
+    /// would send a block again each time a random writer comes back to it).
+    spilled: BTreeMap<u64, Staged>,
+    /// Where the last write ended, whether it began near where the one
+    /// before ended (a sequential writer, whose full blocks are sent at
+    /// once), and the block it ended in.
+    write_end: u64,
+    near_writes: u32,
+    streaming: bool,
+    last_block: u64,
     /// Blocks pinned in the disk cache until the next commit succeeds.
     pinned: Vec<Hash>,
 }
@@ -162,6 +186,9 @@ struct Upload {
     indexes: Vec<u64>,
     staged: Vec<Staged>,
     resent: Vec<Staged>,
+    /// For a spill (see `FileData::spilled`): the disk cache's mapping of
+    /// each staged block; those it lacks were sent.
+    on_disk: Vec<Option<BlockBytes>>,
 }
 
 /// A commit sent but not acknowledged, as journaled in the metadata cache.
@@ -190,6 +217,7 @@ impl File {
                 server_ctime: attr.ctime,
                 attr: attr.clone(),
                 dirty: BTreeMap::new(),
+                patches: Patches::default(),
                 staging: HashSet::new(),
                 pending: BTreeMap::new(),
                 map: HashMap::new(),
@@ -201,6 +229,11 @@ impl File {
                 read_ahead_to: 0,
                 uploads: VecDeque::new(),
                 unsent: Vec::new(),
+                spilled: BTreeMap::new(),
+                write_end: 0,
+                near_writes: STREAM_RUN,
+                streaming: true,
+                last_block: 0,
                 pinned: Vec::new(),
             }),
             handles: AtomicU32::new(0),
@@ -287,6 +320,9 @@ impl FileData {
 
     /// The valid bytes of block `idx` as stored (committed or pending).
     async fn stored_block(&mut self, r: &Remote, idx: u64) -> Result<Vec<u8>> {
+        if let Some(spilled) = self.spilled.get(&idx) {
+            return Ok(spilled.data.to_vec());
+        }
         match self.slot(r, idx).await? {
             None => Ok(Vec::new()),
             Some((hash, len)) => {
@@ -306,8 +342,18 @@ impl FileData {
         while pos < end {
             let idx = pos / bs;
             let (from, to) = ((pos % bs) as usize, ((end - idx * bs).min(bs)) as usize);
-            parts.push(match self.dirty.get(&idx) {
-                Some(buf) => Part::Local(padded(buf.as_slice(), from, to)),
+            if self.patches.contains(idx) {
+                // Read through, leaving the patches as they are (made
+                // whole here, the block would stay in memory).
+                let mut block = self.stored_block(r, idx).await?;
+                patch::apply(&mut block, self.patches.get(idx).expect("checked above"));
+                parts.push(Part::Local(padded(&block, from, to)));
+                pos = idx * bs + to as u64;
+                continue;
+            }
+            let here = self.dirty.get(&idx).map(|b| b.as_slice()).or_else(|| self.spilled.get(&idx).map(|s| &**s.data));
+            parts.push(match here {
+                Some(buf) => Part::Local(padded(buf, from, to)),
                 None => match self.slot(r, idx).await? {
                     None => Part::Local(vec![0; to - from]),
                     Some((hash, len)) => Part::Stored { hash, len, from, to },
@@ -351,12 +397,29 @@ impl FileData {
         if end > i64::MAX as u64 {
             return Err(FsError::new(Errno::EFBIG, "write past the largest offset"));
         }
+        // Writes the kernel sends from several threads arrive a little out
+        // of order: a run of writes near each other counts as sequential.
+        self.near_writes = if offset == self.write_end {
+            self.near_writes.max(STREAM_RUN)
+        } else if offset.abs_diff(self.write_end) <= STREAM_SLACK * bs {
+            self.near_writes.saturating_add(1)
+        } else {
+            0
+        };
+        self.streaming = self.near_writes >= STREAM_RUN;
+        self.write_end = end;
+        self.last_block = end.saturating_sub(1) / bs;
         if offset.is_multiple_of(bs) && data.len() as u64 == bs {
             // A whole block (what sequential writers send): it becomes the
             // dirty block as it is, with no copy.
+            self.patches.take(offset / bs);
+            self.supersede_spilled(r, offset / bs);
             self.dirty.insert(offset / bs, Arc::new(data));
         } else {
             self.write_into_blocks(r, offset, &data).await?;
+        }
+        if self.patches.bytes() > PATCH_BUDGET {
+            self.make_whole(r, PATCH_BUDGET / 2).await?;
         }
         self.attr.size = self.attr.size.max(end);
         let now = Timespec::now();
@@ -364,16 +427,14 @@ impl FileData {
         self.attr.ctime = now;
         self.changed = true;
         if self.dirty.len().saturating_sub(self.staging.len()) > DIRTY_LIMIT {
-            self.start_staging(r);
-            while self.uploads.len() > UPLOADS_IN_FLIGHT {
-                self.finish_oldest_upload().await?;
-            }
+            self.start_staging(r).await?;
         }
         Ok(())
     }
 
     /// Copy `data` into the dirty blocks it covers (read from the store
-    /// first where it covers them in part).
+    /// first where it covers them in part), or, for a random writer, into
+    /// patches of the blocks not dirty.
     async fn write_into_blocks(&mut self, r: &Remote, offset: u64, data: &[u8]) -> Result<()> {
         let bs = r.block_size;
         let end = offset + data.len() as u64;
@@ -382,9 +443,25 @@ impl FileData {
             let idx = pos / bs;
             let from = (pos % bs) as usize;
             let to = ((end - idx * bs).min(bs)) as usize;
+            let piece = &data[(pos - offset) as usize..][..to - from];
+            pos = idx * bs + to as u64;
             if !self.dirty.contains_key(&idx) {
                 let whole = from == 0 && to as u64 == bs;
-                let base = if whole { Vec::new() } else { self.stored_block(r, idx).await? };
+                if !whole && !self.streaming {
+                    self.patches.add(idx, from as u32, piece);
+                    if let Some(block) = self.patches.take_whole(idx, bs as u32) {
+                        self.supersede_spilled(r, idx);
+                        self.dirty.insert(idx, Arc::new(block));
+                    }
+                    continue;
+                }
+                let base = if whole {
+                    self.patches.take(idx);
+                    Vec::new()
+                } else {
+                    self.current_block(r, idx).await?
+                };
+                self.supersede_spilled(r, idx);
                 self.dirty.insert(idx, Arc::new(base));
             }
             // Copied first if an upload task still reads it.
@@ -392,11 +469,51 @@ impl FileData {
             if buf.len() < to {
                 buf.resize(to, 0);
             }
-            let src = (pos - offset) as usize;
-            buf[from..to].copy_from_slice(&data[src..src + (to - from)]);
-            pos = idx * bs + to as u64;
+            buf[from..to].copy_from_slice(piece);
         }
         Ok(())
+    }
+
+    /// The bytes of block `idx` not in `dirty`: as stored, with its
+    /// patches laid over (and taken).
+    async fn current_block(&mut self, r: &Remote, idx: u64) -> Result<Vec<u8>> {
+        let mut block = self.stored_block(r, idx).await?;
+        if let Some(ranges) = self.patches.take(idx) {
+            patch::apply(&mut block, &ranges);
+        }
+        Ok(block)
+    }
+
+    /// Make patched block `idx` whole, in `dirty`.
+    async fn unpatch(&mut self, r: &Remote, idx: u64) -> Result<()> {
+        let block = self.current_block(r, idx).await?;
+        self.supersede_spilled(r, idx);
+        self.dirty.insert(idx, Arc::new(block));
+        Ok(())
+    }
+
+    /// Make the fullest patched blocks whole until at most `keep` bytes of
+    /// patches are left, staging as they pile up.
+    async fn make_whole(&mut self, r: &Arc<Remote>, keep: usize) -> Result<()> {
+        while self.patches.bytes() > keep
+            && let Some(idx) = self.patches.fullest()
+        {
+            self.unpatch(r, idx).await?;
+            if self.dirty.len().saturating_sub(self.staging.len()) > DIRTY_LIMIT {
+                self.start_staging(r).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Block `idx` is written again: its spilled copy is of no more use.
+    fn supersede_spilled(&mut self, r: &Remote, idx: u64) {
+        if let Some(old) = self.spilled.remove(&idx)
+            && let Some(i) = self.pinned.iter().position(|h| *h == old.hash)
+        {
+            self.pinned.swap_remove(i);
+            r.release([old.hash]);
+        }
     }
 
     /// Stage every dirty block in the disk cache and move them to
@@ -420,13 +537,17 @@ impl FileData {
         Ok(staged)
     }
 
-    /// Hash, stage and send the full dirty blocks in the background: all
-    /// but the last (which a sequential writer is still filling) and those
-    /// already under way.
-    fn start_staging(&mut self, r: &Arc<Remote>) {
-        let last = self.dirty.keys().next_back().copied();
+    /// Hash and stage the dirty blocks in the background, and send them
+    /// if the file is written sequentially (else they are spilled): all
+    /// but the one the last write ended in (a sequential writer is still
+    /// filling it) and those already under way.
+    async fn start_staging(&mut self, r: &Arc<Remote>) -> Result<()> {
+        while self.uploads.front().is_some_and(|t| t.is_finished()) {
+            self.finish_oldest_upload().await?;
+        }
+        let last = self.last_block;
         let chosen: Vec<(u64, Arc<Vec<u8>>)> =
-            self.dirty.iter().filter(|(idx, _)| Some(**idx) != last && !self.staging.contains(idx)).map(|(i, b)| (*i, b.clone())).collect();
+            self.dirty.iter().filter(|(idx, _)| **idx != last && !self.staging.contains(idx)).map(|(i, b)| (*i, b.clone())).collect();
         let mut blocks = Vec::new();
         for (idx, data) in chosen {
             if data.is_empty() {
@@ -438,7 +559,15 @@ impl FileData {
                 blocks.push((idx, data));
             }
         }
-        self.spawn_upload(r, blocks, Vec::new());
+        if self.streaming {
+            self.spawn_upload(r, blocks, Vec::new());
+        } else {
+            self.spawn_spill(r, blocks);
+        }
+        while self.uploads.len() > UPLOADS_IN_FLIGHT {
+            self.finish_oldest_upload().await?;
+        }
+        Ok(())
     }
 
     /// Stage `blocks` (dirty), then send them with `staged` and the earlier
@@ -455,12 +584,32 @@ impl FileData {
             let done = match r.stage(blocks).await {
                 Ok(fresh) => {
                     let all: Vec<Staged> = fresh.iter().chain(&staged).cloned().collect();
-                    Upload { sent: r.send(&all).await, indexes, staged: fresh, resent: staged }
+                    Upload { sent: r.send(&all).await, indexes, staged: fresh, resent: staged, on_disk: Vec::new() }
                 }
-                Err(e) => Upload { sent: Err(e), indexes, staged: Vec::new(), resent: staged },
+                Err(e) => Upload { sent: Err(e), indexes, staged: Vec::new(), resent: staged, on_disk: Vec::new() },
             };
             r.metrics.uploads(-1);
             done
+        }));
+    }
+
+    /// Stage `blocks` (dirty) in a task, without sending them.
+    fn spawn_spill(&mut self, r: &Arc<Remote>, blocks: Vec<(u64, Arc<Vec<u8>>)>) {
+        if blocks.is_empty() {
+            return;
+        }
+        let r = r.clone();
+        self.uploads.push_back(tokio::spawn(async move {
+            let indexes = blocks.iter().map(|(idx, _)| *idx).collect();
+            match r.stage(blocks).await {
+                Ok(staged) => {
+                    let on_disk: Vec<_> = staged.iter().map(|b| r.ring.as_ref().and_then(|ring| ring.get(&b.hash))).collect();
+                    // Blocks the disk cache could not take go now, not to stay in memory.
+                    let homeless: Vec<Staged> = staged.iter().zip(&on_disk).filter(|(_, d)| d.is_none()).map(|(b, _)| b.clone()).collect();
+                    Upload { sent: r.send(&homeless).await, indexes, staged, resent: Vec::new(), on_disk }
+                }
+                Err(e) => Upload { sent: Err(e), indexes, staged: Vec::new(), resent: Vec::new(), on_disk: Vec::new() },
+            }
         }));
     }
 
@@ -473,13 +622,22 @@ impl FileData {
             self.staging.remove(idx);
         }
         let mut moved = Vec::new();
+        let mut on_disk = done.on_disk.into_iter();
         for b in done.staged {
+            let mapped = on_disk.next().flatten();
             self.pinned.push(b.hash);
             let unchanged = matches!((&*b.data, self.dirty.get(&b.index)), (BlockBytes::Shared(s), Some(d)) if Arc::ptr_eq(s, d));
-            if unchanged {
-                self.dirty.remove(&b.index);
-                self.pending.insert(b.index, Some((b.hash, b.data.len() as u32)));
-                moved.push(b);
+            if !unchanged {
+                continue;
+            }
+            self.dirty.remove(&b.index);
+            self.pending.insert(b.index, Some((b.hash, b.data.len() as u32)));
+            match mapped {
+                // From memory to the disk cache's mapping of it.
+                Some(data) => {
+                    self.spilled.insert(b.index, Staged { data: Arc::new(data), ..b });
+                }
+                None => moved.push(b),
             }
         }
         if done.sent.is_err() {
@@ -523,7 +681,9 @@ impl FileData {
         if !self.changed {
             return Ok(false);
         }
-        let staged = self.stage_dirty(r).await?;
+        self.make_whole(r, 0).await?;
+        let mut staged = self.stage_dirty(r).await?;
+        staged.extend(std::mem::take(&mut self.spilled).into_values());
         // Small blocks ride with the commit: one round trip instead of three.
         let (inline, staged): (Vec<Staged>, Vec<Staged>) = staged.into_iter().partition(|b| b.data.len() <= super::remote::SMALL_BLOCK);
         let size = self.attr.size;

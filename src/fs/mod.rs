@@ -14,6 +14,7 @@ pub mod file;
 mod journal;
 mod local;
 pub mod metrics;
+mod patch;
 mod recovery;
 pub mod remote;
 mod xattr;
