@@ -31,7 +31,7 @@ const STREAM_SLACK: u64 = 2;
 
 /// Bytes of writes kept as patches (see [`super::patch`]) before the
 /// fullest patched blocks are made whole.
-const PATCH_BUDGET: usize = 16 << 20;
+const PATCH_BUDGET: usize = 8 << 20;
 
 /// Dirty blocks held in memory before full ones are uploaded early.
 const DIRTY_LIMIT: usize = 8;
@@ -166,7 +166,7 @@ pub struct FileData {
     /// Full blocks of a file written out of order, moved from memory to
     /// the disk cache and sent with the next commit (sending them early
     /// would send a block again each time a random writer comes back to it).
-    spilled: BTreeMap<u64, Staged>,
+    spilled: BTreeMap<u64, Hash>,
     /// Where the last write ended, whether it began near where the one
     /// before ended (a sequential writer, whose full blocks are sent at
     /// once), and the block it ended in.
@@ -186,9 +186,9 @@ struct Upload {
     indexes: Vec<u64>,
     staged: Vec<Staged>,
     resent: Vec<Staged>,
-    /// For a spill (see `FileData::spilled`): the disk cache's mapping of
-    /// each staged block; those it lacks were sent.
-    on_disk: Vec<Option<BlockBytes>>,
+    /// For a spill (see `FileData::spilled`): whether the disk cache holds
+    /// each staged block; those it could not take were sent.
+    on_disk: Vec<bool>,
 }
 
 /// A commit sent but not acknowledged, as journaled in the metadata cache.
@@ -320,9 +320,6 @@ impl FileData {
 
     /// The valid bytes of block `idx` as stored (committed or pending).
     async fn stored_block(&mut self, r: &Remote, idx: u64) -> Result<Vec<u8>> {
-        if let Some(spilled) = self.spilled.get(&idx) {
-            return Ok(spilled.data.to_vec());
-        }
         match self.slot(r, idx).await? {
             None => Ok(Vec::new()),
             Some((hash, len)) => {
@@ -351,9 +348,8 @@ impl FileData {
                 pos = idx * bs + to as u64;
                 continue;
             }
-            let here = self.dirty.get(&idx).map(|b| b.as_slice()).or_else(|| self.spilled.get(&idx).map(|s| &**s.data));
-            parts.push(match here {
-                Some(buf) => Part::Local(padded(buf, from, to)),
+            parts.push(match self.dirty.get(&idx) {
+                Some(buf) => Part::Local(padded(buf.as_slice(), from, to)),
                 None => match self.slot(r, idx).await? {
                     None => Part::Local(vec![0; to - from]),
                     Some((hash, len)) => Part::Stored { hash, len, from, to },
@@ -509,10 +505,10 @@ impl FileData {
     /// Block `idx` is written again: its spilled copy is of no more use.
     fn supersede_spilled(&mut self, r: &Remote, idx: u64) {
         if let Some(old) = self.spilled.remove(&idx)
-            && let Some(i) = self.pinned.iter().position(|h| *h == old.hash)
+            && let Some(i) = self.pinned.iter().position(|h| *h == old)
         {
             self.pinned.swap_remove(i);
-            r.release([old.hash]);
+            r.release([old]);
         }
     }
 
@@ -603,9 +599,9 @@ impl FileData {
             let indexes = blocks.iter().map(|(idx, _)| *idx).collect();
             match r.stage(blocks).await {
                 Ok(staged) => {
-                    let on_disk: Vec<_> = staged.iter().map(|b| r.ring.as_ref().and_then(|ring| ring.get(&b.hash))).collect();
+                    let on_disk: Vec<bool> = staged.iter().map(|b| r.ring.as_ref().is_some_and(|ring| ring.contains(&b.hash))).collect();
                     // Blocks the disk cache could not take go now, not to stay in memory.
-                    let homeless: Vec<Staged> = staged.iter().zip(&on_disk).filter(|(_, d)| d.is_none()).map(|(b, _)| b.clone()).collect();
+                    let homeless: Vec<Staged> = staged.iter().zip(&on_disk).filter(|(_, d)| !**d).map(|(b, _)| b.clone()).collect();
                     Upload { sent: r.send(&homeless).await, indexes, staged, resent: Vec::new(), on_disk }
                 }
                 Err(e) => Upload { sent: Err(e), indexes, staged: Vec::new(), resent: Vec::new(), on_disk: Vec::new() },
@@ -624,7 +620,7 @@ impl FileData {
         let mut moved = Vec::new();
         let mut on_disk = done.on_disk.into_iter();
         for b in done.staged {
-            let mapped = on_disk.next().flatten();
+            let spilled = on_disk.next().unwrap_or(false);
             self.pinned.push(b.hash);
             let unchanged = matches!((&*b.data, self.dirty.get(&b.index)), (BlockBytes::Shared(s), Some(d)) if Arc::ptr_eq(s, d));
             if !unchanged {
@@ -632,12 +628,11 @@ impl FileData {
             }
             self.dirty.remove(&b.index);
             self.pending.insert(b.index, Some((b.hash, b.data.len() as u32)));
-            match mapped {
-                // From memory to the disk cache's mapping of it.
-                Some(data) => {
-                    self.spilled.insert(b.index, Staged { data: Arc::new(data), ..b });
-                }
-                None => moved.push(b),
+            if spilled {
+                // Out of memory: `pending` names it, the disk cache holds it.
+                self.spilled.insert(b.index, b.hash);
+            } else {
+                moved.push(b);
             }
         }
         if done.sent.is_err() {
@@ -675,6 +670,26 @@ impl FileData {
         }
     }
 
+    /// Send the spilled blocks, a few at a time from the disk cache.
+    async fn send_spilled(&mut self, r: &Remote) -> Result<()> {
+        const AT_ONCE: usize = 16;
+        while !self.spilled.is_empty() {
+            let some: Vec<(u64, Hash)> = self.spilled.iter().take(AT_ONCE).map(|(i, h)| (*i, *h)).collect();
+            let mut staged = Vec::with_capacity(some.len());
+            for (index, hash) in &some {
+                let data = r.ring.as_ref().and_then(|ring| ring.get(hash)).ok_or_else(|| {
+                    FsError::new(Errno::EIO, format!("block {index} of inode {} left the disk cache before it was sent", self.attr.ino))
+                })?;
+                staged.push(Staged { index: *index, hash: *hash, data: Arc::new(data) });
+            }
+            r.send(&staged).await?;
+            for (index, _) in some {
+                self.spilled.remove(&index);
+            }
+        }
+        Ok(())
+    }
+
     /// Publish local changes: stage, journal the commit, send the blocks,
     /// then commit atomically. Returns whether anything was committed.
     pub async fn flush(&mut self, r: &Arc<Remote>) -> Result<bool> {
@@ -682,8 +697,13 @@ impl FileData {
             return Ok(false);
         }
         self.make_whole(r, 0).await?;
-        let mut staged = self.stage_dirty(r).await?;
-        staged.extend(std::mem::take(&mut self.spilled).into_values());
+        if let Err(e) = self.finish_uploads().await {
+            // Their blocks are in `unsent`, sent again with the rest.
+            tracing::debug!("upload of inode {}: {e}", self.attr.ino);
+        }
+        // Spills finished above add to these.
+        self.send_spilled(r).await?;
+        let staged = self.stage_dirty(r).await?;
         // Small blocks ride with the commit: one round trip instead of three.
         let (inline, staged): (Vec<Staged>, Vec<Staged>) = staged.into_iter().partition(|b| b.data.len() <= super::remote::SMALL_BLOCK);
         let size = self.attr.size;
