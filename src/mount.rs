@@ -583,13 +583,14 @@ fn serve(args: &MountArgs, ready: &mut Option<File>) -> Result<(), String> {
     rt.block_on(fs.flush_all()).map_err(|e| format!("commit at unmount failed: {e}"))?;
     if let Some(s) = fs.ring_stats() {
         tracing::info!(
-            "block cache: hits={} misses={} corrupt={} inserts={} evictions={} blocks={} bytes={}",
+            "block cache: hits={} misses={} corrupt={} inserts={} evictions={} blocks={} pinned={} bytes={}",
             s.hits,
             s.misses,
             s.corrupt,
             s.inserts,
             s.evictions,
             s.blocks,
+            s.pinned,
             s.bytes
         );
     }

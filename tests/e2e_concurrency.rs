@@ -102,6 +102,7 @@ fn concurrent_writers(name: &str, options: &str) {
 #[test]
 fn random_writes_send_each_block_once_per_commit() {
     const BLOCKS: u64 = 24;
+    const WRITES: u64 = 12_000;
     let root = scratch("e2e-random-writes");
     let server = Server::start(&root.join("data"));
     server.create_bucket("rand");
@@ -115,13 +116,18 @@ fn random_writes_send_each_block_once_per_commit() {
 
     let f = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
     let mut x: u64 = 12345;
-    for i in 0..3000 {
+    for i in 0..WRITES {
         x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
         let offset = (x >> 24) % ((BLOCKS << 20) - 8192);
         let data = pattern(i + 2, offset, 1 + (x % 8000) as usize);
         f.write_all_at(&data, offset).unwrap();
         model[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
-        if i == 1500 {
+        if i % 500 == 499 {
+            // A staged copy of each block at most, and one that reads hold.
+            let pinned = restfs::stats::read(&mnt).unwrap().counters["blocks_pinned"];
+            assert!(pinned <= 2 * BLOCKS, "{pinned} blocks pinned in the disk cache after {i} writes");
+        }
+        if i == WRITES / 2 {
             // Through the same descriptor (no commit): the pages written in
             // part are read from the daemon, which lays its patches over.
             let mut now = vec![0; model.len()];
@@ -131,7 +137,7 @@ fn random_writes_send_each_block_once_per_commit() {
     }
     drop(f);
     let sent = uploaded() - before;
-    assert!(sent <= BLOCKS, "{sent} blocks sent for 3000 random writes to a {BLOCKS}-block file");
+    assert!(sent <= BLOCKS, "{sent} blocks sent for {WRITES} random writes to a {BLOCKS}-block file");
     assert!(std::fs::read(&path).unwrap() == model, "content differs through the writing mount");
 
     let mnt_b = root.join("mnt-b");

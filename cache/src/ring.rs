@@ -64,6 +64,8 @@ pub struct RingStats {
     pub evictions: u64,
     pub bytes: u64,
     pub blocks: u64,
+    /// Blocks that cannot be evicted now (staged, or being read).
+    pub pinned: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -455,6 +457,7 @@ impl BlockRing {
             evictions: self.evictions.load(Ordering::Relaxed),
             bytes: ix.bytes,
             blocks: ix.by_hash.len() as u64,
+            pinned: ix.by_hash.values().filter(|e| e.pins > 0).count() as u64,
         }
     }
 }

@@ -23,11 +23,12 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
 
-/// A file is written sequentially while each write begins where the last
-/// one ended, or after this many writes in a row that began at most
-/// `STREAM_SLACK` blocks away from it.
-const STREAM_RUN: u32 = 3;
-const STREAM_SLACK: u64 = 2;
+/// A write continues a sequential writer if it begins where one of this
+/// many recent writes ended or ends where one began (the kernel sends a
+/// writer's pages from several threads, a little out of order).
+const RECENT_WRITES: usize = 8;
+/// A file stays sequential until this many writes in a row continue none.
+const STREAM_BREAK: u32 = 2;
 
 /// Bytes of writes kept as patches (see [`super::patch`]) before the
 /// fullest patched blocks are made whole.
@@ -167,11 +168,11 @@ pub struct FileData {
     /// the disk cache and sent with the next commit (sending them early
     /// would send a block again each time a random writer comes back to it).
     spilled: BTreeMap<u64, Hash>,
-    /// Where the last write ended, whether it began near where the one
-    /// before ended (a sequential writer, whose full blocks are sent at
-    /// once), and the block it ended in.
-    write_end: u64,
-    near_writes: u32,
+    /// The ranges of the last writes, how many writes in a row continued
+    /// none of them, whether the file is written sequentially (its full
+    /// blocks are then sent at once), and the block the last write ended in.
+    recent: VecDeque<(u64, u64)>,
+    jumps: u32,
     streaming: bool,
     last_block: u64,
     /// Blocks pinned in the disk cache until the next commit succeeds.
@@ -230,8 +231,8 @@ impl File {
                 uploads: VecDeque::new(),
                 unsent: Vec::new(),
                 spilled: BTreeMap::new(),
-                write_end: 0,
-                near_writes: STREAM_RUN,
+                recent: VecDeque::from([(0, 0)]),
+                jumps: 0,
                 streaming: true,
                 last_block: 0,
                 pinned: Vec::new(),
@@ -393,17 +394,13 @@ impl FileData {
         if end > i64::MAX as u64 {
             return Err(FsError::new(Errno::EFBIG, "write past the largest offset"));
         }
-        // Writes the kernel sends from several threads arrive a little out
-        // of order: a run of writes near each other counts as sequential.
-        self.near_writes = if offset == self.write_end {
-            self.near_writes.max(STREAM_RUN)
-        } else if offset.abs_diff(self.write_end) <= STREAM_SLACK * bs {
-            self.near_writes.saturating_add(1)
-        } else {
-            0
-        };
-        self.streaming = self.near_writes >= STREAM_RUN;
-        self.write_end = end;
+        let continues = self.recent.iter().any(|(from, to)| offset == *to || end == *from);
+        self.jumps = if continues { 0 } else { self.jumps.saturating_add(1) };
+        self.streaming = self.jumps < STREAM_BREAK;
+        if self.recent.len() == RECENT_WRITES {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((offset, end));
         self.last_block = end.saturating_sub(1) / bs;
         if offset.is_multiple_of(bs) && data.len() as u64 == bs {
             // A whole block (what sequential writers send): it becomes the
@@ -515,7 +512,7 @@ impl FileData {
     /// Stage every dirty block in the disk cache and move them to
     /// `pending`; returns them, to be sent. Uploads in flight finish first.
     async fn stage_dirty(&mut self, r: &Arc<Remote>) -> Result<Vec<Staged>> {
-        if let Err(e) = self.finish_uploads().await {
+        if let Err(e) = self.finish_uploads(r).await {
             // Their blocks are in `unsent`, sent again with the rest.
             tracing::debug!("upload of inode {}: {e}", self.attr.ino);
         }
@@ -539,7 +536,7 @@ impl FileData {
     /// filling it) and those already under way.
     async fn start_staging(&mut self, r: &Arc<Remote>) -> Result<()> {
         while self.uploads.front().is_some_and(|t| t.is_finished()) {
-            self.finish_oldest_upload().await?;
+            self.finish_oldest_upload(r).await?;
         }
         let last = self.last_block;
         let chosen: Vec<(u64, Arc<Vec<u8>>)> =
@@ -561,7 +558,7 @@ impl FileData {
             self.spawn_spill(r, blocks);
         }
         while self.uploads.len() > UPLOADS_IN_FLIGHT {
-            self.finish_oldest_upload().await?;
+            self.finish_oldest_upload(r).await?;
         }
         Ok(())
     }
@@ -611,7 +608,7 @@ impl FileData {
 
     /// Wait for the oldest upload; what it staged leaves `dirty` for
     /// `pending` (unless written again meanwhile).
-    async fn finish_oldest_upload(&mut self) -> Result<()> {
+    async fn finish_oldest_upload(&mut self, r: &Remote) -> Result<()> {
         let Some(task) = self.uploads.pop_front() else { return Ok(()) };
         let done = task.await.map_err(|e| FsError::new(Errno::EIO, format!("upload task failed: {e}")))?;
         for idx in &done.indexes {
@@ -621,11 +618,13 @@ impl FileData {
         let mut on_disk = done.on_disk.into_iter();
         for b in done.staged {
             let spilled = on_disk.next().unwrap_or(false);
-            self.pinned.push(b.hash);
             let unchanged = matches!((&*b.data, self.dirty.get(&b.index)), (BlockBytes::Shared(s), Some(d)) if Arc::ptr_eq(s, d));
             if !unchanged {
+                // Written again meanwhile: no commit will name this copy.
+                r.release([b.hash]);
                 continue;
             }
+            self.pinned.push(b.hash);
             self.dirty.remove(&b.index);
             self.pending.insert(b.index, Some((b.hash, b.data.len() as u32)));
             if spilled {
@@ -644,10 +643,10 @@ impl FileData {
     }
 
     /// Wait for every upload; the first error wins.
-    async fn finish_uploads(&mut self) -> Result<()> {
+    async fn finish_uploads(&mut self, r: &Remote) -> Result<()> {
         let mut first = Ok(());
         while !self.uploads.is_empty() {
-            let done = self.finish_oldest_upload().await;
+            let done = self.finish_oldest_upload(r).await;
             if first.is_ok() {
                 first = done;
             }
@@ -658,7 +657,7 @@ impl FileData {
     /// Send `blocks` and wait for every upload; the first error wins.
     async fn send_all(&mut self, r: &Arc<Remote>, blocks: Vec<Staged>) -> Result<()> {
         self.spawn_upload(r, Vec::new(), blocks);
-        self.finish_uploads().await
+        self.finish_uploads(r).await
     }
 
     /// Extend the size without writing (fallocate); the new range reads as zeros.
@@ -697,7 +696,7 @@ impl FileData {
             return Ok(false);
         }
         self.make_whole(r, 0).await?;
-        if let Err(e) = self.finish_uploads().await {
+        if let Err(e) = self.finish_uploads(r).await {
             // Their blocks are in `unsent`, sent again with the rest.
             tracing::debug!("upload of inode {}: {e}", self.attr.ino);
         }

@@ -30,6 +30,9 @@ pub const OPENS_FROM_SERVER: &str = "opens_from_server";
 /// Namespace changes and commits answered under the delegation (kept by
 /// the delegation itself; added to snapshots).
 pub const CHANGES_DELEGATED: &str = "changes_delegated";
+/// Blocks the disk cache may not evict now: staged and not yet committed,
+/// or being read (taken from the cache itself; added to snapshots).
+pub const BLOCKS_PINNED: &str = "blocks_pinned";
 
 const COUNTERS: &[&str] = &[
     BYTES_READ,

@@ -126,6 +126,9 @@ impl Fs {
             let d = &self.remote.delegation;
             (snapshot.delegated, snapshot.changes_queued) = (d.active(), d.backlog());
             snapshot.counters.insert(super::metrics::CHANGES_DELEGATED.into(), d.local_changes());
+            if let Some(ring) = &self.remote.ring {
+                snapshot.counters.insert(super::metrics::BLOCKS_PINNED.into(), ring.stats().pinned);
+            }
             return Ok(serde_json::to_vec(&snapshot).expect("a snapshot serializes"));
         }
         let ctime = || self.mc().and_then(|m| m.attr(ino).ok().flatten()).map(|a| a.ctime);
