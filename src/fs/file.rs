@@ -187,9 +187,9 @@ struct Upload {
     indexes: Vec<u64>,
     staged: Vec<Staged>,
     resent: Vec<Staged>,
-    /// For a spill (see `FileData::spilled`): whether the disk cache holds
-    /// each staged block; those it could not take were sent.
-    on_disk: Vec<bool>,
+    /// It staged without sending (see `FileData::spilled`); what the disk
+    /// cache could not take was sent.
+    spill: bool,
 }
 
 /// A commit sent but not acknowledged, as journaled in the metadata cache.
@@ -524,7 +524,9 @@ impl FileData {
         let mut staged = Vec::new();
         for block in r.stage(data).await? {
             self.pending.insert(block.index, Some((block.hash, block.data.len() as u32)));
-            self.pinned.push(block.hash);
+            if block.pinned {
+                self.pinned.push(block.hash);
+            }
             staged.push(block);
         }
         Ok(staged)
@@ -577,9 +579,9 @@ impl FileData {
             let done = match r.stage(blocks).await {
                 Ok(fresh) => {
                     let all: Vec<Staged> = fresh.iter().chain(&staged).cloned().collect();
-                    Upload { sent: r.send(&all).await, indexes, staged: fresh, resent: staged, on_disk: Vec::new() }
+                    Upload { sent: r.send(&all).await, indexes, staged: fresh, resent: staged, spill: false }
                 }
-                Err(e) => Upload { sent: Err(e), indexes, staged: Vec::new(), resent: staged, on_disk: Vec::new() },
+                Err(e) => Upload { sent: Err(e), indexes, staged: Vec::new(), resent: staged, spill: false },
             };
             r.metrics.uploads(-1);
             done
@@ -596,12 +598,11 @@ impl FileData {
             let indexes = blocks.iter().map(|(idx, _)| *idx).collect();
             match r.stage(blocks).await {
                 Ok(staged) => {
-                    let on_disk: Vec<bool> = staged.iter().map(|b| r.ring.as_ref().is_some_and(|ring| ring.contains(&b.hash))).collect();
                     // Blocks the disk cache could not take go now, not to stay in memory.
-                    let homeless: Vec<Staged> = staged.iter().zip(&on_disk).filter(|(_, d)| !**d).map(|(b, _)| b.clone()).collect();
-                    Upload { sent: r.send(&homeless).await, indexes, staged, resent: Vec::new(), on_disk }
+                    let homeless: Vec<Staged> = staged.iter().filter(|b| !b.pinned).cloned().collect();
+                    Upload { sent: r.send(&homeless).await, indexes, staged, resent: Vec::new(), spill: true }
                 }
-                Err(e) => Upload { sent: Err(e), indexes, staged: Vec::new(), resent: Vec::new(), on_disk: Vec::new() },
+                Err(e) => Upload { sent: Err(e), indexes, staged: Vec::new(), resent: Vec::new(), spill: true },
             }
         }));
     }
@@ -615,16 +616,19 @@ impl FileData {
             self.staging.remove(idx);
         }
         let mut moved = Vec::new();
-        let mut on_disk = done.on_disk.into_iter();
         for b in done.staged {
-            let spilled = on_disk.next().unwrap_or(false);
+            let spilled = done.spill && b.pinned;
             let unchanged = matches!((&*b.data, self.dirty.get(&b.index)), (BlockBytes::Shared(s), Some(d)) if Arc::ptr_eq(s, d));
             if !unchanged {
                 // Written again meanwhile: no commit will name this copy.
-                r.release([b.hash]);
+                if b.pinned {
+                    r.release([b.hash]);
+                }
                 continue;
             }
-            self.pinned.push(b.hash);
+            if b.pinned {
+                self.pinned.push(b.hash);
+            }
             self.dirty.remove(&b.index);
             self.pending.insert(b.index, Some((b.hash, b.data.len() as u32)));
             if spilled {
@@ -679,7 +683,7 @@ impl FileData {
                 let data = r.ring.as_ref().and_then(|ring| ring.get(hash)).ok_or_else(|| {
                     FsError::new(Errno::EIO, format!("block {index} of inode {} left the disk cache before it was sent", self.attr.ino))
                 })?;
-                staged.push(Staged { index: *index, hash: *hash, data: Arc::new(data) });
+                staged.push(Staged { index: *index, hash: *hash, data: Arc::new(data), pinned: false });
             }
             r.send(&staged).await?;
             for (index, _) in some {

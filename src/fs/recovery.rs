@@ -50,7 +50,7 @@ impl Fs {
             if let Some((hash, _)) = slot.block {
                 let data =
                     ring.get(&hash).ok_or_else(|| FsError::new(Errno::EIO, format!("block {hash} is no longer in the disk cache")))?;
-                staged.push(remote::Staged { index: slot.index, hash, data: Arc::new(data) });
+                staged.push(remote::Staged { index: slot.index, hash, data: Arc::new(data), pinned: false });
             }
         }
         self.remote.send(&staged).await?;

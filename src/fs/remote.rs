@@ -151,12 +151,14 @@ impl Remote {
                 .into_iter()
                 .map(|(index, data)| {
                     let hash = Hash::of(&data);
-                    if let Some(ring) = &ring
-                        && let Err(e) = ring.insert(&hash, &data, true)
-                    {
-                        tracing::warn!("block cache: cannot stage block {hash}: {e}");
-                    }
-                    Staged { index, hash, data: Arc::new(BlockBytes::Shared(data)) }
+                    let pinned = ring.as_ref().is_some_and(|ring| match ring.insert(&hash, &data, true) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            tracing::warn!("block cache: cannot stage block {hash}: {e}");
+                            false
+                        }
+                    });
+                    Staged { index, hash, data: Arc::new(BlockBytes::Shared(data)), pinned }
                 })
                 .collect()
         };
@@ -216,4 +218,7 @@ pub struct Staged {
     pub index: u64,
     pub hash: Hash,
     pub data: Arc<BlockBytes>,
+    /// The disk cache took it and holds a pin on it for us (released once
+    /// a commit names it); it may not have room.
+    pub pinned: bool,
 }
