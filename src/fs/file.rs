@@ -30,9 +30,9 @@ const RECENT_WRITES: usize = 8;
 /// A file stays sequential until this many writes in a row continue none.
 const STREAM_BREAK: u32 = 2;
 
-/// Bytes of writes kept as patches (see [`super::patch`]) before the
-/// fullest patched blocks are made whole.
-const PATCH_BUDGET: usize = 8 << 20;
+/// Blocks' worth of writes kept as patches (see [`super::patch`]) before
+/// the fullest patched blocks are made whole (8 MiB with 1 MiB blocks).
+const PATCH_BLOCKS: usize = 8;
 
 /// Dirty blocks held in memory before full ones are uploaded early.
 const DIRTY_LIMIT: usize = 8;
@@ -411,8 +411,9 @@ impl FileData {
         } else {
             self.write_into_blocks(r, offset, &data).await?;
         }
-        if self.patches.bytes() > PATCH_BUDGET {
-            self.make_whole(r, PATCH_BUDGET / 2).await?;
+        let budget = PATCH_BLOCKS * bs as usize;
+        if self.patches.bytes() > budget {
+            self.make_whole(r, budget / 2).await?;
         }
         self.attr.size = self.attr.size.max(end);
         let now = Timespec::now();
