@@ -858,7 +858,7 @@ impl Session {
     async fn batch(self: Arc<Self>, mut p: BatchParams) -> Outcome<BatchResult> {
         if !p.forget.is_empty() {
             p.forget.truncate(MAX_FORGET);
-            self.service.forget(BATCH_REPLIES, std::mem::take(&mut p.forget)).await;
+            self.service.forget_batches(std::mem::take(&mut p.forget)).await;
         }
         // Applied once per token (see `BatchParams::token`).
         if let Some(token) = &p.token

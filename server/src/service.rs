@@ -219,13 +219,14 @@ impl Service {
         })
     }
 
-    /// Forget replies whose requests will not come again.
-    pub async fn forget(&self, client: &'static str, requests: Vec<String>) {
-        let n = requests.len() as u64;
-        if let Err(e) = self.meta(move |m| m.forget_replies(client, &requests)).await {
-            tracing::error!("replay cache trim failed: {e}");
-        } else if client == BATCH_REPLIES {
-            self.counters.batch_outcomes_forgotten.fetch_add(n, Ordering::Relaxed);
+    /// Forget the outcomes of these batches: their holder has them.
+    pub async fn forget_batches(&self, tokens: Vec<String>) {
+        let n = tokens.len() as u64;
+        match self.meta(move |m| m.forget_replies(BATCH_REPLIES, &tokens)).await {
+            Ok(()) => {
+                self.counters.batch_outcomes_forgotten.fetch_add(n, Ordering::Relaxed);
+            }
+            Err(e) => tracing::error!("replay cache trim failed: {e}"),
         }
     }
 

@@ -8,6 +8,9 @@
 //! Past a few dirty blocks, full ones are hashed, staged and sent in the
 //! background while writes go on; they stay readable in `dirty` until
 //! that is done, and a write meanwhile copies the block (copy on write).
+//! A random writer's writes into blocks not in memory are kept as
+//! `patches`, and its full blocks are staged without being sent
+//! (`spilled`) until the commit, which sends each block once.
 //!
 //! Invariants: a dirty buffer holds the block's bytes from its start, at
 //! most `block_size` of them; bytes of a block past its buffer or slot
@@ -168,13 +171,10 @@ pub struct FileData {
     /// the disk cache and sent with the next commit (sending them early
     /// would send a block again each time a random writer comes back to it).
     spilled: BTreeMap<u64, Hash>,
-    /// The ranges of the last writes, how many writes in a row continued
-    /// none of them, whether the file is written sequentially (its full
-    /// blocks are then sent at once), and the block the last write ended in.
+    /// The ranges of the last writes (newest last), and how many writes in
+    /// a row continued none of them (see [`FileData::streaming`]).
     recent: VecDeque<(u64, u64)>,
     jumps: u32,
-    streaming: bool,
-    last_block: u64,
     /// Blocks pinned in the disk cache until the next commit succeeds.
     pinned: Vec<Hash>,
 }
@@ -233,8 +233,6 @@ impl File {
                 spilled: BTreeMap::new(),
                 recent: VecDeque::from([(0, 0)]),
                 jumps: 0,
-                streaming: true,
-                last_block: 0,
                 pinned: Vec::new(),
             }),
             handles: AtomicU32::new(0),
@@ -293,6 +291,12 @@ impl FileData {
         self.loaded.clear();
         self.map_version = 0;
         self.empty_base = false;
+    }
+
+    /// The file is written sequentially (its full blocks are sent at once):
+    /// fewer than `STREAM_BREAK` writes in a row continued no recent one.
+    fn streaming(&self) -> bool {
+        self.jumps < STREAM_BREAK
     }
 
     /// The committed or pending slot of block `idx`.
@@ -396,12 +400,10 @@ impl FileData {
         }
         let continues = self.recent.iter().any(|(from, to)| offset == *to || end == *from);
         self.jumps = if continues { 0 } else { self.jumps.saturating_add(1) };
-        self.streaming = self.jumps < STREAM_BREAK;
         if self.recent.len() == RECENT_WRITES {
             self.recent.pop_front();
         }
         self.recent.push_back((offset, end));
-        self.last_block = end.saturating_sub(1) / bs;
         if offset.is_multiple_of(bs) && data.len() as u64 == bs {
             // A whole block (what sequential writers send): it becomes the
             // dirty block as it is, with no copy.
@@ -441,7 +443,7 @@ impl FileData {
             pos = idx * bs + to as u64;
             if !self.dirty.contains_key(&idx) {
                 let whole = from == 0 && to as u64 == bs;
-                if !whole && !self.streaming {
+                if !whole && !self.streaming() {
                     self.patches.add(idx, from as u32, piece);
                     if let Some(block) = self.patches.take_whole(idx, bs as u32) {
                         self.supersede_spilled(r, idx);
@@ -541,7 +543,8 @@ impl FileData {
         while self.uploads.front().is_some_and(|t| t.is_finished()) {
             self.finish_oldest_upload(r).await?;
         }
-        let last = self.last_block;
+        // The block the last write ended in.
+        let last = self.recent.back().map_or(0, |(_, end)| end.saturating_sub(1) / r.block_size);
         let chosen: Vec<(u64, Arc<Vec<u8>>)> =
             self.dirty.iter().filter(|(idx, _)| **idx != last && !self.staging.contains(idx)).map(|(i, b)| (*i, b.clone())).collect();
         let mut blocks = Vec::new();
@@ -555,7 +558,7 @@ impl FileData {
                 blocks.push((idx, data));
             }
         }
-        if self.streaming {
+        if self.streaming() {
             self.spawn_upload(r, blocks, Vec::new());
         } else {
             self.spawn_spill(r, blocks);
