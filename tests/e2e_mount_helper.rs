@@ -273,3 +273,54 @@ fn a_bucket_as_a_home_directory_belongs_to_its_user_only() {
     m.unmount();
     umount(&home);
 }
+
+/// The README's quick start with only the `restfs` binary built (what
+/// `cargo run --bin restfs -- up` does): it starts a server from itself,
+/// creates the bucket and mounts it; the server is named `restfsd`, so
+/// `pkill restfsd` stops it as the README says.
+#[test]
+fn restfs_up_alone_starts_a_server_named_restfsd_and_mounts_home() {
+    let root = scratch("up-alone");
+    let bin = root.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::copy(RESTFS, bin.join("restfs")).unwrap();
+    let home = root.join("home");
+    let mnt = mountpoint("up-alone");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let server = format!("ws://127.0.0.1:{port}");
+    let up = || {
+        Command::new(bin.join("restfs"))
+            .args(["--server", &server, "up"])
+            .arg(&mnt)
+            .env("HOME", &home)
+            .env("XDG_DATA_HOME", home.join(".local/share"))
+            .output()
+            .unwrap()
+    };
+    let out = up();
+    assert!(out.status.success(), "restfs up failed: {}", text(&out));
+    assert!(text(&out).contains("started restfsd"), "{}", text(&out));
+    std::fs::write(mnt.join("hello"), b"from up").unwrap();
+    umount(&mnt);
+    let out = up();
+    assert!(out.status.success(), "second restfs up failed: {}", text(&out));
+    assert_eq!(std::fs::read(mnt.join("hello")).unwrap(), b"from up");
+    umount(&mnt);
+
+    let data = home.join(".local/share/restfs");
+    let servers: Vec<i32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            cmd.split(|b| *b == 0).any(|arg| arg == data.as_os_str().as_encoded_bytes())
+        })
+        .collect();
+    assert_eq!(servers.len(), 1, "servers on {}: {servers:?}", data.display());
+    let comm = std::fs::read_to_string(format!("/proc/{}/comm", servers[0])).unwrap();
+    assert_eq!(comm.trim(), "restfsd", "what `pkill restfsd` matches");
+    // SAFETY: a signal to the server this test started.
+    unsafe { libc::kill(servers[0], libc::SIGTERM) };
+    wait_until("the server exits on SIGTERM", Duration::from_secs(10), || !Path::new(&format!("/proc/{}", servers[0])).exists());
+}
