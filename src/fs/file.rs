@@ -19,19 +19,13 @@
 use super::error::{FsError, Result};
 use super::patch::{self, Patches};
 use super::remote::{Remote, Staged};
+use super::write_order::WriteOrder;
 use restfs_cache::BlockBytes;
 use restfs_proto::methods::{BatchOp, BlockData, SegmentCommitParams};
 use restfs_proto::{Attr, BlockSlot, Bytes, Errno, Hash, Ino, Timespec};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
-
-/// A write continues a sequential writer if it begins where one of this
-/// many recent writes ended or ends where one began (the kernel sends a
-/// writer's pages from several threads, a little out of order).
-const RECENT_WRITES: usize = 8;
-/// A file stays sequential until this many writes in a row continue none.
-const STREAM_BREAK: u32 = 2;
 
 /// Blocks' worth of writes kept as patches (see [`super::patch`]) before
 /// the fullest patched blocks are made whole (8 MiB with 1 MiB blocks).
@@ -171,10 +165,8 @@ pub struct FileData {
     /// the disk cache and sent with the next commit (sending them early
     /// would send a block again each time a random writer comes back to it).
     spilled: BTreeMap<u64, Hash>,
-    /// The ranges of the last writes (newest last), and how many writes in
-    /// a row continued none of them (see [`FileData::streaming`]).
-    recent: VecDeque<(u64, u64)>,
-    jumps: u32,
+    /// Whether the file is written in order (see [`FileData::streaming`]).
+    order: WriteOrder,
     /// Blocks pinned in the disk cache until the next commit succeeds.
     pinned: Vec<Hash>,
 }
@@ -231,8 +223,7 @@ impl File {
                 uploads: VecDeque::new(),
                 unsent: Vec::new(),
                 spilled: BTreeMap::new(),
-                recent: VecDeque::from([(0, 0)]),
-                jumps: 0,
+                order: WriteOrder::default(),
                 pinned: Vec::new(),
             }),
             handles: AtomicU32::new(0),
@@ -293,10 +284,9 @@ impl FileData {
         self.empty_base = false;
     }
 
-    /// The file is written sequentially (its full blocks are sent at once):
-    /// fewer than `STREAM_BREAK` writes in a row continued no recent one.
+    /// The file is written sequentially: its full blocks are sent at once.
     fn streaming(&self) -> bool {
-        self.jumps < STREAM_BREAK
+        self.order.sequential()
     }
 
     /// The committed or pending slot of block `idx`.
@@ -398,12 +388,7 @@ impl FileData {
         if end > i64::MAX as u64 {
             return Err(FsError::new(Errno::EFBIG, "write past the largest offset"));
         }
-        let continues = self.recent.iter().any(|(from, to)| offset == *to || end == *from);
-        self.jumps = if continues { 0 } else { self.jumps.saturating_add(1) };
-        if self.recent.len() == RECENT_WRITES {
-            self.recent.pop_front();
-        }
-        self.recent.push_back((offset, end));
+        self.order.note(offset, end);
         if offset.is_multiple_of(bs) && data.len() as u64 == bs {
             // A whole block (what sequential writers send): it becomes the
             // dirty block as it is, with no copy.
@@ -544,7 +529,7 @@ impl FileData {
             self.finish_oldest_upload(r).await?;
         }
         // The block the last write ended in.
-        let last = self.recent.back().map_or(0, |(_, end)| end.saturating_sub(1) / r.block_size);
+        let last = self.order.last_end().saturating_sub(1) / r.block_size;
         let chosen: Vec<(u64, Arc<Vec<u8>>)> =
             self.dirty.iter().filter(|(idx, _)| **idx != last && !self.staging.contains(idx)).map(|(i, b)| (*i, b.clone())).collect();
         let mut blocks = Vec::new();

@@ -17,6 +17,7 @@ pub mod metrics;
 mod patch;
 mod recovery;
 pub mod remote;
+mod write_order;
 mod xattr;
 
 use crate::client::Link;

@@ -372,3 +372,8 @@ pub fn two_mounts(name: &str, options_a: &str) -> (Server, PathBuf, PathBuf, Mou
     let b = Mount::new(&server, "shared", &pb, &format!("cache_dir={}", root.join("cache-b").display()));
     (server, pa, pb, a, b)
 }
+
+/// Deterministic bytes at `offset` that differ per position and per seed.
+pub fn pattern_at(seed: u64, offset: u64, len: usize) -> Vec<u8> {
+    (0..len as u64).map(|i| ((offset + i).wrapping_mul(0x9E37_79B9) ^ seed.wrapping_mul(0x85EB_CA6B)) as u8).collect()
+}
