@@ -38,6 +38,10 @@ const DIRTY_LIMIT: usize = 8;
 /// they travel, and wait (backpressure) when this many are under way.
 const UPLOADS_IN_FLIGHT: usize = 3;
 
+/// Uploads in flight across the mount past which a file waits for its own
+/// to finish before starting another (each holds 8 blocks).
+const MOUNT_UPLOADS_IN_FLIGHT: usize = 4;
+
 /// Blocks fetched ahead of sequential reads.
 const READ_AHEAD_BLOCKS: u64 = 8;
 
@@ -548,7 +552,14 @@ impl FileData {
         } else {
             self.spawn_spill(r, blocks);
         }
-        while self.uploads.len() > UPLOADS_IN_FLIGHT {
+        // Backpressure: past its own bound, or past the mount's while it has
+        // more than one under way (so files written at once share the room).
+        // A random writer's blocks written again while staged are copied,
+        // and stay dirty: bound them all, staged or not.
+        while self.uploads.len() > UPLOADS_IN_FLIGHT
+            || (self.uploads.len() > 1 && r.metrics.uploads_in_flight() > MOUNT_UPLOADS_IN_FLIGHT as i64)
+            || (!self.uploads.is_empty() && !self.streaming() && self.dirty.len() > 2 * DIRTY_LIMIT)
+        {
             self.finish_oldest_upload(r).await?;
         }
         Ok(())
@@ -583,16 +594,19 @@ impl FileData {
             return;
         }
         let r = r.clone();
+        r.metrics.uploads(1);
         self.uploads.push_back(tokio::spawn(async move {
             let indexes = blocks.iter().map(|(idx, _)| *idx).collect();
-            match r.stage(blocks).await {
+            let done = match r.stage(blocks).await {
                 Ok(staged) => {
                     // Blocks the disk cache could not take go now, not to stay in memory.
                     let homeless: Vec<Staged> = staged.iter().filter(|b| !b.pinned).cloned().collect();
                     Upload { sent: r.send(&homeless).await, indexes, staged, resent: Vec::new(), spill: true }
                 }
                 Err(e) => Upload { sent: Err(e), indexes, staged: Vec::new(), resent: Vec::new(), spill: true },
-            }
+            };
+            r.metrics.uploads(-1);
+            done
         }));
     }
 

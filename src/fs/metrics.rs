@@ -150,6 +150,11 @@ impl Metrics {
         self.uploads.fetch_add(delta, Ordering::Relaxed);
     }
 
+    /// Upload tasks under way across the mount.
+    pub fn uploads_in_flight(&self) -> i64 {
+        self.uploads.load(Ordering::Relaxed)
+    }
+
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
             ops: self.ops.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (k.to_string(), *v)).collect(),

@@ -168,6 +168,7 @@ impl Fs {
             block_size: bucket.block_size as u64,
             segment_blocks: bucket.segment_blocks as u64,
             inflight: Mutex::default(),
+            put_slots: tokio::sync::Semaphore::new(remote::PUTS_IN_FLIGHT),
             metrics: Default::default(),
         };
         Fs {
