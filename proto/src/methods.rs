@@ -536,6 +536,11 @@ pub enum BatchOp {
         at: Timespec,
         commit: SegmentCommitParams,
     },
+    /// Mode, owner or times (never the size).
+    SetAttr {
+        at: Timespec,
+        attr: SetAttrParams,
+    },
 }
 
 /// What each op of a batch did, in order.

@@ -880,6 +880,10 @@ impl Session {
                 BatchOp::Rename { at, rename } => stamped(at, s.rename(rename)).await.map(|_| None),
                 BatchOp::Link { at, link } => stamped(at, s.link(link)).await.map(|_| None),
                 BatchOp::Commit { at, commit } => stamped(at, s.segment_commit(commit)).await.map(Some),
+                BatchOp::SetAttr { attr, .. } if attr.size.is_some() => {
+                    Err(RpcError::errno(Errno::EINVAL, "a batch changes no size: use fs.setattr"))
+                }
+                BatchOp::SetAttr { at, attr } => stamped(at, s.setattr(attr)).await.map(Some),
             };
             outcomes.push(match done {
                 Ok(attr) => BatchOutcome { attr, error: None },

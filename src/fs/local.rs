@@ -9,9 +9,10 @@
 use super::delegation::Failure;
 use super::error::{FsError, Result};
 use super::{Ctx, Fs};
+use super::{SetAttr, killed_mode};
 use restfs_cache::meta::Entry as CachedEntry;
-use restfs_proto::methods::{BatchOp, EntryParams, LinkParams, NewNodeParams, RenameParams};
-use restfs_proto::{Attr, Errno, Ino, Kind, LINK_MAX, Name, Timespec};
+use restfs_proto::methods::{BatchOp, EntryParams, LinkParams, NewNodeParams, RenameParams, SetAttrParams};
+use restfs_proto::{Attr, Errno, Ino, Kind, LINK_MAX, Name, SetTime, Timespec};
 
 fn err<T>(errno: Errno, why: &str) -> Option<Result<T>> {
     Some(Err(FsError::new(errno, format!("{why} (cached)"))))
@@ -245,6 +246,67 @@ impl Fs {
         })
     }
 
+    /// Change a node's mode, owner or times locally (a size change goes to
+    /// the server: it drops blocks). An open file's changes are committed
+    /// first, queued ahead of this one. Returns the new attributes, and
+    /// whether set-ID bits were to be dropped (capabilities are the
+    /// caller's to drop).
+    pub(super) async fn local_setattr(&self, ino: Ino, s: &SetAttr) -> Option<Result<(Attr, bool)>> {
+        if s.size.is_some() || !self.may_answer_locally().await {
+            return None;
+        }
+        let m = self.mc()?;
+        let file = self.open_file(ino);
+        let mut st = match &file {
+            Some(f) => Some(f.lock().await),
+            None => None,
+        };
+        if let Some(st) = st.as_mut()
+            && let Err(e) = self.commit(st).await
+        {
+            return Some(Err(e));
+        }
+        let answered = self.remote.delegation.local(|l| {
+            let mut a = match &st {
+                Some(st) => st.attr.clone(),
+                None => m.attr(ino).ok().flatten()?,
+            };
+            let before = a.ctime;
+            let at = Timespec::now();
+            let kill = s.kill_suidgid && a.kind == Kind::File;
+            // The server's rules (`MetaStore::setattr`), at the same time.
+            let mode = s.mode.or_else(|| (kill && killed_mode(a.mode) != a.mode).then(|| killed_mode(a.mode)));
+            if mode.is_none() && s.uid.is_none() && s.gid.is_none() && s.atime.is_none() && s.mtime.is_none() {
+                // Only the set-ID check was asked for, and no bit needs dropping.
+                return Some(Ok((a, kill)));
+            }
+            let resolve = |t: SetTime| match t {
+                SetTime::Now => at,
+                SetTime::At(t) => t,
+            };
+            if let Some(mode) = mode {
+                a.mode = mode & 0o7777;
+            }
+            a.uid = s.uid.unwrap_or(a.uid);
+            a.gid = s.gid.unwrap_or(a.gid);
+            a.atime = s.atime.map_or(a.atime, resolve);
+            a.mtime = s.mtime.map_or(a.mtime, resolve);
+            a.ctime = at;
+            let params = SetAttrParams { ino, mode, uid: s.uid, gid: s.gid, size: None, atime: s.atime, mtime: s.mtime };
+            l.push(BatchOp::SetAttr { at, attr: params }, None);
+            // No xattr changed: what is known of them still holds.
+            self.xattrs.committed(ino, before, at);
+            Some(Ok((a, kill)))
+        })?;
+        if let (Ok((a, _)), Some(st)) = (&answered, st.as_mut()) {
+            st.refresh(a.clone());
+        }
+        if let Ok((a, _)) = &answered {
+            self.merge(a);
+        }
+        Some(answered)
+    }
+
     /// The server refused changes answered locally: drop what the caches
     /// (and the kernel's) learnt from them; the server's state comes back
     /// on the next lookups.
@@ -261,6 +323,7 @@ impl Fs {
                 }
                 BatchOp::Link { link, .. } => (vec![(link.parent, link.name.as_bytes())], vec![link.parent, link.ino]),
                 BatchOp::Commit { commit, .. } => (vec![], vec![commit.ino]),
+                BatchOp::SetAttr { attr, .. } => (vec![], vec![attr.ino]),
             };
             for (parent, name) in entries {
                 self.removed(parent, name);

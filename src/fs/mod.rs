@@ -421,6 +421,13 @@ impl Fs {
                 return Ok(st.attr.clone());
             }
         }
+        if let Some(answered) = self.local_setattr(ino, &s).await {
+            let (fresh, drop_capabilities) = answered?;
+            if drop_capabilities {
+                self.drop_capabilities(ino).await?;
+            }
+            return Ok(fresh);
+        }
         let mut s = s;
         let mut drop_capabilities = false;
         if s.kill_suidgid {
@@ -867,7 +874,7 @@ impl Fs {
     }
 
     /// Commit a file's local changes, keeping the caches in step.
-    async fn commit(&self, st: &mut file::FileData) -> Result<bool> {
+    pub(super) async fn commit(&self, st: &mut file::FileData) -> Result<bool> {
         let ctime_before = st.server_ctime;
         let ino = st.attr.ino;
         // The kernel's pages hold what this commit will publish as the next
