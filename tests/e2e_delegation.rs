@@ -179,3 +179,49 @@ fn the_server_forgets_batch_outcomes_the_holder_has_logged() {
     a.unmount();
     server.stop();
 }
+
+/// chmod, chown and utimes (what `tar` does to every file it extracts, on
+/// the open file and by name) are answered by the lone mount itself; a
+/// mount arriving later sees each of them, set-user-ID and all.
+#[test]
+fn mode_owner_and_time_changes_are_answered_locally_and_reach_a_newcomer() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let root = scratch("e2e-delegation-setattr");
+    let server = Server::start(&root.join("data"));
+    server.create_bucket("d");
+    let (pa, pb) = (root.join("a"), root.join("b"));
+    let a = Mount::new(&server, "d", &pa, &format!("cache_dir={}", root.join("cache-a").display()));
+    wait_delegated(&pa, true);
+    let setattrs = || server.counter_or_zero("requests.fs.setattr");
+    let before = setattrs();
+
+    let when = |i: i64| std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000 + i as u64 * 3600);
+    for i in 0..100i64 {
+        let path = pa.join(format!("f{i}"));
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.write_all(&content(i as usize)).unwrap();
+        // As tar does: on the open file, written and not yet closed.
+        f.set_modified(when(i)).unwrap();
+        std::os::unix::fs::fchown(&f, Some(1000 + i as u32), Some(2000)).unwrap();
+        f.set_permissions(std::fs::Permissions::from_mode(0o600 + i as u32 % 8)).unwrap();
+        drop(f);
+        if i % 10 == 0 {
+            // And by name, closed.
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o4755)).unwrap();
+        }
+    }
+    assert_eq!(setattrs(), before, "setattr went to the server under the delegation");
+    assert!(delegated(&pa));
+
+    let b = Mount::new(&server, "d", &pb, &format!("cache_dir={}", root.join("cache-b").display()));
+    for i in 0..100i64 {
+        let m = std::fs::metadata(pb.join(format!("f{i}"))).unwrap();
+        let mode = if i % 10 == 0 { 0o4755 } else { 0o600 + i as u32 % 8 };
+        assert_eq!(m.mode() & 0o7777, mode, "f{i}: mode");
+        assert_eq!((m.uid(), m.gid()), (1000 + i as u32, 2000), "f{i}: owner");
+        assert_eq!(m.modified().unwrap(), when(i), "f{i}: mtime");
+        assert_eq!(std::fs::read(pb.join(format!("f{i}"))).unwrap(), content(i as usize), "f{i}: content");
+    }
+    b.unmount();
+    a.unmount();
+}
