@@ -225,3 +225,45 @@ fn mode_owner_and_time_changes_are_answered_locally_and_reach_a_newcomer() {
     b.unmount();
     a.unmount();
 }
+
+/// SQLite's WAL index, among others: a file written, unlinked while open,
+/// then closed. Its last commit is queued behind other changes; the release
+/// that lets the server purge the orphan must not overtake it, or the server
+/// refuses the commit and the next fsync reports that refusal.
+#[test]
+fn a_file_unlinked_while_open_commits_before_its_release() {
+    let root = scratch("e2e-delegation-orphan");
+    let server = Server::start(&root.join("data"));
+    server.create_bucket("d");
+    let pa = root.join("a");
+    let a = Mount::new(&server, "d", &pa, &format!("cache_dir={}", root.join("cache-a").display()));
+    wait_delegated(&pa, true);
+    std::fs::create_dir(pa.join("busy")).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Keeps the delegation's queue busy.
+    let busy = {
+        let (dir, stop) = (pa.join("busy"), stop.clone());
+        std::thread::spawn(move || {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::fs::write(dir.join(format!("f{i}")), content(i)).unwrap();
+                i += 1;
+            }
+        })
+    };
+    for i in 0..200 {
+        let path = pa.join(format!("orphan{i}"));
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.write_all(&content(i)).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        f.write_all(b"written after the unlink").unwrap();
+        drop(f);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    busy.join().unwrap();
+    let f = std::fs::File::create(pa.join("last")).unwrap();
+    f.sync_all().expect("a change made under the delegation was refused by the server");
+    drop(f);
+    assert!(delegated(&pa), "the delegation was lost on the way");
+    a.unmount();
+}

@@ -954,10 +954,11 @@ impl Fs {
                 files.remove(&file.ino);
             }
         }
-        // Keep no more registrations than handles.
+        // Keep no more registrations than handles. The release may let the
+        // server purge an unlinked file: it goes after the commit queued above.
         let left = file.handles.load(Ordering::Acquire);
         if file.registered.fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| (r > left).then(|| r - 1)).is_ok() {
-            self.link().notify::<Release>(InoParams { ino: file.ino }).await?;
+            self.ordered().await.notify::<Release>(InoParams { ino: file.ino }).await?;
         }
         flushed.map(|_| ())
     }
