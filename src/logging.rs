@@ -18,7 +18,11 @@ fn filter(debug: bool) -> EnvFilter {
 
 /// Log to stderr (foreground).
 pub fn to_stderr(debug: bool) {
-    tracing_subscriber::fmt().with_env_filter(filter(debug)).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter(debug))
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 /// Log as a detached daemon; `fallback` is the file used when the system

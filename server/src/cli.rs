@@ -26,7 +26,13 @@ pub struct Args {
 pub fn main() -> std::process::ExitCode {
     keep_large_buffers();
     let args = Args::parse();
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(&args.log)).with_writer(std::io::stderr).init();
+    // Colours only on a terminal: `restfs up` sends this to a log file.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .init();
     let data = args.data.unwrap_or_else(default_data_dir);
     let token = match args.credentials.as_deref().map(|p| restfs_proto::credentials::Credentials::load(p)?.require_token()).transpose() {
         Ok(t) => t,
