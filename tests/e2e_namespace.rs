@@ -75,3 +75,50 @@ fn renames_and_removals_cost_one_request_each() {
     assert!(lookups + getattrs <= 10, "{lookups} lookups and {getattrs} getattrs for 401 changes");
     m.unmount();
 }
+
+/// A name looked up absent is cached as absent by the kernel; once this
+/// mount creates it, links it or renames onto it, the kernel holds the live
+/// entry instead, and the mount stops counting that absence (which it would
+/// otherwise take back later, dropping the live entry, by the thousand once
+/// the count reached its bound).
+#[test]
+fn names_this_mount_creates_are_no_longer_held_absent() {
+    claims("e2e-absent-claimed", "");
+}
+
+#[test]
+fn the_same_without_the_delegation_for_names() {
+    claims("e2e-absent-claimed-nd", ",nodelegate");
+}
+
+fn claims(name: &str, options: &str) {
+    let root = scratch(name);
+    let server = Server::start(&root.join("data"));
+    server.create_bucket("ns");
+    let mnt = root.join("mnt");
+    let m = Mount::new(&server, "ns", &mnt, &format!("cache_dir={}{options}", root.join("cache").display()));
+    let absent = || restfs::stats::read(&mnt).unwrap().counters.get("absent_names").copied().unwrap_or(0);
+    std::fs::create_dir(mnt.join("dir")).unwrap();
+    std::fs::write(mnt.join("dir/source"), b"s").unwrap();
+    let names: Vec<String> = (0..300).map(|i| format!("n{i}")).collect();
+    for name in &names {
+        assert!(!mnt.join("dir").join(name).exists());
+    }
+    let held = absent();
+    assert!(held >= 300, "300 absent names looked up, {held} held as absent");
+    for (i, name) in names.iter().enumerate() {
+        let path = mnt.join("dir").join(name);
+        match i % 4 {
+            0 => std::fs::write(&path, b"x").unwrap(),
+            1 => std::fs::create_dir(&path).unwrap(),
+            2 => std::fs::hard_link(mnt.join("dir/source"), &path).unwrap(),
+            _ => {
+                std::fs::write(mnt.join("dir/tmp"), b"y").unwrap();
+                std::fs::rename(mnt.join("dir/tmp"), &path).unwrap();
+            }
+        }
+    }
+    let left = absent();
+    assert!(left + 300 <= held, "{held} absent names before 300 creations, {left} after");
+    m.unmount();
+}

@@ -101,6 +101,7 @@ impl Fs {
                 tracing::warn!("{e}");
             }
             self.xattrs.created(ino, at);
+            self.claimed(parent, name);
             l.push(BatchOp::Mknod { at, node }, None);
             Some(Ok(attr))
         })
@@ -204,6 +205,7 @@ impl Fs {
             }
             let rename =
                 RenameParams { parent, name: Name::from(name), new_parent, new_name: Name::from(new_name), noreplace, exchange: false };
+            self.claimed(new_parent, new_name);
             l.push(BatchOp::Rename { at, rename }, None);
             Some(Ok(()))
         })
@@ -241,6 +243,7 @@ impl Fs {
             if let Err(e) = cached {
                 tracing::warn!("{e}");
             }
+            self.claimed(parent, name);
             l.push(BatchOp::Link { at, link: LinkParams { ino, parent, name: Name::from(name) } }, None);
             Some(Ok(file))
         })

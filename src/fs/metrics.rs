@@ -33,6 +33,9 @@ pub const CHANGES_DELEGATED: &str = "changes_delegated";
 /// Blocks the disk cache may not evict now: staged and not yet committed,
 /// or being read (taken from the cache itself; added to snapshots).
 pub const BLOCKS_PINNED: &str = "blocks_pinned";
+/// Names the kernel holds as absent (negative entries) on this mount's word
+/// (taken from the core; added to snapshots).
+pub const ABSENT_NAMES: &str = "absent_names";
 
 const COUNTERS: &[&str] = &[
     BYTES_READ,

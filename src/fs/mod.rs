@@ -544,6 +544,7 @@ impl Fs {
                 return Err(e.into());
             }
         };
+        self.claimed(parent, name);
         if attr.nlink == 1 || attr.kind == Kind::Dir {
             // Brand new: no extended attributes yet.
             self.xattrs.created(attr.ino, attr.ctime);
@@ -732,6 +733,12 @@ impl Fs {
         let epoch = self.epoch();
         let (r, seen) = self.ordered().await.call_seen::<Rename>(p).await;
         self.settle(seen).await;
+        if r.is_ok() {
+            self.claimed(new_parent, new_name);
+            if exchange {
+                self.claimed(parent, name);
+            }
+        }
         if exchange {
             self.removed(parent, name);
             self.removed(new_parent, new_name);
@@ -1137,6 +1144,18 @@ impl Fs {
         }
         lock(&self.absent).insert((parent, name.to_vec()));
         true
+    }
+
+    /// `name` now exists in `parent` through this mount: the kernel put the
+    /// reply's entry in place of its negative one, if it had one, so that
+    /// absence needs no taking back (taking it back later would drop the
+    /// kernel's live entry; and thousands of them, once `absent` filled up,
+    /// stalled a create burst).
+    pub(super) fn claimed(&self, parent: Ino, name: &[u8]) {
+        let mut absent = lock(&self.absent);
+        if !absent.is_empty() {
+            absent.remove(&(parent, name.to_vec()));
+        }
     }
 
     /// Take back every absence the kernel was told of.

@@ -126,6 +126,7 @@ impl Fs {
             let d = &self.remote.delegation;
             (snapshot.delegated, snapshot.changes_queued) = (d.active(), d.backlog());
             snapshot.counters.insert(super::metrics::CHANGES_DELEGATED.into(), d.local_changes());
+            snapshot.counters.insert(super::metrics::ABSENT_NAMES.into(), lock(&self.absent).len() as u64);
             if let Some(ring) = &self.remote.ring {
                 snapshot.counters.insert(super::metrics::BLOCKS_PINNED.into(), ring.stats().pinned);
             }
