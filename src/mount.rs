@@ -521,6 +521,9 @@ fn serve(args: &MountArgs, ready: &mut Option<File>) -> Result<(), String> {
     if !args.options.delegate || args.options.read_only {
         fs = fs.without_delegation();
     }
+    if args.options.presentation.writeback {
+        fs = fs.with_kernel_times();
+    }
     let fs = Arc::new(fs);
     let mut config = fuser::Config::default();
     config.n_threads = Some(2);

@@ -267,3 +267,39 @@ fn a_file_unlinked_while_open_commits_before_its_release() {
     assert!(delegated(&pa), "the delegation was lost on the way");
     a.unmount();
 }
+
+/// Through the writeback cache the kernel flushes a file's times as it
+/// evicts the file, right after its last name goes: under the delegation
+/// that is answered at once, not after the queue reaches the server.
+#[test]
+fn removing_files_through_the_writeback_cache_waits_for_nothing() {
+    let root = scratch("e2e-delegation-wb-unlink");
+    let server = Server::start(&root.join("data"));
+    server.create_bucket("d");
+    let (pa, pb) = (root.join("a"), root.join("b"));
+    let a = Mount::new(&server, "d", &pa, &format!("cache_dir={},writeback", root.join("cache-a").display()));
+    wait_delegated(&pa, true);
+    for i in 0..200 {
+        std::fs::write(pa.join(format!("f{i}")), content(i)).unwrap();
+    }
+    for i in 0..200 {
+        std::fs::rename(pa.join(format!("f{i}")), pa.join(format!("g{i}"))).unwrap();
+    }
+    let setattrs = || restfs::stats::read(&pa).unwrap().ops.get("setattr").map_or((0, 0), |o| (o.count, o.waited));
+    let setattrs_sent = server.counter_or_zero("requests.fs.setattr");
+    let (count, waited) = setattrs();
+    for i in 0..200 {
+        std::fs::remove_file(pa.join(format!("g{i}"))).unwrap();
+    }
+    std::fs::write(pa.join("kept"), b"kept").unwrap();
+    let (count_after, waited_after) = setattrs();
+    assert!(count_after > count, "the kernel flushed no times at eviction: the test no longer tests anything");
+    assert_eq!(waited_after, waited, "{} setattrs at eviction, {} waited", count_after - count, waited_after - waited);
+    assert_eq!(server.counter_or_zero("requests.fs.setattr"), setattrs_sent, "setattrs went to the server");
+    // A newcomer finds only what is left.
+    let b = Mount::new(&server, "d", &pb, &format!("cache_dir={}", root.join("cache-b").display()));
+    let names: Vec<String> = std::fs::read_dir(&pb).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    assert_eq!(names, vec!["kept".to_string()]);
+    b.unmount();
+    a.unmount();
+}

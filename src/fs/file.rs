@@ -386,7 +386,8 @@ impl FileData {
         hashes
     }
 
-    pub async fn write(&mut self, r: &Arc<Remote>, offset: u64, data: Vec<u8>) -> Result<()> {
+    /// Write `data` at `offset`; `stamp`: set mtime and ctime to now.
+    pub async fn write(&mut self, r: &Arc<Remote>, offset: u64, data: Vec<u8>, stamp: bool) -> Result<()> {
         let bs = r.block_size;
         let end = offset.checked_add(data.len() as u64).ok_or_else(|| FsError::new(Errno::EFBIG, "write past the largest offset"))?;
         if end > i64::MAX as u64 {
@@ -407,9 +408,11 @@ impl FileData {
             self.make_whole(r, budget / 2).await?;
         }
         self.attr.size = self.attr.size.max(end);
-        let now = Timespec::now();
-        self.attr.mtime = now;
-        self.attr.ctime = now;
+        if stamp {
+            let now = Timespec::now();
+            self.attr.mtime = now;
+            self.attr.ctime = now;
+        }
         self.changed = true;
         if self.dirty.len().saturating_sub(self.staging.len()) > DIRTY_LIMIT {
             self.start_staging(r).await?;

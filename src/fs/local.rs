@@ -8,7 +8,7 @@
 
 use super::delegation::Failure;
 use super::error::{FsError, Result};
-use super::{Ctx, Fs};
+use super::{Ctx, Fs, lock};
 use super::{SetAttr, killed_mode};
 use restfs_cache::meta::Entry as CachedEntry;
 use restfs_proto::methods::{BatchOp, EntryParams, LinkParams, NewNodeParams, RenameParams, SetAttrParams};
@@ -146,6 +146,8 @@ impl Fs {
                 victim.nlink -= 1;
                 victim.ctime = at;
                 cached = cached.and_then(|_| m.put_attr(&victim));
+            } else if !dir {
+                lock(&self.gone).put(victim.ino, ());
             }
             if let Err(e) = cached {
                 tracing::warn!("{e}");
@@ -272,7 +274,12 @@ impl Fs {
         let answered = self.remote.delegation.local(|l| {
             let mut a = match &st {
                 Some(st) => st.attr.clone(),
-                None => m.attr(ino).ok().flatten()?,
+                None => match m.attr(ino).ok().flatten() {
+                    Some(a) => a,
+                    // Purged by the server when its unlink arrives: nobody will see it.
+                    None if lock(&self.gone).contains(&ino) => return err(Errno::ENOENT, "the file was removed"),
+                    None => return None,
+                },
             };
             let before = a.ctime;
             let at = Timespec::now();

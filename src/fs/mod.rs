@@ -41,6 +41,8 @@ const DELEGATION_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Most absent names the kernel caches at once (past it, all are taken back).
 const MAX_ABSENT: usize = 1 << 16;
+/// Files removed here that are remembered as gone (see `Fs::gone`).
+const GONE_KEPT: usize = 4096;
 
 /// How long `open` waits for the server before trusting cached attributes.
 const OPEN_PATIENCE: std::time::Duration = std::time::Duration::from_millis(300);
@@ -145,8 +147,17 @@ pub struct Fs {
     /// pushes invalidate like any other): kept to take them all back when
     /// a reset says pushes were missed.
     absent: Mutex<HashSet<(Ino, Vec<u8>)>>,
+    /// Files whose last name this mount removed under the delegation, not
+    /// open (the most recent [`GONE_KEPT`]): the kernel flushes their times
+    /// as it evicts them, which is answered here instead of waiting for
+    /// the queue and the server.
+    gone: Mutex<lru::LruCache<Ino, ()>>,
     /// Ask for the bucket's delegation when alone (see [`delegation`]).
     delegate: bool,
+    /// The kernel keeps files' mtime and ctime (its writeback cache): a
+    /// write does not stamp them; the kernel sends its times when they
+    /// change (a write within its clock tick changes none).
+    kernel_times: bool,
     /// Changes answered under the delegation are logged on disk.
     has_log: std::sync::atomic::AtomicBool,
 }
@@ -179,6 +190,7 @@ impl Fs {
             next_fh: AtomicU64::new(1),
             page_versions: Mutex::default(),
             absent: Mutex::default(),
+            gone: Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(GONE_KEPT).expect("nonzero"))),
             kernel: std::sync::OnceLock::new(),
             applied_seq: AtomicU64::new(0),
             xattrs: xattr::XattrCache::default(),
@@ -189,6 +201,7 @@ impl Fs {
             subscribed_at: AtomicU64::new(u64::MAX),
             creating: Mutex::default(),
             delegate: true,
+            kernel_times: false,
             has_log: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -223,6 +236,12 @@ impl Fs {
     /// server as it is made (before `subscribe`).
     pub fn without_delegation(mut self) -> Fs {
         self.delegate = false;
+        self
+    }
+
+    /// The kernel keeps file times (mounted with its writeback cache).
+    pub fn with_kernel_times(mut self) -> Fs {
+        self.kernel_times = true;
         self
     }
 
@@ -875,7 +894,7 @@ impl Fs {
         let file = self.file_handle(fh)?;
         let mut st = file.lock().await;
         let len = data.len();
-        st.write(&self.remote, offset, data).await?;
+        st.write(&self.remote, offset, data, !self.kernel_times).await?;
         self.metrics().add(metrics::BYTES_WRITTEN, len as u64);
         Ok(len as u32)
     }
