@@ -136,11 +136,7 @@ fn changes_a_killed_daemon_had_not_sent_reach_the_server_at_its_next_mount() {
 
 #[test]
 fn fsync_returns_once_the_server_has_the_changes() {
-    let root = scratch("e2e-delegation-fsync");
-    let server = Server::start(&root.join("data"));
-    server.create_bucket("d");
-    let (pa, pb) = (root.join("a"), root.join("b"));
-    let a = Mount::new(&server, "d", &pa, &format!("cache_dir={}", root.join("cache-a").display()));
+    let (server, root, pa, a) = one_mount("e2e-delegation-fsync", "");
     wait_delegated(&pa, true);
     for i in 0..20 {
         std::fs::write(pa.join(format!("f{i}")), content(i)).unwrap();
@@ -150,7 +146,7 @@ fn fsync_returns_once_the_server_has_the_changes() {
     f.sync_all().unwrap();
     // Killed right after: a mount with another cache (no replay) finds it all.
     a.kill();
-    let b = Mount::new(&server, "d", &pb, &format!("cache_dir={}", root.join("cache-b").display()));
+    let (pb, b) = second_mount(&server, &root);
     assert_eq!(std::fs::read(pb.join("synced")).unwrap(), b"on the server");
     for i in 0..20 {
         assert_eq!(std::fs::read(pb.join(format!("f{i}"))).unwrap(), content(i), "f{i}");
@@ -232,11 +228,7 @@ fn mode_owner_and_time_changes_are_answered_locally_and_reach_a_newcomer() {
 /// refuses the commit and the next fsync reports that refusal.
 #[test]
 fn a_file_unlinked_while_open_commits_before_its_release() {
-    let root = scratch("e2e-delegation-orphan");
-    let server = Server::start(&root.join("data"));
-    server.create_bucket("d");
-    let pa = root.join("a");
-    let a = Mount::new(&server, "d", &pa, &format!("cache_dir={}", root.join("cache-a").display()));
+    let (_server, _root, pa, a) = one_mount("e2e-delegation-orphan", "");
     wait_delegated(&pa, true);
     std::fs::create_dir(pa.join("busy")).unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -273,11 +265,7 @@ fn a_file_unlinked_while_open_commits_before_its_release() {
 /// that is answered at once, not after the queue reaches the server.
 #[test]
 fn removing_files_through_the_writeback_cache_waits_for_nothing() {
-    let root = scratch("e2e-delegation-wb-unlink");
-    let server = Server::start(&root.join("data"));
-    server.create_bucket("d");
-    let (pa, pb) = (root.join("a"), root.join("b"));
-    let a = Mount::new(&server, "d", &pa, &format!("cache_dir={},writeback", root.join("cache-a").display()));
+    let (server, root, pa, a) = one_mount("e2e-delegation-wb-unlink", ",writeback");
     wait_delegated(&pa, true);
     for i in 0..200 {
         std::fs::write(pa.join(format!("f{i}")), content(i)).unwrap();
@@ -297,7 +285,7 @@ fn removing_files_through_the_writeback_cache_waits_for_nothing() {
     assert_eq!(waited_after, waited, "{} setattrs at eviction, {} waited", count_after - count, waited_after - waited);
     assert_eq!(server.counter_or_zero("requests.fs.setattr"), setattrs_sent, "setattrs went to the server");
     // A newcomer finds only what is left.
-    let b = Mount::new(&server, "d", &pb, &format!("cache_dir={}", root.join("cache-b").display()));
+    let (pb, b) = second_mount(&server, &root);
     let names: Vec<String> = std::fs::read_dir(&pb).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     assert_eq!(names, vec!["kept".to_string()]);
     b.unmount();

@@ -9,11 +9,7 @@ mod common;
 use common::*;
 
 fn churn(name: &str, options: &str) {
-    let root = scratch(name);
-    let server = Server::start(&root.join("data"));
-    server.create_bucket("ns");
-    let mnt = root.join("mnt");
-    let m = Mount::new(&server, "ns", &mnt, &format!("cache_dir={}{options}", root.join("cache").display()));
+    let (_server, _root, mnt, m) = one_mount(name, options);
     let (f, g, d) = (mnt.join("f"), mnt.join("g"), mnt.join("d"));
     for round in 0..1500 {
         std::fs::write(&f, b"x").unwrap();
@@ -92,11 +88,7 @@ fn the_same_without_the_delegation_for_names() {
 }
 
 fn claims(name: &str, options: &str) {
-    let root = scratch(name);
-    let server = Server::start(&root.join("data"));
-    server.create_bucket("ns");
-    let mnt = root.join("mnt");
-    let m = Mount::new(&server, "ns", &mnt, &format!("cache_dir={}{options}", root.join("cache").display()));
+    let (_server, _root, mnt, m) = one_mount(name, options);
     let absent = || restfs::stats::read(&mnt).unwrap().counters.get("absent_names").copied().unwrap_or(0);
     std::fs::create_dir(mnt.join("dir")).unwrap();
     std::fs::write(mnt.join("dir/source"), b"s").unwrap();

@@ -364,13 +364,27 @@ pub fn wait_until(what: &str, limit: std::time::Duration, mut done: impl FnMut()
 /// directory: `(server, a's path, b's path, a, b)`. `options_a` is added to
 /// a's options. Bind the server to a named variable: it must outlive both.
 pub fn two_mounts(name: &str, options_a: &str) -> (Server, PathBuf, PathBuf, Mount, Mount) {
+    let (server, root, pa, a) = one_mount(name, options_a);
+    let (pb, b) = second_mount(&server, &root);
+    (server, pa, pb, a, b)
+}
+
+/// A fresh server with the bucket `shared` mounted at `root/a` (cache in
+/// `root/cache-a`, `options` added): `(server, root, a's path, a)`.
+pub fn one_mount(name: &str, options: &str) -> (Server, PathBuf, PathBuf, Mount) {
     let root = scratch(name);
     let server = Server::start(&root.join("data"));
     server.create_bucket("shared");
-    let (pa, pb) = (root.join("a"), root.join("b"));
-    let a = Mount::new(&server, "shared", &pa, &format!("cache_dir={}{options_a}", root.join("cache-a").display()));
-    let b = Mount::new(&server, "shared", &pb, &format!("cache_dir={}", root.join("cache-b").display()));
-    (server, pa, pb, a, b)
+    let pa = root.join("a");
+    let a = Mount::new(&server, "shared", &pa, &format!("cache_dir={}{options}", root.join("cache-a").display()));
+    (server, root, pa, a)
+}
+
+/// The bucket of [`one_mount`] mounted again at `root/b` (cache in `root/cache-b`).
+pub fn second_mount(server: &Server, root: &Path) -> (PathBuf, Mount) {
+    let pb = root.join("b");
+    let b = Mount::new(server, "shared", &pb, &format!("cache_dir={}", root.join("cache-b").display()));
+    (pb, b)
 }
 
 /// Deterministic bytes at `offset` that differ per position and per seed.
