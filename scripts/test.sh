@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the whole test suite on a fresh machine: bring what the tests need
-# (pjdfstest 0.2.2, built into target/tools), then `cargo test` for every
-# crate. The tests start their own restfsd servers and real FUSE mounts,
+# (pjdfstest 0.2.2 and fsx 0.3.2, built into target/tools), then `cargo
+# test` for every crate. The tests start their own restfsd servers and real FUSE mounts,
 # so this runs as root with /dev/fuse available.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +24,11 @@ if ! "$tools/bin/pjdfstest" --version 2>/dev/null | grep -q '0\.2\.2'; then
     cargo install --locked --quiet --root "$tools" pjdfstest --version 0.2.2
 fi
 export PJDFSTEST="$tools/bin/pjdfstest"
+if ! "$tools/bin/fsx" --version 2>/dev/null | grep -q '0\.3\.2'; then
+    echo "==> installing fsx 0.3.2 into $tools"
+    cargo install --locked --quiet --root "$tools" fsx --version 0.3.2
+fi
+export FSX="$tools/bin/fsx"
 
 echo "==> cargo test"
 cargo test --workspace --all-targets "$@"

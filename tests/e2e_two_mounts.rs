@@ -245,3 +245,44 @@ fn prefetched_data_is_never_stale_after_changes_elsewhere() {
     a.unmount();
     b.unmount();
 }
+
+/// fallocate's PUNCH_HOLE and ZERO_RANGE: the ranges read as zeros on both
+/// mounts, on the block boundaries and off them; only ZERO_RANGE without
+/// KEEP_SIZE moves the size. Modes beyond those are refused.
+#[test]
+fn punched_and_zeroed_ranges_read_as_zeros_on_both_mounts() {
+    use std::os::fd::AsRawFd;
+    let (_server, pa, pb, _a, _b) = two_mounts("e2e-punch", "");
+    let block = 1usize << 20;
+    let len = 3 * block + 12_345;
+    let mut want = pattern_at(3, 0, len);
+    std::fs::write(pa.join("f"), &want).unwrap();
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(pa.join("f")).unwrap();
+    let fallocate = |mode: i32, from: usize, n: usize| {
+        // SAFETY: a valid descriptor; fallocate reads no memory of ours.
+        let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, from as i64, n as i64) };
+        if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    };
+    let keep = libc::FALLOC_FL_KEEP_SIZE;
+    // Half of block 0, all of block 1 (a hole), half of block 2.
+    fallocate(libc::FALLOC_FL_PUNCH_HOLE | keep, block / 2, 2 * block).unwrap();
+    want[block / 2..block / 2 + 2 * block].fill(0);
+    // Within one block, and past the end with KEEP_SIZE (the size stays).
+    fallocate(libc::FALLOC_FL_PUNCH_HOLE | keep, 100, 50).unwrap();
+    want[100..150].fill(0);
+    fallocate(libc::FALLOC_FL_PUNCH_HOLE | keep, len - 10, 1000).unwrap();
+    want[len - 10..].fill(0);
+    // ZERO_RANGE over the end without KEEP_SIZE grows the file.
+    fallocate(libc::FALLOC_FL_ZERO_RANGE, 3 * block - 5, 2 * block).unwrap();
+    want.truncate(3 * block - 5);
+    want.resize(5 * block - 5, 0);
+    let err = fallocate(libc::FALLOC_FL_COLLAPSE_RANGE, 0, block).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EOPNOTSUPP));
+    assert!(std::fs::read(pa.join("f")).unwrap() == want, "content on A while open");
+    drop(f);
+    for p in [&pa, &pb] {
+        let seen = std::fs::read(p.join("f")).unwrap();
+        assert_eq!(seen.len(), want.len(), "size on {}", p.display());
+        assert!(seen == want, "content on {}", p.display());
+    }
+}

@@ -679,6 +679,39 @@ impl FileData {
         }
     }
 
+    /// Make bytes `offset..end` below the size read as zeros (fallocate's
+    /// PUNCH_HOLE and ZERO_RANGE): the blocks the range covers whole become
+    /// holes, its partial blocks at either edge are zeroed.
+    pub async fn zero_range(&mut self, r: &Arc<Remote>, offset: u64, end: u64) -> Result<()> {
+        let end = end.min(self.attr.size);
+        if offset >= end {
+            return Ok(());
+        }
+        let bs = r.block_size;
+        let (first_whole, past_whole) = (offset.div_ceil(bs), end / bs);
+        if first_whole >= past_whole {
+            self.write_into_blocks(r, offset, &vec![0; (end - offset) as usize]).await?;
+        } else {
+            if offset < first_whole * bs {
+                self.write_into_blocks(r, offset, &vec![0; (first_whole * bs - offset) as usize]).await?;
+            }
+            if past_whole * bs < end {
+                self.write_into_blocks(r, past_whole * bs, &vec![0; (end - past_whole * bs) as usize]).await?;
+            }
+            for idx in first_whole..past_whole {
+                // An empty dirty block is a hole (see `stage_dirty`).
+                self.patches.take(idx);
+                self.supersede_spilled(r, idx);
+                self.dirty.insert(idx, Arc::new(Vec::new()));
+            }
+        }
+        let now = Timespec::now();
+        self.attr.mtime = now;
+        self.attr.ctime = now;
+        self.changed = true;
+        Ok(())
+    }
+
     /// Send the spilled blocks, a few at a time from the disk cache.
     async fn send_spilled(&mut self, r: &Remote) -> Result<()> {
         const AT_ONCE: usize = 16;

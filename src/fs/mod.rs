@@ -989,19 +989,29 @@ impl Fs {
         flushed.map(|_| ())
     }
 
-    /// fallocate: mode 0 extends the size; KEEP_SIZE is accepted as is.
+    /// fallocate: mode 0 (or ZERO_RANGE) extends the size, KEEP_SIZE keeps
+    /// it; PUNCH_HOLE (with KEEP_SIZE, as Linux requires) and ZERO_RANGE
+    /// make the range read as zeros, whole blocks becoming holes. Committed
+    /// at once, like a truncate.
     pub async fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
         let file = self.file_handle(fh)?;
-        if mode & !libc::FALLOC_FL_KEEP_SIZE != 0 {
+        let (keep, punch, zero) = (libc::FALLOC_FL_KEEP_SIZE, libc::FALLOC_FL_PUNCH_HOLE, libc::FALLOC_FL_ZERO_RANGE);
+        let supported = mode & !(keep | punch | zero) == 0 && (mode & punch == 0 || mode & (keep | zero) == keep);
+        if !supported {
             return Err(FsError::new(Errno::EOPNOTSUPP, format!("fallocate mode {mode:#x}")));
         }
         let end = offset
             .checked_add(length)
             .filter(|e| *e <= i64::MAX as u64)
             .ok_or_else(|| FsError::new(Errno::EFBIG, "fallocate past the largest offset"))?;
-        if mode & libc::FALLOC_FL_KEEP_SIZE == 0 {
-            let mut st = file.lock().await;
+        let mut st = file.lock().await;
+        if mode & (punch | zero) != 0 {
+            st.zero_range(&self.remote, offset, end).await?;
+        }
+        if mode & keep == 0 {
             st.extend(end);
+        }
+        if mode != keep {
             self.commit(&mut st).await?;
         }
         Ok(())
