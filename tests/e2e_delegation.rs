@@ -9,6 +9,7 @@ mod common;
 use common::*;
 use std::io::Write;
 use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 fn delegated(mnt: &Path) -> bool {
@@ -288,6 +289,56 @@ fn removing_files_through_the_writeback_cache_waits_for_nothing() {
     let (pb, b) = second_mount(&server, &root);
     let names: Vec<String> = std::fs::read_dir(&pb).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     assert_eq!(names, vec!["kept".to_string()]);
+    b.unmount();
+    a.unmount();
+}
+
+/// The cache directory's disk is full, so the delegation log cannot take
+/// changes: their answers wait for the server instead, and so a daemon
+/// killed right after loses none; the log is never left torn. Local
+/// answers come back once there is room.
+#[test]
+fn a_full_cache_disk_makes_answers_wait_for_the_server_until_there_is_room() {
+    let root = scratch("e2e-delegation-full-cache");
+    let cache = root.join("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    run(Command::new("mount").args(["-t", "tmpfs", "-o", "size=8m", "restfs-test-cache"]).arg(&cache));
+    /// Unmounts the small disk even when the test fails.
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(self.0).status();
+        }
+    }
+    let _small_disk = Unmount(&cache);
+    let server = Server::start(&root.join("data"));
+    server.create_bucket("shared");
+    let pa = root.join("a");
+    let options = format!("cache_dir={},cache_size=2M", cache.display());
+    let a = Mount::new(&server, "shared", &pa, &options);
+    wait_delegated(&pa, true);
+    let mut filler = std::fs::File::create(cache.join("filler")).unwrap();
+    for i in 0..200 {
+        // Takes the space the log frees whenever its queue drains.
+        while filler.write_all(&[7; 4096]).is_ok() {}
+        std::fs::write(pa.join(format!("f{i}")), content(i)).unwrap();
+    }
+    assert!(a.log().contains("cannot log a change in the delegation log"), "the log never failed: the test tests nothing");
+    a.kill();
+    drop(filler);
+    std::fs::remove_file(cache.join("filler")).unwrap();
+    let a = Mount::new(&server, "shared", &pa, &options);
+    wait_delegated(&pa, true);
+    let delegated_changes = || restfs::stats::read(&pa).unwrap().counters["changes_delegated"];
+    let local_before = delegated_changes();
+    for i in 200..400 {
+        std::fs::write(pa.join(format!("f{i}")), content(i)).unwrap();
+    }
+    assert!(delegated_changes() - local_before >= 400, "local answers did not come back");
+    let (pb, b) = second_mount(&server, &root);
+    for i in 0..400 {
+        assert_eq!(std::fs::read(pb.join(format!("f{i}"))).unwrap(), content(i), "f{i}");
+    }
     b.unmount();
     a.unmount();
 }

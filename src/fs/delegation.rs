@@ -99,6 +99,8 @@ pub struct Delegation {
     hurry: Notify,
     /// Bumped by every local answer (see `Fs::opendir`).
     local_changes: AtomicU64,
+    /// Queue position of the last change the log could not take.
+    unlogged_upto: AtomicU64,
 }
 
 /// A local answer in progress, under the delegation's lock.
@@ -120,14 +122,21 @@ impl Local<'_> {
 
     /// Queue `op`; `then` runs with its outcome.
     pub fn push(&mut self, op: BatchOp, then: Option<Then>) {
-        if let Some(j) = self.st.journal.as_mut()
-            && let Err(e) = j.append(&op)
-        {
-            tracing::warn!("cannot log a change in the delegation log (a crash now would lose it): {e}");
-        }
+        let logged = match self.st.journal.as_mut().map(|j| j.append(&op)) {
+            Some(Err(e)) => {
+                tracing::warn!(
+                    "cannot log a change in the delegation log: its answer waits for the server, and so do the next changes' until the queue is empty ({e})"
+                );
+                false
+            }
+            _ => true,
+        };
         self.d.queued_bytes.fetch_add(data_bytes(&op), Ordering::AcqRel);
         self.st.queue.push_back(Queued { op, then });
-        self.d.queued.fetch_add(1, Ordering::AcqRel);
+        let position = self.d.queued.fetch_add(1, Ordering::AcqRel) + 1;
+        if !logged {
+            self.d.unlogged_upto.fetch_max(position, Ordering::AcqRel);
+        }
         self.d.local_changes.fetch_add(1, Ordering::AcqRel);
         if self.st.queue.len() == 1 {
             self.d.wake.notify_one();
@@ -174,6 +183,7 @@ impl Delegation {
             wake: Notify::new(),
             hurry: Notify::new(),
             local_changes: AtomicU64::new(0),
+            unlogged_upto: AtomicU64::new(0),
         })
     }
 
@@ -196,10 +206,31 @@ impl Delegation {
     /// until `f` has queued its change. `None` when not held.
     pub fn local<T>(&self, f: impl FnOnce(&mut Local<'_>) -> Option<T>) -> Option<T> {
         let st = lock(&self.st);
-        if st.hold != Hold::Active {
+        if st.hold != Hold::Active || st.journal.as_ref().is_some_and(Journal::is_off) {
             return None;
         }
         f(&mut Local { d: self, st })
+    }
+
+    /// [`Delegation::local`], then, if the log could not take the change,
+    /// wait until the server has it: no answer rests on memory alone.
+    pub async fn answer<T>(&self, f: impl FnOnce(&mut Local<'_>) -> Option<T>) -> Option<T> {
+        let out = self.local(f);
+        if out.is_some() {
+            self.logged_or_sent().await;
+        }
+        out
+    }
+
+    /// Wait until the server has every change the log could not take.
+    pub async fn logged_or_sent(&self) {
+        let upto = self.unlogged_upto.load(Ordering::Acquire);
+        if upto == 0 || *self.acked.borrow() >= upto {
+            return;
+        }
+        self.hurry_up();
+        let mut acked = self.acked.subscribe();
+        let _ = acked.wait_for(|a| *a >= upto).await;
     }
 
     /// Wait until there is room in the queue (before a local answer).

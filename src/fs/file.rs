@@ -786,6 +786,7 @@ impl FileData {
                 }
             }
         };
+        r.delegation.logged_or_sent().await;
         // Our commit is the only change since `before`: the map stays valid.
         let map_still_valid = fresh.version == before + 1 && self.map_version == before;
         for (idx, slot) in std::mem::take(&mut self.pending) {

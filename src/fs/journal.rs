@@ -34,6 +34,10 @@ pub struct Journal {
     path: PathBuf,
     /// Nothing is logged since the last truncation.
     empty: bool,
+    /// A record could not be written (a full disk, say): the log was
+    /// emptied and takes nothing until the queue is idle (see
+    /// [`Journal::is_off`]).
+    off: bool,
 }
 
 fn record(tag: u8, body: &[u8]) -> Vec<u8> {
@@ -85,26 +89,49 @@ impl Journal {
             Err(e) => return Err(e),
         };
         let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-        Ok((Journal { file, path: path.to_owned(), empty: left.ops.is_empty() }, left))
+        Ok((Journal { file, path: path.to_owned(), empty: left.ops.is_empty(), off: false }, left))
+    }
+
+    /// The log could not take a record and is off: changes must not be
+    /// answered before the server has them until the queue is idle.
+    pub fn is_off(&self) -> bool {
+        self.off
+    }
+
+    /// Append a record. One that cannot be written may be torn, and a log
+    /// missing a record would, replayed, apply acknowledged changes again:
+    /// the whole log is dropped instead (what is queued now lives in memory
+    /// only) and stays off until the queue is idle.
+    fn write(&mut self, tag: u8, body: &[u8]) -> io::Result<()> {
+        if self.off {
+            return Ok(());
+        }
+        self.empty = false;
+        let written = self.file.write_all(&record(tag, body));
+        if written.is_err() {
+            self.off = true;
+            self.file.set_len(0)?;
+            self.empty = true;
+        }
+        written
     }
 
     /// Log `op` before it is answered.
     pub fn append(&mut self, op: &BatchOp) -> io::Result<()> {
         let body = bson::serialize_to_vec(op).map_err(io::Error::other)?;
-        self.empty = false;
-        self.file.write_all(&record(OP, &body))
+        self.write(OP, &body)
     }
 
     /// The next `n` ops go to the server as the batch named `token`.
     pub fn sending(&mut self, token: &str, n: u64) -> io::Result<()> {
         let mut body = n.to_le_bytes().to_vec();
         body.extend_from_slice(token.as_bytes());
-        self.file.write_all(&record(SENDING, &body))
+        self.write(SENDING, &body)
     }
 
     /// The server acknowledged the next `n` ops; `idle`: none is left.
     pub fn acked(&mut self, n: u64, idle: bool) -> io::Result<()> {
-        if idle { self.clear() } else { self.file.write_all(&record(ACKED, &n.to_le_bytes())) }
+        if idle { self.clear() } else { self.write(ACKED, &n.to_le_bytes()) }
     }
 
     /// Another handle on the log's file, to sync it without holding the log.
@@ -112,12 +139,13 @@ impl Journal {
         self.file.try_clone()
     }
 
-    /// Start over: everything logged is acknowledged.
+    /// Start over: everything logged is acknowledged (and the log is on again).
     pub fn clear(&mut self) -> io::Result<()> {
         if !self.empty {
             self.file.set_len(0)?;
             self.empty = true;
         }
+        self.off = false;
         Ok(())
     }
 

@@ -51,60 +51,63 @@ impl Fs {
             return None;
         }
         let m = self.mc()?;
-        self.remote.delegation.local(|l| {
-            let dir = self.cached_dir(parent)?;
-            match m.entry(parent, name).ok().flatten()? {
-                CachedEntry::Found(_) => return err(Errno::EEXIST, "the name exists"),
-                CachedEntry::Missing => {}
-            }
-            let ino = l.ino()?;
-            let at = Timespec::now();
-            let node = NewNodeParams {
-                parent,
-                name: Name::from(name),
-                kind,
-                mode: mode & 0o7777,
-                uid: ctx.uid,
-                gid: ctx.gid,
-                rdev: 0,
-                ino: Some(ino),
-            };
-            // The server's rules: BSD groups in a setgid directory, whose
-            // subdirectories inherit the bit.
-            let (mut mode, mut gid) = (node.mode, node.gid);
-            if dir.mode & libc::S_ISGID != 0 {
-                gid = dir.gid;
-                if kind == Kind::Dir {
-                    mode |= libc::S_ISGID;
+        self.remote
+            .delegation
+            .answer(|l| {
+                let dir = self.cached_dir(parent)?;
+                match m.entry(parent, name).ok().flatten()? {
+                    CachedEntry::Found(_) => return err(Errno::EEXIST, "the name exists"),
+                    CachedEntry::Missing => {}
                 }
-            }
-            let is_dir = kind == Kind::Dir;
-            let attr = Attr {
-                ino,
-                kind,
-                mode,
-                uid: ctx.uid,
-                gid,
-                nlink: if is_dir { 2 } else { 1 },
-                size: 0,
-                atime: at,
-                mtime: at,
-                ctime: at,
-                rdev: 0,
-                version: 0,
-            };
-            let cached = m
-                .put_attr(&touched(dir, at, i32::from(is_dir)))
-                .and_then(|_| m.put_entry(parent, name, Some(&attr)))
-                .and_then(|_| if is_dir { m.put_listing(ino, parent, &[]) } else { Ok(()) });
-            if let Err(e) = cached {
-                tracing::warn!("{e}");
-            }
-            self.xattrs.created(ino, at);
-            self.claimed(parent, name);
-            l.push(BatchOp::Mknod { at, node }, None);
-            Some(Ok(attr))
-        })
+                let ino = l.ino()?;
+                let at = Timespec::now();
+                let node = NewNodeParams {
+                    parent,
+                    name: Name::from(name),
+                    kind,
+                    mode: mode & 0o7777,
+                    uid: ctx.uid,
+                    gid: ctx.gid,
+                    rdev: 0,
+                    ino: Some(ino),
+                };
+                // The server's rules: BSD groups in a setgid directory, whose
+                // subdirectories inherit the bit.
+                let (mut mode, mut gid) = (node.mode, node.gid);
+                if dir.mode & libc::S_ISGID != 0 {
+                    gid = dir.gid;
+                    if kind == Kind::Dir {
+                        mode |= libc::S_ISGID;
+                    }
+                }
+                let is_dir = kind == Kind::Dir;
+                let attr = Attr {
+                    ino,
+                    kind,
+                    mode,
+                    uid: ctx.uid,
+                    gid,
+                    nlink: if is_dir { 2 } else { 1 },
+                    size: 0,
+                    atime: at,
+                    mtime: at,
+                    ctime: at,
+                    rdev: 0,
+                    version: 0,
+                };
+                let cached = m
+                    .put_attr(&touched(dir, at, i32::from(is_dir)))
+                    .and_then(|_| m.put_entry(parent, name, Some(&attr)))
+                    .and_then(|_| if is_dir { m.put_listing(ino, parent, &[]) } else { Ok(()) });
+                if let Err(e) = cached {
+                    tracing::warn!("{e}");
+                }
+                self.xattrs.created(ino, at);
+                self.claimed(parent, name);
+                l.push(BatchOp::Mknod { at, node }, None);
+                Some(Ok(attr))
+            })
+            .await
     }
 
     /// Remove a file's name locally.
@@ -123,39 +126,42 @@ impl Fs {
             return None;
         }
         let m = self.mc()?;
-        self.remote.delegation.local(|l| {
-            let parent_attr = self.cached_dir(parent)?;
-            let mut victim = match m.entry(parent, name).ok().flatten()? {
-                CachedEntry::Missing => return err(Errno::ENOENT, "no such entry"),
-                CachedEntry::Found(a) if dir && a.kind != Kind::Dir => return err(Errno::ENOTDIR, "rmdir of a non-directory"),
-                CachedEntry::Found(a) if !dir && a.kind == Kind::Dir => return err(Errno::EISDIR, "unlink of a directory"),
-                CachedEntry::Found(a) => a,
-            };
-            if dir {
-                let (_, entries) = m.listing(victim.ino).ok().flatten()?;
-                if !entries.is_empty() {
-                    return err(Errno::ENOTEMPTY, "directory not empty");
+        self.remote
+            .delegation
+            .answer(|l| {
+                let parent_attr = self.cached_dir(parent)?;
+                let mut victim = match m.entry(parent, name).ok().flatten()? {
+                    CachedEntry::Missing => return err(Errno::ENOENT, "no such entry"),
+                    CachedEntry::Found(a) if dir && a.kind != Kind::Dir => return err(Errno::ENOTDIR, "rmdir of a non-directory"),
+                    CachedEntry::Found(a) if !dir && a.kind == Kind::Dir => return err(Errno::EISDIR, "unlink of a directory"),
+                    CachedEntry::Found(a) => a,
+                };
+                if dir {
+                    let (_, entries) = m.listing(victim.ino).ok().flatten()?;
+                    if !entries.is_empty() {
+                        return err(Errno::ENOTEMPTY, "directory not empty");
+                    }
+                } else if self.open_file(victim.ino).is_some() {
+                    // The server must hear of opens here before the last name goes.
+                    return None;
                 }
-            } else if self.open_file(victim.ino).is_some() {
-                // The server must hear of opens here before the last name goes.
-                return None;
-            }
-            let at = Timespec::now();
-            let mut cached = m.remove_entry(parent, name).and_then(|_| m.put_attr(&touched(parent_attr, at, if dir { -1 } else { 0 })));
-            if !dir && victim.nlink > 1 {
-                victim.nlink -= 1;
-                victim.ctime = at;
-                cached = cached.and_then(|_| m.put_attr(&victim));
-            } else if !dir {
-                lock(&self.gone).put(victim.ino, ());
-            }
-            if let Err(e) = cached {
-                tracing::warn!("{e}");
-            }
-            let entry = EntryParams { parent, name: Name::from(name) };
-            l.push(if dir { BatchOp::Rmdir { at, entry } } else { BatchOp::Unlink { at, entry } }, None);
-            Some(Ok(()))
-        })
+                let at = Timespec::now();
+                let mut cached = m.remove_entry(parent, name).and_then(|_| m.put_attr(&touched(parent_attr, at, if dir { -1 } else { 0 })));
+                if !dir && victim.nlink > 1 {
+                    victim.nlink -= 1;
+                    victim.ctime = at;
+                    cached = cached.and_then(|_| m.put_attr(&victim));
+                } else if !dir {
+                    lock(&self.gone).put(victim.ino, ());
+                }
+                if let Err(e) = cached {
+                    tracing::warn!("{e}");
+                }
+                let entry = EntryParams { parent, name: Name::from(name) };
+                l.push(if dir { BatchOp::Rmdir { at, entry } } else { BatchOp::Unlink { at, entry } }, None);
+                Some(Ok(()))
+            })
+            .await
     }
 
     /// Rename a file locally (directories, which may move subtrees, and
@@ -172,45 +178,48 @@ impl Fs {
             return None;
         }
         let m = self.mc()?;
-        self.remote.delegation.local(|l| {
-            let old_dir = self.cached_dir(parent)?;
-            let new_dir = if new_parent == parent { None } else { Some(self.cached_dir(new_parent)?) };
-            let mut moving = match m.entry(parent, name).ok().flatten()? {
-                CachedEntry::Missing => return err(Errno::ENOENT, "no such entry"),
-                CachedEntry::Found(a) if a.kind == Kind::Dir => return None,
-                CachedEntry::Found(a) => a,
-            };
-            let replaced = match m.entry(new_parent, new_name).ok().flatten()? {
-                CachedEntry::Missing => None,
-                CachedEntry::Found(_) if noreplace => return err(Errno::EEXIST, "the target exists"),
-                CachedEntry::Found(a) if a.kind == Kind::Dir => {
-                    return err(Errno::EISDIR, "cannot replace a directory with a non-directory");
+        self.remote
+            .delegation
+            .answer(|l| {
+                let old_dir = self.cached_dir(parent)?;
+                let new_dir = if new_parent == parent { None } else { Some(self.cached_dir(new_parent)?) };
+                let mut moving = match m.entry(parent, name).ok().flatten()? {
+                    CachedEntry::Missing => return err(Errno::ENOENT, "no such entry"),
+                    CachedEntry::Found(a) if a.kind == Kind::Dir => return None,
+                    CachedEntry::Found(a) => a,
+                };
+                let replaced = match m.entry(new_parent, new_name).ok().flatten()? {
+                    CachedEntry::Missing => None,
+                    CachedEntry::Found(_) if noreplace => return err(Errno::EEXIST, "the target exists"),
+                    CachedEntry::Found(a) if a.kind == Kind::Dir => {
+                        return err(Errno::EISDIR, "cannot replace a directory with a non-directory");
+                    }
+                    // Two names of one inode (POSIX: nothing happens), or a file open here.
+                    CachedEntry::Found(a) if a.ino == moving.ino || self.open_file(a.ino).is_some() => return None,
+                    CachedEntry::Found(a) => Some(a),
+                };
+                let at = Timespec::now();
+                moving.ctime = at;
+                let mut cached = m.rename_entry(parent, name, new_parent, new_name).and_then(|_| m.put_attr(&moving));
+                if let Some(mut gone) = replaced.filter(|a| a.nlink > 1) {
+                    gone.nlink -= 1;
+                    gone.ctime = at;
+                    cached = cached.and_then(|_| m.put_attr(&gone));
                 }
-                // Two names of one inode (POSIX: nothing happens), or a file open here.
-                CachedEntry::Found(a) if a.ino == moving.ino || self.open_file(a.ino).is_some() => return None,
-                CachedEntry::Found(a) => Some(a),
-            };
-            let at = Timespec::now();
-            moving.ctime = at;
-            let mut cached = m.rename_entry(parent, name, new_parent, new_name).and_then(|_| m.put_attr(&moving));
-            if let Some(mut gone) = replaced.filter(|a| a.nlink > 1) {
-                gone.nlink -= 1;
-                gone.ctime = at;
-                cached = cached.and_then(|_| m.put_attr(&gone));
-            }
-            cached = cached.and_then(|_| m.put_attr(&touched(old_dir, at, 0)));
-            if let Some(new_dir) = new_dir {
-                cached = cached.and_then(|_| m.put_attr(&touched(new_dir, at, 0)));
-            }
-            if let Err(e) = cached {
-                tracing::warn!("{e}");
-            }
-            let rename =
-                RenameParams { parent, name: Name::from(name), new_parent, new_name: Name::from(new_name), noreplace, exchange: false };
-            self.claimed(new_parent, new_name);
-            l.push(BatchOp::Rename { at, rename }, None);
-            Some(Ok(()))
-        })
+                cached = cached.and_then(|_| m.put_attr(&touched(old_dir, at, 0)));
+                if let Some(new_dir) = new_dir {
+                    cached = cached.and_then(|_| m.put_attr(&touched(new_dir, at, 0)));
+                }
+                if let Err(e) = cached {
+                    tracing::warn!("{e}");
+                }
+                let rename =
+                    RenameParams { parent, name: Name::from(name), new_parent, new_name: Name::from(new_name), noreplace, exchange: false };
+                self.claimed(new_parent, new_name);
+                l.push(BatchOp::Rename { at, rename }, None);
+                Some(Ok(()))
+            })
+            .await
     }
 
     /// Give a file another name locally.
@@ -219,36 +228,39 @@ impl Fs {
             return None;
         }
         let m = self.mc()?;
-        self.remote.delegation.local(|l| {
-            let dir = self.cached_dir(parent)?;
-            // A file open here may carry changes its cached attributes lack.
-            let mut file = m.attr(ino).ok().flatten().filter(|_| self.open_file(ino).is_none())?;
-            match m.entry(parent, name).ok().flatten()? {
-                CachedEntry::Found(_) => return err(Errno::EEXIST, "the name exists"),
-                CachedEntry::Missing => {}
-            }
-            // The server's rules (`MetaStore::link`).
-            if file.kind == Kind::Dir {
-                return err(Errno::EPERM, "cannot hard-link a directory");
-            }
-            if file.nlink == 0 {
-                return err(Errno::ENOENT, "cannot link an unlinked file");
-            }
-            if file.nlink >= LINK_MAX {
-                return err(Errno::EMLINK, "too many links");
-            }
-            let at = Timespec::now();
-            file.nlink += 1;
-            file.ctime = at;
-            let cached =
-                m.put_attr(&file).and_then(|_| m.put_entry(parent, name, Some(&file))).and_then(|_| m.put_attr(&touched(dir, at, 0)));
-            if let Err(e) = cached {
-                tracing::warn!("{e}");
-            }
-            self.claimed(parent, name);
-            l.push(BatchOp::Link { at, link: LinkParams { ino, parent, name: Name::from(name) } }, None);
-            Some(Ok(file))
-        })
+        self.remote
+            .delegation
+            .answer(|l| {
+                let dir = self.cached_dir(parent)?;
+                // A file open here may carry changes its cached attributes lack.
+                let mut file = m.attr(ino).ok().flatten().filter(|_| self.open_file(ino).is_none())?;
+                match m.entry(parent, name).ok().flatten()? {
+                    CachedEntry::Found(_) => return err(Errno::EEXIST, "the name exists"),
+                    CachedEntry::Missing => {}
+                }
+                // The server's rules (`MetaStore::link`).
+                if file.kind == Kind::Dir {
+                    return err(Errno::EPERM, "cannot hard-link a directory");
+                }
+                if file.nlink == 0 {
+                    return err(Errno::ENOENT, "cannot link an unlinked file");
+                }
+                if file.nlink >= LINK_MAX {
+                    return err(Errno::EMLINK, "too many links");
+                }
+                let at = Timespec::now();
+                file.nlink += 1;
+                file.ctime = at;
+                let cached =
+                    m.put_attr(&file).and_then(|_| m.put_entry(parent, name, Some(&file))).and_then(|_| m.put_attr(&touched(dir, at, 0)));
+                if let Err(e) = cached {
+                    tracing::warn!("{e}");
+                }
+                self.claimed(parent, name);
+                l.push(BatchOp::Link { at, link: LinkParams { ino, parent, name: Name::from(name) } }, None);
+                Some(Ok(file))
+            })
+            .await
     }
 
     /// Change a node's mode, owner or times locally (a size change goes to
@@ -271,43 +283,47 @@ impl Fs {
         {
             return Some(Err(e));
         }
-        let answered = self.remote.delegation.local(|l| {
-            let mut a = match &st {
-                Some(st) => st.attr.clone(),
-                None => match m.attr(ino).ok().flatten() {
-                    Some(a) => a,
-                    // Purged by the server when its unlink arrives: nobody will see it.
-                    None if lock(&self.gone).contains(&ino) => return err(Errno::ENOENT, "the file was removed"),
-                    None => return None,
-                },
-            };
-            let before = a.ctime;
-            let at = Timespec::now();
-            let kill = s.kill_suidgid && a.kind == Kind::File;
-            // The server's rules (`MetaStore::setattr`), at the same time.
-            let mode = s.mode.or_else(|| (kill && killed_mode(a.mode) != a.mode).then(|| killed_mode(a.mode)));
-            if mode.is_none() && s.uid.is_none() && s.gid.is_none() && s.atime.is_none() && s.mtime.is_none() {
-                // Only the set-ID check was asked for, and no bit needs dropping.
-                return Some(Ok((a, kill)));
-            }
-            let resolve = |t: SetTime| match t {
-                SetTime::Now => at,
-                SetTime::At(t) => t,
-            };
-            if let Some(mode) = mode {
-                a.mode = mode & 0o7777;
-            }
-            a.uid = s.uid.unwrap_or(a.uid);
-            a.gid = s.gid.unwrap_or(a.gid);
-            a.atime = s.atime.map_or(a.atime, resolve);
-            a.mtime = s.mtime.map_or(a.mtime, resolve);
-            a.ctime = at;
-            let params = SetAttrParams { ino, mode, uid: s.uid, gid: s.gid, size: None, atime: s.atime, mtime: s.mtime };
-            l.push(BatchOp::SetAttr { at, attr: params }, None);
-            // No xattr changed: what is known of them still holds.
-            self.xattrs.committed(ino, before, at);
-            Some(Ok((a, kill)))
-        })?;
+        let answered = self
+            .remote
+            .delegation
+            .answer(|l| {
+                let mut a = match &st {
+                    Some(st) => st.attr.clone(),
+                    None => match m.attr(ino).ok().flatten() {
+                        Some(a) => a,
+                        // Purged by the server when its unlink arrives: nobody will see it.
+                        None if lock(&self.gone).contains(&ino) => return err(Errno::ENOENT, "the file was removed"),
+                        None => return None,
+                    },
+                };
+                let before = a.ctime;
+                let at = Timespec::now();
+                let kill = s.kill_suidgid && a.kind == Kind::File;
+                // The server's rules (`MetaStore::setattr`), at the same time.
+                let mode = s.mode.or_else(|| (kill && killed_mode(a.mode) != a.mode).then(|| killed_mode(a.mode)));
+                if mode.is_none() && s.uid.is_none() && s.gid.is_none() && s.atime.is_none() && s.mtime.is_none() {
+                    // Only the set-ID check was asked for, and no bit needs dropping.
+                    return Some(Ok((a, kill)));
+                }
+                let resolve = |t: SetTime| match t {
+                    SetTime::Now => at,
+                    SetTime::At(t) => t,
+                };
+                if let Some(mode) = mode {
+                    a.mode = mode & 0o7777;
+                }
+                a.uid = s.uid.unwrap_or(a.uid);
+                a.gid = s.gid.unwrap_or(a.gid);
+                a.atime = s.atime.map_or(a.atime, resolve);
+                a.mtime = s.mtime.map_or(a.mtime, resolve);
+                a.ctime = at;
+                let params = SetAttrParams { ino, mode, uid: s.uid, gid: s.gid, size: None, atime: s.atime, mtime: s.mtime };
+                l.push(BatchOp::SetAttr { at, attr: params }, None);
+                // No xattr changed: what is known of them still holds.
+                self.xattrs.committed(ino, before, at);
+                Some(Ok((a, kill)))
+            })
+            .await?;
         if let (Ok((a, _)), Some(st)) = (&answered, st.as_mut()) {
             st.refresh(a.clone());
         }
