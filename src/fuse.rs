@@ -6,7 +6,7 @@ use crate::fs::{Ctx, Fs, FsError, SetAttr};
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig,
     LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
-    ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyIoctl, ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use restfs_proto::methods::XattrMode;
 use restfs_proto::{Attr, Kind, SetTime, Timespec};
@@ -269,6 +269,9 @@ impl Filesystem for FuseAdapter {
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_ASYNC_DIO,
             InitFlags::FUSE_HANDLE_KILLPRIV_V2,
+            // Locks go to the server, so they hold across mounts.
+            InitFlags::FUSE_POSIX_LOCKS,
+            InitFlags::FUSE_FLOCK_LOCKS,
         ] {
             if let Err(missing) = config.add_capabilities(cap) {
                 tracing::debug!("kernel lacks {missing:?}");
@@ -459,21 +462,70 @@ impl Filesystem for FuseAdapter {
         });
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        self.run("flush", |fs, _| async move { empty(reply, fs.flush(fh.0).await) });
+    fn flush(&self, _req: &Request, ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
+        self.run("flush", |fs, _| async move {
+            // A close drops its process's fcntl locks on the file.
+            let flushed = fs.flush(fh.0).await;
+            let unlocked = fs.unlock_owner(ino.0, lock_owner.0).await;
+            empty(reply, flushed.and(unlocked))
+        });
     }
 
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
+        lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.run("release", |fs, _| async move { empty(reply, fs.release(fh.0).await) });
+        self.run("release", |fs, _| async move {
+            let released = fs.release(fh.0).await;
+            // The owner of the file's flock, if it took one.
+            let unlocked = match lock_owner {
+                Some(owner) => fs.unlock_owner(ino.0, owner.0).await,
+                None => Ok(()),
+            };
+            empty(reply, released.and(unlocked).and(fs.unlock_handle(fh.0).await))
+        });
+    }
+
+    fn getlk(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        reply: ReplyLock,
+    ) {
+        self.run("getlk", |fs, _| async move {
+            match fs.getlk(ino.0, lock_owner.0, start, end, typ, pid).await {
+                Ok((start, end, typ, pid)) => reply.locked(start, end, typ, pid),
+                Err(e) => reply_error!(reply, e),
+            }
+        });
+    }
+
+    fn setlk(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.run("setlk", |fs, _| async move { empty(reply, fs.setlk(ino.0, fh.0, lock_owner.0, start, end, typ, pid, sleep).await) });
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {

@@ -15,6 +15,7 @@ pub struct Errno(pub i32);
 pub const ERRNO_TABLE: &[(&str, i32)] = &[
     ("EPERM", libc::EPERM),
     ("ENOENT", libc::ENOENT),
+    ("EINTR", libc::EINTR),
     ("EIO", libc::EIO),
     ("ENXIO", libc::ENXIO),
     ("E2BIG", libc::E2BIG),
@@ -62,6 +63,7 @@ pub const ERRNO_TABLE: &[(&str, i32)] = &[
 impl Errno {
     pub const EPERM: Errno = Errno(libc::EPERM);
     pub const ENOENT: Errno = Errno(libc::ENOENT);
+    pub const EINTR: Errno = Errno(libc::EINTR);
     pub const EIO: Errno = Errno(libc::EIO);
     pub const EBADF: Errno = Errno(libc::EBADF);
     pub const EAGAIN: Errno = Errno(libc::EAGAIN);

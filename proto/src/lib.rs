@@ -9,6 +9,7 @@
 pub mod bytes;
 pub mod credentials;
 pub mod errno;
+pub mod locks;
 pub mod methods;
 pub mod rpc;
 pub mod types;

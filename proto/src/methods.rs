@@ -76,6 +76,8 @@ methods! {
     PushChanges = "push.changes" (PushParams) -> Empty;
     PushAck = "push.ack" (PushAckParams) -> Empty;
     Ping = "ping" (Empty) -> Empty;
+    LockSet = "lock.set" (LockParams) -> Empty;
+    LockGet = "lock.get" (LockParams) -> LockGetResult;
 }
 
 /// No parameters, or no result.
@@ -167,6 +169,46 @@ pub struct MountResult {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InoParams {
     pub ino: Ino,
+}
+
+/// What `lock.set` does to a range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LockKind {
+    Read,
+    Write,
+    Unlock,
+}
+
+/// A byte-range lock request (`fcntl` locks; `flock` as whole-file ones).
+/// `lock.set` takes, changes or drops it at once, or fails with `EAGAIN`
+/// when a lock of another holder conflicts; `lock.get` names the first
+/// such lock. A holder is the connection and its `owner`; its locks go
+/// when the connection does.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LockParams {
+    pub ino: Ino,
+    /// An opaque id the client chooses (i64: BSON has no larger integer).
+    pub owner: i64,
+    pub start: u64,
+    /// Last byte, inclusive (`i64::MAX`, the largest offset: to the end of the file).
+    pub end: u64,
+    pub kind: LockKind,
+    pub pid: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockGetResult {
+    /// The conflicting lock, if any; its `pid` is 0 unless this connection holds it.
+    pub conflict: Option<HeldLock>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldLock {
+    pub start: u64,
+    pub end: u64,
+    pub kind: LockKind,
+    pub pid: u32,
 }
 
 /// What a removal or rename left: the attributes, after it, of the

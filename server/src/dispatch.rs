@@ -277,6 +277,8 @@ impl Session {
             PushChanges => push_changes,
             PushAck => push_ack,
             Ping => ping,
+            LockSet => lock_set,
+            LockGet => lock_get,
         };
         if let Some((client, request)) = replay_key {
             self.service.remember(client, request, response.clone()).await;
@@ -286,6 +288,7 @@ impl Session {
 
     /// Stop pushing and release everything this connection held open.
     pub async fn close(&self) {
+        self.service.locks.drop_connection(self.id);
         if let Ok(b) = self.bucket_id() {
             self.service.delegations.unmounted(b, self.id);
         }
@@ -900,6 +903,35 @@ impl Session {
 
     async fn ping(self: Arc<Self>, _: Empty) -> Outcome<Empty> {
         Ok(Empty {})
+    }
+
+    fn lock_request(&self, p: LockParams) -> Outcome<crate::locks::Request> {
+        if p.start > p.end {
+            return Err(RpcError::errno(Errno::EINVAL, format!("lock range {}..={} is empty", p.start, p.end)));
+        }
+        let bucket = self.bucket_id()?;
+        Ok(crate::locks::Request {
+            bucket,
+            ino: p.ino,
+            conn: self.id,
+            owner: p.owner,
+            start: p.start,
+            end: p.end,
+            kind: p.kind,
+            pid: p.pid,
+        })
+    }
+
+    async fn lock_set(self: Arc<Self>, p: LockParams) -> Outcome<Empty> {
+        // The inode is not looked up: under the delegation, the holder may
+        // lock a file whose creation is still in its queue.
+        let r = self.lock_request(p)?;
+        if self.service.locks.set(&r) { Ok(Empty {}) } else { Err(RpcError::errno(Errno::EAGAIN, "a conflicting lock is held")) }
+    }
+
+    async fn lock_get(self: Arc<Self>, p: LockParams) -> Outcome<LockGetResult> {
+        let r = self.lock_request(p)?;
+        Ok(LockGetResult { conflict: self.service.locks.conflict(&r) })
     }
 
     async fn push_changes(self: Arc<Self>, _: PushParams) -> Outcome<Empty> {

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod delegation;
 pub mod dispatch;
 pub mod error;
+pub mod locks;
 pub mod meta;
 pub mod service;
 pub mod ws;

@@ -68,6 +68,7 @@ pub struct Service {
     pub counters: Counters,
     pub callbacks: crate::callbacks::Callbacks,
     pub delegations: crate::delegation::Delegations,
+    pub locks: crate::locks::Locks,
     /// A group commit is scheduled (see [`Service::spawn_background`]).
     group_pending: AtomicBool,
     group_wake: tokio::sync::Notify,
@@ -147,6 +148,7 @@ impl Service {
             counters: Counters::default(),
             callbacks: Default::default(),
             delegations: Default::default(),
+            locks: Default::default(),
             group_pending: AtomicBool::new(false),
             group_wake: tokio::sync::Notify::new(),
             token: std::sync::OnceLock::new(),

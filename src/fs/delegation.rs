@@ -315,8 +315,8 @@ impl Delegation {
     }
 
     /// The server recalled the delegation: stop answering locally, send
-    /// what is queued, and return it.
-    pub async fn recall(&self) {
+    /// what is queued, run `before_return`, and return it.
+    pub async fn recall(&self, before_return: impl std::future::Future<Output = ()>) {
         {
             let mut st = lock(&self.st);
             if st.hold == Hold::Not {
@@ -325,6 +325,7 @@ impl Delegation {
             st.hold = Hold::Recalled;
         }
         self.drained().await;
+        before_return.await;
         if let Err(e) = self.link.call::<DelegateReturn>(Empty {}).await {
             tracing::warn!("returning the delegation: {e}");
         }

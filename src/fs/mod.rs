@@ -13,6 +13,7 @@ pub mod error;
 pub mod file;
 mod journal;
 mod local;
+mod locks;
 pub mod metrics;
 mod patch;
 mod recovery;
@@ -152,6 +153,8 @@ pub struct Fs {
     /// as it evicts them, which is answered here instead of waiting for
     /// the queue and the server.
     gone: Mutex<lru::LruCache<Ino, ()>>,
+    /// Which holders took byte-range locks here (see [`locks`]).
+    locks: locks::Holders,
     /// Ask for the bucket's delegation when alone (see [`delegation`]).
     delegate: bool,
     /// The kernel keeps files' mtime and ctime (its writeback cache): a
@@ -191,6 +194,7 @@ impl Fs {
             page_versions: Mutex::default(),
             absent: Mutex::default(),
             gone: Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(GONE_KEPT).expect("nonzero"))),
+            locks: locks::Holders::default(),
             kernel: std::sync::OnceLock::new(),
             applied_seq: AtomicU64::new(0),
             xattrs: xattr::XattrCache::default(),
@@ -1095,10 +1099,17 @@ impl Fs {
                 fs.refused(failures);
             }
         }));
-        let (mut recalls, recalled) = (self.link().recalls(), d.clone());
+        let (mut recalls, recalled, weak) = (self.link().recalls(), d.clone(), Arc::downgrade(self));
         tokio::spawn(async move {
             while recalls.changed().await.is_ok() {
-                recalled.recall().await;
+                let weak = weak.clone();
+                recalled
+                    .recall(async move {
+                        if let Some(fs) = weak.upgrade() {
+                            fs.send_locks().await;
+                        }
+                    })
+                    .await;
             }
         });
         let weak = Arc::downgrade(self);
@@ -1123,6 +1134,7 @@ impl Fs {
         // The server's side of a delegation ended with the old connection.
         self.remote.delegation.lost();
         link.call_now::<BucketMount>(BucketName { name: self.bucket.name.clone() }).await?;
+        self.reclaim_locks(link).await;
         let files: Vec<Arc<File>> = lock(&self.files).values().cloned().collect();
         for file in files {
             let handles = file.handles.load(Ordering::Acquire);

@@ -1,0 +1,214 @@
+//! Byte-range locks across mounts: `fcntl` locks, and `flock` as
+//! whole-file locks (as on NFS, the two kinds then see each other).
+//!
+//! restfsd holds every client's locks (`lock.set`, `lock.get`) and drops
+//! a connection's when it goes. This mount keeps its own in a table too:
+//! while it holds the delegation nobody else can lock, so it answers lock
+//! requests from that table alone and, when recalled, tells the server
+//! what changed before giving the delegation back; after a reconnection it
+//! takes them all again on the server.
+//!
+//! Consistency, as NFS gives it: what this mount wrote through a handle is
+//! committed before a lock or unlock through it, so whoever takes the lock
+//! next reads it (under the delegation, the commit is queued: another mount
+//! recalls the delegation, which sends the queue, before it can lock).
+//! A blocked `F_SETLKW` or `flock` asks again every few milliseconds, and
+//! gives up with `EINTR` once its process has a signal pending (the
+//! kernel's interrupt requests do not reach the daemon).
+
+use super::error::{FsError, Result};
+use super::{Fs, lock};
+use restfs_proto::locks::LockTable;
+use restfs_proto::methods::{HeldLock, LockGet, LockKind, LockParams, LockSet};
+use restfs_proto::{Errno, Ino};
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+/// The longest pause between two tries of a blocked lock.
+const RETRY_AT_MOST: Duration = Duration::from_millis(50);
+
+/// The last byte a lock can cover (the kernel's "to the end of the file").
+const LAST_BYTE: u64 = i64::MAX as u64;
+
+/// This mount's locks; a holder is (inode, the kernel's lock owner).
+#[derive(Default)]
+pub struct Holders(std::sync::Mutex<State>);
+
+#[derive(Default)]
+struct State {
+    /// Every lock held here, whether the server knows it yet or not.
+    table: LockTable<Ino, i64>,
+    /// Holders whose locks changed under the delegation, unknown to the server.
+    unsent: HashSet<(Ino, i64)>,
+    /// The handles each holder took locks through.
+    handles: HashMap<(Ino, i64), HashSet<u64>>,
+}
+
+fn kind_of(typ: i32) -> Result<LockKind> {
+    match typ {
+        libc::F_RDLCK => Ok(LockKind::Read),
+        libc::F_WRLCK => Ok(LockKind::Write),
+        libc::F_UNLCK => Ok(LockKind::Unlock),
+        _ => Err(FsError::new(Errno::EINVAL, format!("lock type {typ}"))),
+    }
+}
+
+fn typ_of(kind: LockKind) -> i32 {
+    match kind {
+        LockKind::Read => libc::F_RDLCK,
+        LockKind::Write => libc::F_WRLCK,
+        LockKind::Unlock => libc::F_UNLCK,
+    }
+}
+
+/// Process `pid` has a signal pending that it does not block (or is gone).
+fn signal_pending(pid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return true };
+    let mask =
+        |field: &str| status.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| u64::from_str_radix(v.trim(), 16).ok()).unwrap_or(0);
+    (mask("SigPnd:") | mask("ShdPnd:")) & !mask("SigBlk:") != 0
+}
+
+fn refused() -> FsError {
+    FsError::new(Errno::EAGAIN, "a conflicting lock is held")
+}
+
+impl Fs {
+    fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
+        lock(&self.locks.0)
+    }
+
+    /// F_GETLK: the first lock of another holder that `typ` over
+    /// `start..=end` would conflict with, as (start, end, type, pid).
+    pub async fn getlk(&self, ino: Ino, owner: u64, start: u64, end: u64, typ: i32, pid: u32) -> Result<(u64, u64, i32, u32)> {
+        let (owner, kind) = (owner as i64, kind_of(typ)?);
+        let local = self.remote.delegation.local(|_| {
+            let st = self.lock_state();
+            Some(st.table.conflict(ino, owner, start, end, kind == LockKind::Write).map(|h| HeldLock {
+                start: h.start,
+                end: h.end,
+                kind: h.kind(),
+                pid: h.pid,
+            }))
+        });
+        let conflict = match local {
+            Some(c) => c,
+            None => self.link().call::<LockGet>(LockParams { ino, owner, start, end, kind, pid }).await?.conflict,
+        };
+        Ok(conflict.map_or((0, 0, libc::F_UNLCK, 0), |h| (h.start, h.end, typ_of(h.kind), h.pid)))
+    }
+
+    /// F_SETLK (`sleep`: F_SETLKW), and flock: take, change or drop a lock.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn setlk(&self, ino: Ino, fh: u64, owner: u64, start: u64, end: u64, typ: i32, pid: u32, sleep: bool) -> Result<()> {
+        let (owner, kind) = (owner as i64, kind_of(typ)?);
+        if let Ok(file) = self.file_handle(fh) {
+            let mut st = file.lock().await;
+            self.commit(&mut st).await?;
+        }
+        let mut pause = Duration::from_millis(2);
+        loop {
+            match self.set_lock(ino, owner, start, end, kind, pid).await {
+                Err(e) if e.errno == Errno::EAGAIN && sleep => {
+                    if signal_pending(pid) {
+                        return Err(FsError::new(Errno::EINTR, "interrupted while waiting for a lock"));
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(RETRY_AT_MOST);
+                }
+                Err(e) => return Err(e),
+                Ok(()) => break,
+            }
+        }
+        if kind != LockKind::Unlock {
+            self.lock_state().handles.entry((ino, owner)).or_default().insert(fh);
+        }
+        Ok(())
+    }
+
+    /// One try: from the table under the delegation, else on the server
+    /// (and then in the table).
+    async fn set_lock(&self, ino: Ino, owner: i64, start: u64, end: u64, kind: LockKind, pid: u32) -> Result<()> {
+        let local = self.remote.delegation.local(|_| {
+            let mut st = self.lock_state();
+            let taken = st.table.set(ino, owner, start, end, kind, pid);
+            if taken {
+                st.unsent.insert((ino, owner));
+            }
+            Some(taken)
+        });
+        let taken = match local {
+            Some(taken) => taken,
+            None => match self.link().call::<LockSet>(LockParams { ino, owner, start, end, kind, pid }).await.map_err(FsError::from) {
+                Ok(_) => self.lock_state().table.set(ino, owner, start, end, kind, pid),
+                Err(e) if e.errno == Errno::EAGAIN => false,
+                Err(e) => return Err(e),
+            },
+        };
+        let mut st = self.lock_state();
+        if !st.table.holds(ino, owner) {
+            st.handles.remove(&(ino, owner));
+        }
+        if taken { Ok(()) } else { Err(refused()) }
+    }
+
+    /// A close by `owner` (FLUSH, or the RELEASE of a flock's file): drop
+    /// the locks it holds on `ino`, if it holds any.
+    pub async fn unlock_owner(&self, ino: Ino, owner: u64) -> Result<()> {
+        let owner = owner as i64;
+        if !self.lock_state().table.holds(ino, owner) {
+            return Ok(());
+        }
+        self.set_lock(ino, owner, 0, LAST_BYTE, LockKind::Unlock, 0).await
+    }
+
+    /// The last close of handle `fh`: drop the locks taken through it
+    /// (a read-only handle sends no FLUSH at close).
+    pub async fn unlock_handle(&self, fh: u64) -> Result<()> {
+        let holders: Vec<(Ino, i64)> =
+            self.lock_state().handles.iter().filter(|(_, fhs)| fhs.contains(&fh)).map(|(holder, _)| *holder).collect();
+        for (ino, owner) in holders {
+            self.set_lock(ino, owner, 0, LAST_BYTE, LockKind::Unlock, 0).await?;
+        }
+        Ok(())
+    }
+
+    /// The delegation goes back: tell the server the locks that changed
+    /// under it (each holder's are replaced whole).
+    pub(super) async fn send_locks(&self) {
+        let sends: Vec<LockParams> = {
+            let mut st = self.lock_state();
+            let unsent = std::mem::take(&mut st.unsent);
+            let mut sends = Vec::new();
+            for (ino, owner) in unsent {
+                sends.push(LockParams { ino, owner, start: 0, end: LAST_BYTE, kind: LockKind::Unlock, pid: 0 });
+                for (file, h) in st.table.all().filter(|(file, h)| *file == ino && h.by == owner) {
+                    sends.push(LockParams { ino: file, owner, start: h.start, end: h.end, kind: h.kind(), pid: h.pid });
+                }
+            }
+            sends
+        };
+        for p in sends {
+            let ino = p.ino;
+            if let Err(e) = self.link().call::<LockSet>(p).await {
+                tracing::warn!("a lock on inode {ino} is lost: the server refused it ({e})");
+            }
+        }
+    }
+
+    /// A new connection: the server dropped this mount's locks with the
+    /// old one; take them all again.
+    pub(super) async fn reclaim_locks(&self, link: &crate::client::Link) {
+        let sends: Vec<LockParams> = {
+            let mut st = self.lock_state();
+            st.unsent.clear();
+            st.table.all().map(|(ino, h)| LockParams { ino, owner: h.by, start: h.start, end: h.end, kind: h.kind(), pid: h.pid }).collect()
+        };
+        for p in sends {
+            let ino = p.ino;
+            if let Err(e) = link.call_now::<LockSet>(p).await {
+                tracing::warn!("a lock on inode {ino} held before the reconnection is lost: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! Byte-range (`fcntl`) and `flock` locks across two mounts of one bucket:
+//! they conflict as on one machine, go with a close or with a mount that
+//! dies, a blocked waiter gets the lock once it is free (or gives up on a
+//! signal), and whoever takes a lock reads what the last holder wrote.
+
+mod common;
+
+use common::*;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
+
+fn open_rw(path: &std::path::Path) -> File {
+    std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap()
+}
+
+/// `fcntl(cmd)` with a lock of `typ` over `len` bytes at `start` (0: to the end).
+fn fcntl(f: &File, cmd: i32, typ: i32, start: i64, len: i64) -> std::io::Result<libc::flock> {
+    // SAFETY: a zeroed flock is valid; the fields that matter are set below.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = typ as i16;
+    fl.l_whence = libc::SEEK_SET as i16;
+    fl.l_start = start;
+    fl.l_len = len;
+    // SAFETY: a valid descriptor and a flock that lives through the call.
+    if unsafe { libc::fcntl(f.as_raw_fd(), cmd, &mut fl) } == 0 { Ok(fl) } else { Err(std::io::Error::last_os_error()) }
+}
+
+fn flock(f: &File, op: i32) -> std::io::Result<()> {
+    // SAFETY: a valid descriptor.
+    if unsafe { libc::flock(f.as_raw_fd(), op) } == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+fn refused(r: std::io::Result<impl std::fmt::Debug>) {
+    let e = r.expect_err("the lock should be refused");
+    assert!(matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)), "{e}");
+}
+
+#[test]
+fn fcntl_locks_conflict_across_mounts_and_go_with_a_close() {
+    let (_server, pa, pb, _a, _b) = two_mounts("e2e-locks-fcntl", "");
+    std::fs::write(pa.join("f"), b"0123456789").unwrap();
+    let fa = open_rw(&pa.join("f"));
+    let fb = open_rw(&pb.join("f"));
+    fcntl(&fa, libc::F_SETLK, libc::F_WRLCK, 0, 100).unwrap();
+    refused(fcntl(&fb, libc::F_SETLK, libc::F_WRLCK, 50, 10));
+    refused(fcntl(&fb, libc::F_SETLK, libc::F_RDLCK, 99, 1));
+    let seen = fcntl(&fb, libc::F_GETLK, libc::F_RDLCK, 0, 0).unwrap();
+    assert_eq!((seen.l_type as i32, seen.l_start, seen.l_len), (libc::F_WRLCK, 0, 100), "F_GETLK on B names A's lock");
+    fcntl(&fb, libc::F_SETLK, libc::F_WRLCK, 100, 0).unwrap();
+    // A downgrades to a read lock: B may read-lock, not write-lock.
+    fcntl(&fa, libc::F_SETLK, libc::F_RDLCK, 0, 100).unwrap();
+    fcntl(&fb, libc::F_SETLK, libc::F_RDLCK, 0, 10).unwrap();
+    refused(fcntl(&fb, libc::F_SETLK, libc::F_WRLCK, 20, 1));
+    // Closing any descriptor of the file drops the process's locks.
+    drop(fa);
+    fcntl(&fb, libc::F_SETLK, libc::F_WRLCK, 0, 0).unwrap();
+    let fa = open_rw(&pa.join("f"));
+    refused(fcntl(&fa, libc::F_SETLK, libc::F_RDLCK, 5, 1));
+    fcntl(&fb, libc::F_SETLK, libc::F_UNLCK, 0, 0).unwrap();
+    fcntl(&fa, libc::F_SETLK, libc::F_RDLCK, 5, 1).unwrap();
+    // A read-only descriptor (closed without FLUSH) lets go too.
+    drop(fa);
+    let ra = File::open(pa.join("f")).unwrap();
+    fcntl(&ra, libc::F_SETLK, libc::F_RDLCK, 0, 0).unwrap();
+    refused(fcntl(&fb, libc::F_SETLK, libc::F_WRLCK, 0, 0));
+    drop(ra);
+    wait_until("the read lock goes with its descriptor", Duration::from_secs(5), || fcntl(&fb, libc::F_SETLK, libc::F_WRLCK, 0, 0).is_ok());
+}
+
+#[test]
+fn flock_excludes_across_mounts() {
+    let (_server, pa, pb, _a, _b) = two_mounts("e2e-locks-flock", "");
+    std::fs::write(pa.join("lockfile"), b"").unwrap();
+    let fa = File::open(pa.join("lockfile")).unwrap();
+    let fb = File::open(pb.join("lockfile")).unwrap();
+    flock(&fa, libc::LOCK_EX | libc::LOCK_NB).unwrap();
+    refused(flock(&fb, libc::LOCK_SH | libc::LOCK_NB));
+    flock(&fa, libc::LOCK_SH).unwrap();
+    flock(&fb, libc::LOCK_SH | libc::LOCK_NB).unwrap();
+    refused(flock(&fa, libc::LOCK_EX | libc::LOCK_NB));
+    flock(&fb, libc::LOCK_UN).unwrap();
+    flock(&fa, libc::LOCK_EX | libc::LOCK_NB).unwrap();
+    // The lock goes with the last close of its file.
+    drop(fa);
+    wait_until("the flock goes with its file", Duration::from_secs(5), || flock(&fb, libc::LOCK_EX | libc::LOCK_NB).is_ok());
+}
+
+/// A waiter blocked in F_SETLKW gets the lock once the holder lets go, and
+/// reads what the holder wrote under it, though it had cached the file
+/// before; a waiter sent a signal stops waiting.
+#[test]
+fn a_blocked_waiter_gets_the_lock_and_the_data_written_under_it() {
+    let (_server, pa, pb, _a, _b) = two_mounts("e2e-locks-wait", "");
+    std::fs::write(pa.join("f"), b"old content").unwrap();
+    let fb = open_rw(&pb.join("f"));
+    let mut buf = vec![0; 11];
+    fb.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, b"old content");
+    let fa = open_rw(&pa.join("f"));
+    fcntl(&fa, libc::F_SETLK, libc::F_WRLCK, 0, 0).unwrap();
+    let held = Duration::from_millis(300);
+    let waiter = std::thread::spawn(move || {
+        let started = Instant::now();
+        fcntl(&fb, libc::F_SETLKW, libc::F_WRLCK, 0, 0).unwrap();
+        let waited = started.elapsed();
+        let mut buf = vec![0; 11];
+        fb.read_exact_at(&mut buf, 0).unwrap();
+        (waited, buf)
+    });
+    std::thread::sleep(held);
+    fa.write_all_at(b"new content", 0).unwrap();
+    fcntl(&fa, libc::F_SETLK, libc::F_UNLCK, 0, 0).unwrap();
+    let (waited, seen) = waiter.join().unwrap();
+    assert!(waited >= held - Duration::from_millis(50), "F_SETLKW returned after {waited:?}, before the lock was free");
+    assert_eq!(seen, b"new content", "the data written under the lock");
+
+    // A process waiting for a lock held elsewhere dies of SIGTERM at once.
+    fcntl(&fa, libc::F_SETLK, libc::F_WRLCK, 0, 0).unwrap();
+    let script = "import fcntl, sys; f = open(sys.argv[1], 'r+'); fcntl.lockf(f, fcntl.LOCK_EX)";
+    let mut child = std::process::Command::new("python3").args(["-c", script]).arg(pb.join("f")).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(child.try_wait().unwrap().is_none(), "the waiter did not wait");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let since = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(since.elapsed() < Duration::from_secs(5), "a waiter sent SIGTERM still waits");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn the_locks_of_a_mount_that_dies_go_with_it() {
+    let (_server, pa, pb, a, _b) = two_mounts("e2e-locks-dead", "");
+    std::fs::write(pa.join("f"), b"x").unwrap();
+    let fa = open_rw(&pa.join("f"));
+    fcntl(&fa, libc::F_SETLK, libc::F_WRLCK, 0, 0).unwrap();
+    let fb = open_rw(&pb.join("f"));
+    refused(fcntl(&fb, libc::F_SETLK, libc::F_WRLCK, 0, 0));
+    std::mem::forget(fa);
+    a.kill();
+    wait_until("the dead mount's lock is gone", Duration::from_secs(10), || fcntl(&fb, libc::F_SETLK, libc::F_WRLCK, 0, 0).is_ok());
+}
+
+/// A mount alone holds the delegation and answers locks itself (processes
+/// on it still exclude each other); a newcomer's arrival hands them to the
+/// server, where the newcomer meets them.
+#[test]
+fn locks_taken_under_the_delegation_reach_a_newcomer() {
+    let (server, root, pa, a) = one_mount("e2e-locks-delegated", "");
+    wait_until("the delegation", Duration::from_secs(10), || restfs::stats::read(&pa).is_ok_and(|s| s.delegated));
+    std::fs::write(pa.join("f"), b"0123456789").unwrap();
+    std::fs::write(pa.join("lockfile"), b"").unwrap();
+    let fa = open_rw(&pa.join("f"));
+    fcntl(&fa, libc::F_SETLK, libc::F_WRLCK, 0, 100).unwrap();
+    fcntl(&fa, libc::F_SETLK, libc::F_UNLCK, 10, 10).unwrap();
+    let (la, la2) = (File::open(pa.join("lockfile")).unwrap(), File::open(pa.join("lockfile")).unwrap());
+    flock(&la, libc::LOCK_EX | libc::LOCK_NB).unwrap();
+    refused(flock(&la2, libc::LOCK_SH | libc::LOCK_NB));
+    assert_eq!(server.counter_or_zero("requests.lock.set"), 0, "locks went to the server under the delegation");
+
+    let (pb, _b) = second_mount(&server, &root);
+    let fb = open_rw(&pb.join("f"));
+    refused(fcntl(&fb, libc::F_SETLK, libc::F_RDLCK, 0, 10));
+    fcntl(&fb, libc::F_SETLK, libc::F_WRLCK, 10, 10).unwrap();
+    refused(fcntl(&fb, libc::F_SETLK, libc::F_RDLCK, 20, 80));
+    let lb = File::open(pb.join("lockfile")).unwrap();
+    refused(flock(&lb, libc::LOCK_SH | libc::LOCK_NB));
+    drop(la);
+    // The kernel sends the release of a closed file in the background.
+    wait_until("the flock goes with its file", Duration::from_secs(5), || flock(&lb, libc::LOCK_SH | libc::LOCK_NB).is_ok());
+    drop(fa);
+    fcntl(&fb, libc::F_SETLK, libc::F_WRLCK, 0, 0).unwrap();
+    drop(la2);
+    a.unmount();
+}
+
+/// The server forgets every lock when it restarts; each mount takes its
+/// own again on reconnecting.
+#[test]
+fn locks_are_taken_again_after_a_server_restart() {
+    let (mut server, pa, pb, _a, _b) = two_mounts("e2e-locks-restart", "");
+    std::fs::write(pa.join("f"), b"x").unwrap();
+    let fa = open_rw(&pa.join("f"));
+    fcntl(&fa, libc::F_SETLK, libc::F_WRLCK, 0, 0).unwrap();
+    server.restart();
+    let fb = open_rw(&pb.join("f"));
+    wait_until("A's lock is held again", Duration::from_secs(10), || {
+        fcntl(&fb, libc::F_GETLK, libc::F_RDLCK, 0, 0).is_ok_and(|l| l.l_type as i32 == libc::F_WRLCK)
+    });
+    refused(fcntl(&fb, libc::F_SETLK, libc::F_RDLCK, 0, 0));
+    drop(fa);
+    wait_until("A's lock goes with its close", Duration::from_secs(5), || fcntl(&fb, libc::F_SETLK, libc::F_WRLCK, 0, 0).is_ok());
+}
