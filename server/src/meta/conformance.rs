@@ -1088,6 +1088,11 @@ fn commit_and_block_map(s: &dyn MetaStore) {
     // Shrinking through a commit trims the map as well.
     s.commit(b, f.ino, 4096 + 10, &[], None).unwrap();
     assert_eq!(map(s, b, f.ino).1, vec![bref(1, h1, 10)]);
+    // Growing, a last block claimed longer than the file is trimmed too.
+    s.commit(b, f.ino, 2 * 4096 + 20, &[slot(2, h0, 4096)], None).unwrap();
+    assert_eq!(map(s, b, f.ino).1, vec![bref(1, h1, 10), bref(2, h0, 20)]);
+    s.commit(b, f.ino, 4096 + 10, &[], None).unwrap();
+    assert_eq!(map(s, b, f.ino).1, vec![bref(1, h1, 10)]);
 
     let d = mkdir(s, b, ROOT_INO, "d");
     expect_errno(s.commit(b, d.ino, 10, &[slot(0, h0, 10)], None), Errno::EISDIR);

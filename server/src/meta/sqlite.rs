@@ -200,6 +200,27 @@ impl SqliteMeta {
         done
     }
 
+    /// Run one statement that notes no change in the open group of
+    /// mutations: it is atomic alone, and claims no sequence number, so
+    /// it needs no savepoint.
+    fn with_group<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let mut since = self.group_since.lock().unwrap_or_else(|p| p.into_inner());
+        if conn.is_autocommit() {
+            conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+            *since = Some(std::time::Instant::now());
+        }
+        let done = f(&conn);
+        if conn.is_autocommit() {
+            if since.take().is_some() {
+                tracing::error!("a group of mutations was rolled back by SQLite");
+            }
+        } else if since.is_some_and(|t| t.elapsed() >= GROUP_WINDOW) {
+            commit(&conn, &mut since)?;
+        }
+        done
+    }
+
     fn with_conn<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         f(&conn)
@@ -398,6 +419,11 @@ fn drop_slots_from(tx: &Connection, b: BucketId, ino: Ino, from: u64) -> Result<
 fn truncate_map(tx: &Connection, b: BucketId, ino: Ino, size: u64, block_size: u64) -> Result<()> {
     let keep = size.div_ceil(block_size);
     drop_slots_from(tx, b, ino, keep)?;
+    trim_last_block(tx, b, ino, size, block_size)
+}
+
+/// The valid length of the block `size` ends in: at most what `size` leaves of it.
+fn trim_last_block(tx: &Connection, b: BucketId, ino: Ino, size: u64, block_size: u64) -> Result<()> {
     if !size.is_multiple_of(block_size) {
         let last = size / block_size;
         let tail = (size % block_size) as i64;
@@ -1014,7 +1040,13 @@ impl MetaStore for SqliteMeta {
                     change_refs(tx, &old, -1)?;
                 }
             }
-            truncate_map(tx, b, ino, size, bs)?;
+            if size < a.size {
+                truncate_map(tx, b, ino, size, bs)?;
+            } else {
+                // Nothing lies past the old size: only the last block may be
+                // claimed longer than the file.
+                trim_last_block(tx, b, ino, size, bs)?;
+            }
             let now = super::stamp();
             a.size = size;
             a.version += 1;
@@ -1033,7 +1065,7 @@ impl MetaStore for SqliteMeta {
     }
 
     fn add_block(&self, hash: &Hash, size: u32, inline: Option<&[u8]>) -> Result<()> {
-        self.with_tx(|tx| {
+        self.with_group(|tx| {
             tx.prepare_cached(
                 "INSERT INTO blocks(hash, size, refs, created, data) VALUES (?1, ?2, 0, ?3, ?4)
                  ON CONFLICT(hash) DO UPDATE SET created = excluded.created",
