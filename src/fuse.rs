@@ -514,7 +514,7 @@ impl Filesystem for FuseAdapter {
 
     fn setlk(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         lock_owner: LockOwner,
@@ -525,7 +525,11 @@ impl Filesystem for FuseAdapter {
         sleep: bool,
         reply: ReplyEmpty,
     ) {
-        self.run("setlk", |fs, _| async move { empty(reply, fs.setlk(ino.0, fh.0, lock_owner.0, start, end, typ, pid, sleep).await) });
+        let waiter = req.pid();
+        self.run(
+            "setlk",
+            |fs, _| async move { empty(reply, fs.setlk(ino.0, fh.0, lock_owner.0, (start, end), typ, pid, waiter, sleep).await) },
+        );
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {

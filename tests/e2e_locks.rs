@@ -194,3 +194,31 @@ fn locks_are_taken_again_after_a_server_restart() {
     drop(fa);
     wait_until("A's lock goes with its close", Duration::from_secs(5), || fcntl(&fb, libc::F_SETLK, libc::F_WRLCK, 0, 0).is_ok());
 }
+
+/// Locks taken on the server, then changed under a delegation granted
+/// later: the recall hands the server every holder's new locks, after
+/// dropping all the old ones (one holder's new lock may sit where
+/// another's old one was).
+#[test]
+fn locks_moved_between_holders_under_the_delegation_reach_the_server() {
+    let (server, root, pa, a) = one_mount("e2e-locks-moved", "");
+    let delegated =
+        |want: bool| wait_until("the delegation", Duration::from_secs(10), || restfs::stats::read(&pa).is_ok_and(|s| s.delegated == want));
+    delegated(true);
+    std::fs::write(pa.join("lockfile"), b"").unwrap();
+    let (pb, b) = second_mount(&server, &root);
+    delegated(false);
+    let (first, second) = (File::open(pa.join("lockfile")).unwrap(), File::open(pa.join("lockfile")).unwrap());
+    flock(&first, libc::LOCK_EX | libc::LOCK_NB).unwrap();
+    b.unmount();
+    delegated(true);
+    flock(&first, libc::LOCK_UN).unwrap();
+    flock(&second, libc::LOCK_EX | libc::LOCK_NB).unwrap();
+    let (pb, _b) = (pb.clone(), Mount::new(&server, "shared", &pb, &format!("cache_dir={}", root.join("cache-b").display())));
+    let other = File::open(pb.join("lockfile")).unwrap();
+    refused(flock(&other, libc::LOCK_SH | libc::LOCK_NB));
+    drop(second);
+    wait_until("the flock goes with its file", Duration::from_secs(5), || flock(&other, libc::LOCK_SH | libc::LOCK_NB).is_ok());
+    drop(first);
+    a.unmount();
+}

@@ -82,6 +82,8 @@ pub struct Session {
     lease: Mutex<Option<(BucketId, Arc<Lease>)>>,
     /// `hello` presented the server's token (or it needs none).
     authenticated: std::sync::atomic::AtomicBool,
+    /// The connection is gone: a lock taken by a request still running is dropped at once.
+    closed: std::sync::atomic::AtomicBool,
     /// Where this connection's pushes stand, once subscribed. Held while a
     /// push is built and queued, so pushes go out whole and in order.
     pushes: tokio::sync::Mutex<Option<PushCursor>>,
@@ -135,6 +137,7 @@ impl Session {
             wants_callbacks: Default::default(),
             lease: Mutex::new(None),
             authenticated: std::sync::atomic::AtomicBool::new(false),
+            closed: std::sync::atomic::AtomicBool::new(false),
             pushes: tokio::sync::Mutex::new(None),
         })
     }
@@ -288,6 +291,7 @@ impl Session {
 
     /// Stop pushing and release everything this connection held open.
     pub async fn close(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
         self.service.locks.drop_connection(self.id);
         if let Ok(b) = self.bucket_id() {
             self.service.delegations.unmounted(b, self.id);
@@ -926,7 +930,13 @@ impl Session {
         // The inode is not looked up: under the delegation, the holder may
         // lock a file whose creation is still in its queue.
         let r = self.lock_request(p)?;
-        if self.service.locks.set(&r) { Ok(Empty {}) } else { Err(RpcError::errno(Errno::EAGAIN, "a conflicting lock is held")) }
+        let taken = self.service.locks.set(&r);
+        // After `close` dropped this connection's locks, or before: either
+        // way none outlives it.
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            self.service.locks.drop_connection(self.id);
+        }
+        if taken { Ok(Empty {}) } else { Err(RpcError::errno(Errno::EAGAIN, "a conflicting lock is held")) }
     }
 
     async fn lock_get(self: Arc<Self>, p: LockParams) -> Outcome<LockGetResult> {

@@ -212,6 +212,26 @@ impl Delegation {
         f(&mut Local { d: self, st })
     }
 
+    /// Run `f` if the delegation is held (active), under its lock, so a
+    /// recall waits for `f`; `None` when not held. For what the log does
+    /// not cover (locks).
+    pub fn while_held<T>(&self, f: impl FnOnce() -> T) -> Option<T> {
+        let st = lock(&self.st);
+        (st.hold == Hold::Active).then(f)
+    }
+
+    /// A recall is under way.
+    pub fn recalling(&self) -> bool {
+        lock(&self.st).hold == Hold::Recalled
+    }
+
+    /// Wait while a recall is under way (until the delegation is returned).
+    pub async fn recalled(&self) {
+        while lock(&self.st).hold == Hold::Recalled {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+
     /// [`Delegation::local`], then, if the log could not take the change,
     /// wait until the server has it: no answer rests on memory alone.
     pub async fn answer<T>(&self, f: impl FnOnce(&mut Local<'_>) -> Option<T>) -> Option<T> {
@@ -384,7 +404,7 @@ impl Delegation {
             if let Some(j) = lock(&self.st).journal.as_mut()
                 && let Err(e) = j.sending(&token, n)
             {
-                tracing::warn!("delegation log: {e}");
+                tracing::warn!("delegation log: {e} (dropped until the queue is empty: a crash meanwhile would lose what is queued)");
             }
             let forget = self.forgettable().await;
             let reply = self.link.call::<Batch>(BatchParams { ops: ops.clone(), token: Some(token.clone()), forget }).await;
@@ -429,7 +449,7 @@ impl Delegation {
                 if let Some(j) = st.journal.as_mut()
                     && let Err(e) = j.acked(n, idle)
                 {
-                    tracing::warn!("delegation log: {e}");
+                    tracing::warn!("delegation log: {e} (dropped until the queue is empty: a crash meanwhile would lose what is queued)");
                 }
                 st.answered(token);
             }

@@ -34,10 +34,14 @@ pub struct Journal {
     path: PathBuf,
     /// Nothing is logged since the last truncation.
     empty: bool,
-    /// A record could not be written (a full disk, say): the log was
-    /// emptied and takes nothing until the queue is idle (see
-    /// [`Journal::is_off`]).
+    /// Bytes of whole records written since the last truncation.
+    len: u64,
+    /// A change could not be logged (a full disk, say): the log takes no
+    /// more changes until the queue is idle (see [`Journal::is_off`]).
     off: bool,
+    /// A batch or acknowledgement record could not be written either: the
+    /// log was emptied and takes nothing until the queue is idle.
+    dropped: bool,
 }
 
 fn record(tag: u8, body: &[u8]) -> Vec<u8> {
@@ -89,7 +93,8 @@ impl Journal {
             Err(e) => return Err(e),
         };
         let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-        Ok((Journal { file, path: path.to_owned(), empty: left.ops.is_empty(), off: false }, left))
+        let len = file.metadata()?.len();
+        Ok((Journal { file, path: path.to_owned(), empty: left.ops.is_empty(), len, off: false, dropped: false }, left))
     }
 
     /// The log could not take a record and is off: changes must not be
@@ -98,22 +103,35 @@ impl Journal {
         self.off
     }
 
-    /// Append a record. One that cannot be written may be torn, and a log
-    /// missing a record would, replayed, apply acknowledged changes again:
-    /// the whole log is dropped instead (what is queued now lives in memory
-    /// only) and stays off until the queue is idle.
+    /// Append a record. One that cannot be written may be torn: the log is
+    /// cut back to its whole records. A change that cannot be logged turns
+    /// the log off (the caller makes its answer wait for the server). A
+    /// missing batch or acknowledgement record would make a replay apply
+    /// acknowledged changes again: then the whole log is dropped (what is
+    /// queued lives in memory only until the queue is idle).
     fn write(&mut self, tag: u8, body: &[u8]) -> io::Result<()> {
-        if self.off {
+        if self.dropped || (self.off && tag == OP) {
             return Ok(());
         }
-        self.empty = false;
-        let written = self.file.write_all(&record(tag, body));
-        if written.is_err() {
-            self.off = true;
-            self.file.set_len(0)?;
-            self.empty = true;
+        let rec = record(tag, body);
+        match self.file.write_all(&rec) {
+            Ok(()) => {
+                self.empty = false;
+                self.len += rec.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                self.off = true;
+                let cut = if tag == OP { self.len } else { 0 };
+                if cut == 0 || self.file.set_len(cut).is_err() {
+                    self.dropped = true;
+                    self.file.set_len(0)?;
+                    self.len = 0;
+                    self.empty = true;
+                }
+                Err(e)
+            }
         }
-        written
     }
 
     /// Log `op` before it is answered.
@@ -145,7 +163,9 @@ impl Journal {
             self.file.set_len(0)?;
             self.empty = true;
         }
+        self.len = 0;
         self.off = false;
+        self.dropped = false;
         Ok(())
     }
 

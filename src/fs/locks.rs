@@ -61,9 +61,15 @@ fn typ_of(kind: LockKind) -> i32 {
     }
 }
 
-/// Process `pid` has a signal pending that it does not block (or is gone).
-fn signal_pending(pid: u32) -> bool {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return true };
+/// Thread `tid` has a signal pending that it does not block, or is gone.
+fn signal_pending(tid: u32) -> bool {
+    if tid == 0 {
+        return false;
+    }
+    let status = match std::fs::read_to_string(format!("/proc/{tid}/status")) {
+        Ok(status) => status,
+        Err(e) => return e.kind() == std::io::ErrorKind::NotFound,
+    };
     let mask =
         |field: &str| status.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| u64::from_str_radix(v.trim(), 16).ok()).unwrap_or(0);
     (mask("SigPnd:") | mask("ShdPnd:")) & !mask("SigBlk:") != 0
@@ -82,15 +88,16 @@ impl Fs {
     /// `start..=end` would conflict with, as (start, end, type, pid).
     pub async fn getlk(&self, ino: Ino, owner: u64, start: u64, end: u64, typ: i32, pid: u32) -> Result<(u64, u64, i32, u32)> {
         let (owner, kind) = (owner as i64, kind_of(typ)?);
-        let local = self.remote.delegation.local(|_| {
-            let st = self.lock_state();
-            Some(st.table.conflict(ino, owner, start, end, kind == LockKind::Write).map(|h| HeldLock {
-                start: h.start,
-                end: h.end,
-                kind: h.kind(),
-                pid: h.pid,
-            }))
-        });
+        let local = self
+            .while_delegated(|st| {
+                st.table.conflict(ino, owner, start, end, kind == LockKind::Write).map(|h| HeldLock {
+                    start: h.start,
+                    end: h.end,
+                    kind: h.kind(),
+                    pid: h.pid,
+                })
+            })
+            .await;
         let conflict = match local {
             Some(c) => c,
             None => self.link().call::<LockGet>(LockParams { ino, owner, start, end, kind, pid }).await?.conflict,
@@ -98,19 +105,50 @@ impl Fs {
         Ok(conflict.map_or((0, 0, libc::F_UNLCK, 0), |h| (h.start, h.end, typ_of(h.kind), h.pid)))
     }
 
-    /// F_SETLK (`sleep`: F_SETLKW), and flock: take, change or drop a lock.
+    /// Run `f` on the table if the delegation is held; `None` when it is
+    /// not, once any recall under way has handed the locks to the server.
+    async fn while_delegated<T>(&self, mut f: impl FnMut(&mut State) -> T) -> Option<T> {
+        loop {
+            let d = &self.remote.delegation;
+            if let Some(out) = d.while_held(|| f(&mut self.lock_state())) {
+                return Some(out);
+            }
+            if !d.recalling() {
+                return None;
+            }
+            d.recalled().await;
+        }
+    }
+
+    /// F_SETLK (`sleep`: F_SETLKW), and flock: take, change or drop a
+    /// lock for process `pid`; `waiter` is the thread asking.
     #[allow(clippy::too_many_arguments)]
-    pub async fn setlk(&self, ino: Ino, fh: u64, owner: u64, start: u64, end: u64, typ: i32, pid: u32, sleep: bool) -> Result<()> {
+    pub async fn setlk(
+        &self,
+        ino: Ino,
+        fh: u64,
+        owner: u64,
+        (start, end): (u64, u64),
+        typ: i32,
+        pid: u32,
+        waiter: u32,
+        sleep: bool,
+    ) -> Result<()> {
         let (owner, kind) = (owner as i64, kind_of(typ)?);
+        let mut committed = Ok(());
         if let Ok(file) = self.file_handle(fh) {
             let mut st = file.lock().await;
-            self.commit(&mut st).await?;
+            committed = self.commit(&mut st).await.map(|_| ());
+        }
+        // An unlock goes on even if the commit failed (reported after).
+        if kind != LockKind::Unlock {
+            committed.clone()?;
         }
         let mut pause = Duration::from_millis(2);
         loop {
             match self.set_lock(ino, owner, start, end, kind, pid).await {
                 Err(e) if e.errno == Errno::EAGAIN && sleep => {
-                    if signal_pending(pid) {
+                    if signal_pending(waiter) {
                         return Err(FsError::new(Errno::EINTR, "interrupted while waiting for a lock"));
                     }
                     tokio::time::sleep(pause).await;
@@ -123,24 +161,32 @@ impl Fs {
         if kind != LockKind::Unlock {
             self.lock_state().handles.entry((ino, owner)).or_default().insert(fh);
         }
-        Ok(())
+        committed
     }
 
     /// One try: from the table under the delegation, else on the server
     /// (and then in the table).
     async fn set_lock(&self, ino: Ino, owner: i64, start: u64, end: u64, kind: LockKind, pid: u32) -> Result<()> {
-        let local = self.remote.delegation.local(|_| {
-            let mut st = self.lock_state();
-            let taken = st.table.set(ino, owner, start, end, kind, pid);
-            if taken {
-                st.unsent.insert((ino, owner));
-            }
-            Some(taken)
-        });
+        let local = self
+            .while_delegated(|st| {
+                let taken = st.table.set(ino, owner, start, end, kind, pid);
+                if taken {
+                    st.unsent.insert((ino, owner));
+                }
+                taken
+            })
+            .await;
         let taken = match local {
             Some(taken) => taken,
             None => match self.link().call::<LockSet>(LockParams { ino, owner, start, end, kind, pid }).await.map_err(FsError::from) {
-                Ok(_) => self.lock_state().table.set(ino, owner, start, end, kind, pid),
+                Ok(_) => {
+                    // The table holds nothing the server does not (no
+                    // delegation, no recall under way), so it agrees.
+                    if !self.lock_state().table.set(ino, owner, start, end, kind, pid) {
+                        tracing::error!("a lock on inode {ino} the server granted conflicts with this mount's own table");
+                    }
+                    true
+                }
                 Err(e) if e.errno == Errno::EAGAIN => false,
                 Err(e) => return Err(e),
             },
@@ -167,10 +213,14 @@ impl Fs {
     pub async fn unlock_handle(&self, fh: u64) -> Result<()> {
         let holders: Vec<(Ino, i64)> =
             self.lock_state().handles.iter().filter(|(_, fhs)| fhs.contains(&fh)).map(|(holder, _)| *holder).collect();
+        let mut first = Ok(());
         for (ino, owner) in holders {
-            self.set_lock(ino, owner, 0, LAST_BYTE, LockKind::Unlock, 0).await?;
+            let unlocked = self.set_lock(ino, owner, 0, LAST_BYTE, LockKind::Unlock, 0).await;
+            if first.is_ok() {
+                first = unlocked;
+            }
         }
-        Ok(())
+        first
     }
 
     /// The delegation goes back: tell the server the locks that changed
@@ -179,12 +229,14 @@ impl Fs {
         let sends: Vec<LockParams> = {
             let mut st = self.lock_state();
             let unsent = std::mem::take(&mut st.unsent);
-            let mut sends = Vec::new();
-            for (ino, owner) in unsent {
-                sends.push(LockParams { ino, owner, start: 0, end: LAST_BYTE, kind: LockKind::Unlock, pid: 0 });
-                for (file, h) in st.table.all().filter(|(file, h)| *file == ino && h.by == owner) {
-                    sends.push(LockParams { ino: file, owner, start: h.start, end: h.end, kind: h.kind(), pid: h.pid });
-                }
+            // Every old lock goes before any new one is taken, or a holder's
+            // new lock would meet another's old one.
+            let mut sends: Vec<LockParams> = unsent
+                .iter()
+                .map(|&(ino, owner)| LockParams { ino, owner, start: 0, end: LAST_BYTE, kind: LockKind::Unlock, pid: 0 })
+                .collect();
+            for (ino, h) in st.table.all().filter(|(ino, h)| unsent.contains(&(*ino, h.by))) {
+                sends.push(LockParams { ino, owner: h.by, start: h.start, end: h.end, kind: h.kind(), pid: h.pid });
             }
             sends
         };
