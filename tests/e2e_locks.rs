@@ -142,6 +142,8 @@ fn the_locks_of_a_mount_that_dies_go_with_it() {
     std::mem::forget(fa);
     a.kill();
     wait_until("the dead mount's lock is gone", Duration::from_secs(10), || fcntl(&fb, libc::F_SETLK, libc::F_WRLCK, 0, 0).is_ok());
+    // The dead mount is left to the kernel (its descriptor is still open).
+    let _ = std::process::Command::new("umount").arg("-l").arg(&pa).status();
 }
 
 /// A mount alone holds the delegation and answers locks itself (processes

@@ -285,4 +285,28 @@ fn punched_and_zeroed_ranges_read_as_zeros_on_both_mounts() {
         assert_eq!(seen.len(), want.len(), "size on {}", p.display());
         assert!(seen == want, "content on {}", p.display());
     }
+
+    // A hole through a 1 TiB sparse file (a million blocks) with data in
+    // two places: only what is there is removed (a slot per block spanned
+    // would not fit in one message).
+    let tib = 1u64 << 40;
+    let big = std::fs::File::create(pa.join("sparse")).unwrap();
+    big.set_len(tib).unwrap();
+    use std::os::unix::fs::FileExt;
+    big.write_all_at(b"early", 5 << 30).unwrap();
+    big.write_all_at(b"late", tib - 4).unwrap();
+    drop(big);
+    let big = std::fs::OpenOptions::new().write(true).open(pa.join("sparse")).unwrap();
+    // SAFETY: a valid descriptor; fallocate reads no memory of ours.
+    let r = unsafe { libc::fallocate(big.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | keep, 0, (tib - 2) as i64) };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    drop(big);
+    let big = std::fs::File::open(pb.join("sparse")).unwrap();
+    assert_eq!(big.metadata().unwrap().len(), tib);
+    let mut buf = [9u8; 5];
+    big.read_exact_at(&mut buf, 5 << 30).unwrap();
+    assert_eq!(&buf, &[0; 5]);
+    let mut tail = [9u8; 4];
+    big.read_exact_at(&mut tail, tib - 4).unwrap();
+    assert_eq!(&tail, b"\0\0te");
 }

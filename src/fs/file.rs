@@ -23,7 +23,7 @@ use super::write_order::WriteOrder;
 use restfs_cache::BlockBytes;
 use restfs_proto::methods::{BatchOp, BlockData, SegmentCommitParams};
 use restfs_proto::{Attr, BlockSlot, Bytes, Errno, Hash, Ino, Timespec};
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
 
@@ -298,10 +298,15 @@ impl FileData {
         if let Some(p) = self.pending.get(&idx) {
             return Ok(*p);
         }
+        self.load_segment(r, idx / r.segment_blocks).await?;
+        Ok(self.map.get(&idx).copied())
+    }
+
+    /// Make sure the committed map of segment `seg` is in `map`.
+    async fn load_segment(&mut self, r: &Remote, seg: u64) -> Result<()> {
         if self.map_version != self.attr.version {
             self.forget_map();
         }
-        let seg = idx / r.segment_blocks;
         if !self.loaded.contains(&seg) && !self.empty_base {
             let (version, refs) = r.segment(self.attr.ino, seg, self.attr.version).await?;
             if version != self.attr.version && !self.loaded.is_empty() {
@@ -314,7 +319,7 @@ impl FileData {
             }
             self.loaded.insert(seg);
         }
-        Ok(self.map.get(&idx).copied())
+        Ok(())
     }
 
     /// The valid bytes of block `idx` as stored (committed or pending).
@@ -698,7 +703,7 @@ impl FileData {
             if past_whole * bs < end {
                 self.write_into_blocks(r, past_whole * bs, &vec![0; (end - past_whole * bs) as usize]).await?;
             }
-            for idx in first_whole..past_whole {
+            for idx in self.blocks_within(r, first_whole..past_whole).await? {
                 // An empty dirty block is a hole (see `stage_dirty`).
                 self.patches.take(idx);
                 self.supersede_spilled(r, idx);
@@ -710,6 +715,26 @@ impl FileData {
         self.attr.ctime = now;
         self.changed = true;
         Ok(())
+    }
+
+    /// The blocks in `range` that hold anything, stored or written here
+    /// (the rest are holes already): a hole punched through a large sparse
+    /// file costs what it removes, not a slot per block it spans.
+    async fn blocks_within(&mut self, r: &Remote, range: std::ops::Range<u64>) -> Result<BTreeSet<u64>> {
+        if range.is_empty() {
+            return Ok(BTreeSet::new());
+        }
+        // Load the committed map of every segment the range touches.
+        for seg in range.start / r.segment_blocks..=(range.end - 1) / r.segment_blocks {
+            self.load_segment(r, seg).await?;
+        }
+        let within = |idx: &u64| range.contains(idx);
+        let mut found: BTreeSet<u64> = self.map.keys().copied().filter(within).collect();
+        found.extend(self.pending.iter().filter(|(idx, b)| b.is_some() && within(idx)).map(|(idx, _)| *idx));
+        found.extend(self.dirty.range(range.clone()).filter(|(_, b)| !b.is_empty()).map(|(idx, _)| *idx));
+        found.extend(self.spilled.range(range.clone()).map(|(idx, _)| *idx));
+        found.extend(self.patches.indexes(range.clone()));
+        Ok(found)
     }
 
     /// Send the spilled blocks, a few at a time from the disk cache.

@@ -23,6 +23,11 @@ impl Patches {
         self.blocks.contains_key(&idx)
     }
 
+    /// The blocks with writes in `range`.
+    pub fn indexes(&self, range: std::ops::Range<u64>) -> impl Iterator<Item = u64> + '_ {
+        self.blocks.range(range).map(|(idx, _)| *idx)
+    }
+
     /// What was written into block `idx`.
     pub fn get(&self, idx: u64) -> Option<&BTreeMap<u32, Vec<u8>>> {
         self.blocks.get(&idx)
