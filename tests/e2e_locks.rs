@@ -224,3 +224,48 @@ fn locks_moved_between_holders_under_the_delegation_reach_the_server() {
     drop(first);
     a.unmount();
 }
+
+/// SQLite, which guards its database with `fcntl` locks, shared by
+/// writers on two mounts: each transaction reads the largest value and
+/// inserts the next one (a unique column), so a transaction that missed
+/// another's commit fails. Every row arrives, each value once.
+#[test]
+fn sqlite_writers_on_two_mounts_see_each_others_commits() {
+    let (_server, pa, pb, _a, _b) = two_mounts("e2e-locks-sqlite", "");
+    let setup = "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute('create table t(id integer primary key, who text, v integer unique)'); c.commit()";
+    run(std::process::Command::new("python3").args(["-c", setup]).arg(pa.join("shared.db")));
+    let writer = r#"
+import sqlite3, sys, time
+c = sqlite3.connect(sys.argv[1], timeout=60)
+for i in range(int(sys.argv[3])):
+    while True:
+        try:
+            c.execute("begin immediate")
+            v = c.execute("select coalesce(max(v), 0) from t").fetchone()[0]
+            c.execute("insert into t(who, v) values (?, ?)", (sys.argv[2], v + 1))
+            c.commit()
+            break
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e):
+                raise
+            time.sleep(0.01)
+"#;
+    let spawn = |db: std::path::PathBuf, who: &str| {
+        std::process::Command::new("python3").args(["-c", writer]).arg(db).args([who, "150"]).spawn().unwrap()
+    };
+    let mut writers = vec![spawn(pa.join("shared.db"), "a"), spawn(pb.join("shared.db"), "b"), spawn(pb.join("shared.db"), "c")];
+    for w in &mut writers {
+        assert!(w.wait().unwrap().success(), "a writer failed (see its output above)");
+    }
+    let check = "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); print(c.execute('select count(*), count(distinct v), max(v) from t').fetchone(), c.execute('pragma integrity_check').fetchone()[0])";
+    for p in [&pa, &pb] {
+        let out = std::process::Command::new("python3").args(["-c", check]).arg(p.join("shared.db")).output().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "(450, 450, 450) ok",
+            "on {}: {}",
+            p.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
