@@ -14,13 +14,7 @@ use std::process::Command;
 const OPS: &str = "4000";
 
 fn fsx_binary() -> String {
-    if let Some(p) = std::env::var_os("FSX") {
-        return p.to_string_lossy().into_owned();
-    }
-    let home = std::env::var_os("CARGO_HOME").map(std::path::PathBuf::from).unwrap_or_else(|| dirs::home_dir().unwrap().join(".cargo"));
-    let installed = home.join("bin/fsx");
-    assert!(installed.exists(), "fsx is not installed: run scripts/test.sh, or `cargo install fsx --locked --version 0.3.2`");
-    installed.to_string_lossy().into_owned()
+    installed_tool("FSX", "fsx", "0.3.2")
 }
 
 /// Run fsx with `seed` on a fresh file in `dir`; artifacts (fsx's log and

@@ -10,13 +10,7 @@ use common::*;
 use std::process::Command;
 
 fn pjdfstest_binary() -> String {
-    if let Some(p) = std::env::var_os("PJDFSTEST") {
-        return p.to_string_lossy().into_owned();
-    }
-    let home = std::env::var_os("CARGO_HOME").map(std::path::PathBuf::from).unwrap_or_else(|| dirs::home_dir().unwrap().join(".cargo"));
-    let installed = home.join("bin/pjdfstest");
-    assert!(installed.exists(), "pjdfstest is not installed: run scripts/test.sh, or `cargo install pjdfstest --locked --version 0.2.2`");
-    installed.to_string_lossy().into_owned()
+    installed_tool("PJDFSTEST", "pjdfstest", "0.2.2")
 }
 
 /// Numbers from pjdfstest's `Summary:` line: (failed, skipped, passed, expected failures).

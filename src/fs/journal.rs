@@ -94,7 +94,9 @@ impl Journal {
         };
         let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
         let len = file.metadata()?.len();
-        Ok((Journal { file, path: path.to_owned(), empty: left.ops.is_empty(), len, off: false, dropped: false }, left))
+        // `empty` only when the file is: a leftover with nothing unacknowledged
+        // (or a torn tail) must still be cut by `clear`.
+        Ok((Journal { file, path: path.to_owned(), empty: len == 0, len, off: false, dropped: false }, left))
     }
 
     /// The log could not take a record and is off: changes must not be

@@ -391,3 +391,15 @@ pub fn second_mount(server: &Server, root: &Path) -> (PathBuf, Mount) {
 pub fn pattern_at(seed: u64, offset: u64, len: usize) -> Vec<u8> {
     (0..len as u64).map(|i| ((offset + i).wrapping_mul(0x9E37_79B9) ^ seed.wrapping_mul(0x85EB_CA6B)) as u8).collect()
 }
+
+/// A tool `scripts/test.sh` installs into `target/tools` and names in the
+/// environment variable `env` (else `cargo install`'s default place).
+pub fn installed_tool(env: &str, name: &str, version: &str) -> String {
+    if let Some(p) = std::env::var_os(env) {
+        return p.to_string_lossy().into_owned();
+    }
+    let home = std::env::var_os("CARGO_HOME").map(PathBuf::from).unwrap_or_else(|| dirs::home_dir().unwrap().join(".cargo"));
+    let installed = home.join("bin").join(name);
+    assert!(installed.exists(), "{name} is not installed: run scripts/test.sh, or `cargo install {name} --locked --version {version}`");
+    installed.to_string_lossy().into_owned()
+}

@@ -166,43 +166,32 @@ impl SqliteMeta {
     }
 
     /// Run `f` atomically in the open group of mutations (a savepoint,
-    /// released if it succeeds and rolled back otherwise); commit the group
-    /// once it is [`GROUP_WINDOW`] old. The statements are cached
+    /// released if it succeeds and rolled back otherwise), and claim the
+    /// sequence number of the changes it noted. The statements are cached
     /// (rusqlite's `Transaction` parses them on every call).
     fn with_tx<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
-        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let mut since = self.group_since.lock().unwrap_or_else(|p| p.into_inner());
-        if conn.is_autocommit() {
-            conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
-            *since = Some(std::time::Instant::now());
-        }
-        conn.prepare_cached("SAVEPOINT op")?.execute([])?;
-        let done = f(&conn).and_then(|out| {
-            // The changes this mutation noted carry seq + 1: claim that number.
-            conn.prepare_cached("UPDATE buckets SET seq = seq + 1 WHERE EXISTS (SELECT 1 FROM changes c WHERE c.bucket = buckets.id AND c.seq = buckets.seq + 1)")?.execute([])?;
-            conn.prepare_cached("RELEASE op")?.execute([])?;
-            Ok(out)
-        });
-        if done.is_err() && !conn.is_autocommit() {
-            let undone = conn.prepare_cached("ROLLBACK TO op").and_then(|mut s| s.execute([]));
-            if let Err(e) = undone.and_then(|_| conn.prepare_cached("RELEASE op").and_then(|mut s| s.execute([]))) {
-                tracing::error!("rollback of a failed mutation failed: {e}");
+        self.with_group(|conn| {
+            conn.prepare_cached("SAVEPOINT op")?.execute([])?;
+            let done = f(conn).and_then(|out| {
+                // The changes this mutation noted carry seq + 1: claim that number.
+                conn.prepare_cached("UPDATE buckets SET seq = seq + 1 WHERE EXISTS (SELECT 1 FROM changes c WHERE c.bucket = buckets.id AND c.seq = buckets.seq + 1)")?.execute([])?;
+                conn.prepare_cached("RELEASE op")?.execute([])?;
+                Ok(out)
+            });
+            if done.is_err() && !conn.is_autocommit() {
+                let undone = conn.prepare_cached("ROLLBACK TO op").and_then(|mut s| s.execute([]));
+                if let Err(e) = undone.and_then(|_| conn.prepare_cached("RELEASE op").and_then(|mut s| s.execute([]))) {
+                    tracing::error!("rollback of a failed mutation failed: {e}");
+                }
             }
-        }
-        if conn.is_autocommit() {
-            // SQLite gave up the whole transaction (an I/O error): the group is lost.
-            if since.take().is_some() {
-                tracing::error!("a group of mutations was rolled back by SQLite");
-            }
-        } else if since.is_some_and(|t| t.elapsed() >= GROUP_WINDOW) {
-            commit(&conn, &mut since)?;
-        }
-        done
+            done
+        })
     }
 
-    /// Run one statement that notes no change in the open group of
-    /// mutations: it is atomic alone, and claims no sequence number, so
-    /// it needs no savepoint.
+    /// Run `f` in the open group of mutations (beginning one if none is
+    /// open), and commit the group once it is [`GROUP_WINDOW`] old. Alone,
+    /// for one statement that notes no change: it is atomic by itself and
+    /// claims no sequence number, so it needs no savepoint.
     fn with_group<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         let mut since = self.group_since.lock().unwrap_or_else(|p| p.into_inner());
@@ -212,6 +201,7 @@ impl SqliteMeta {
         }
         let done = f(&conn);
         if conn.is_autocommit() {
+            // SQLite gave up the whole transaction (an I/O error): the group is lost.
             if since.take().is_some() {
                 tracing::error!("a group of mutations was rolled back by SQLite");
             }
