@@ -197,6 +197,38 @@ fn locks_are_taken_again_after_a_server_restart() {
     wait_until("A's lock goes with its close", Duration::from_secs(5), || fcntl(&fb, libc::F_SETLK, libc::F_WRLCK, 0, 0).is_ok());
 }
 
+/// A mount whose connection broke on its side while the server's side
+/// stayed open (a failed network path) takes its locks again on its new
+/// connection: the server closes the old one for it, and nobody else gets
+/// the lock in between or after.
+#[test]
+fn locks_are_taken_again_after_a_connection_breaks_on_the_clients_side() {
+    let root = scratch("e2e-locks-cut");
+    let server = Server::start(&root.join("data"));
+    server.create_bucket("shared");
+    let proxy = Proxy::start(server.port);
+    let pa = root.join("a");
+    let a = Mount::at_url(&proxy.url(), "shared", &pa, &format!("cache_dir={}", root.join("cache-a").display()));
+    let (pb, _b) = second_mount(&server, &root);
+    std::fs::write(pa.join("f"), b"x").unwrap();
+    let fa = open_rw(&pa.join("f"));
+    fcntl(&fa, libc::F_SETLK, libc::F_WRLCK, 0, 0).unwrap();
+    let fb = open_rw(&pb.join("f"));
+    refused(fcntl(&fb, libc::F_SETLK, libc::F_WRLCK, 0, 0));
+    proxy.cut_clients();
+    wait_until("A reconnects", Duration::from_secs(20), || a.log().contains("reconnected to"));
+    // The old connection goes for good now; A's lock must not go with it.
+    proxy.close_servers_side();
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        refused(fcntl(&fb, libc::F_SETLK, libc::F_WRLCK, 0, 0));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!a.log().contains("is lost"), "A lost its lock: {}", a.log());
+    drop(fa);
+    wait_until("A's lock goes with its close", Duration::from_secs(5), || fcntl(&fb, libc::F_SETLK, libc::F_WRLCK, 0, 0).is_ok());
+}
+
 /// Locks taken on the server, then changed under a delegation granted
 /// later: the recall hands the server every holder's new locks, after
 /// dropping all the old ones (one holder's new lock may sit where

@@ -84,6 +84,8 @@ pub struct Session {
     authenticated: std::sync::atomic::AtomicBool,
     /// The connection is gone: a lock taken by a request still running is dropped at once.
     closed: std::sync::atomic::AtomicBool,
+    /// The client opened a new connection: this one is to close.
+    replaced: tokio::sync::Notify,
     /// Where this connection's pushes stand, once subscribed. Held while a
     /// push is built and queued, so pushes go out whole and in order.
     pushes: tokio::sync::Mutex<Option<PushCursor>>,
@@ -138,6 +140,7 @@ impl Session {
             lease: Mutex::new(None),
             authenticated: std::sync::atomic::AtomicBool::new(false),
             closed: std::sync::atomic::AtomicBool::new(false),
+            replaced: tokio::sync::Notify::new(),
             pushes: tokio::sync::Mutex::new(None),
         })
     }
@@ -293,6 +296,9 @@ impl Session {
     pub async fn close(&self) {
         self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
         self.service.locks.drop_connection(self.id);
+        if let Some(client) = self.client_id() {
+            self.service.client_gone(&client, self);
+        }
         if let Ok(b) = self.bucket_id() {
             self.service.delegations.unmounted(b, self.id);
         }
@@ -310,6 +316,21 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// The client reconnected, so it has given this connection up (its
+    /// side broke first): drop its locks now, before the new connection
+    /// takes them again, and close it.
+    fn replace(&self) {
+        tracing::info!("closing a client's connection: it reconnected");
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.service.locks.drop_connection(self.id);
+        self.replaced.notify_one();
+    }
+
+    /// Wait until the client has replaced this connection.
+    pub async fn replaced(&self) {
+        self.replaced.notified().await
     }
 
     fn client_id(&self) -> Option<String> {
@@ -367,7 +388,11 @@ impl Session {
         }
         let encoding = p.encodings.first().copied().unwrap_or(Encoding::Json);
         *self.encoding.lock().unwrap_or_else(|p| p.into_inner()) = encoding;
-        *self.client_id.lock().unwrap_or_else(|p| p.into_inner()) = p.client_id.filter(|c| !c.is_empty() && c.len() <= 128);
+        let client_id = p.client_id.filter(|c| !c.is_empty() && c.len() <= 128);
+        *self.client_id.lock().unwrap_or_else(|p| p.into_inner()) = client_id.clone();
+        if let Some(old) = client_id.and_then(|c| self.service.client_connected(&c, &self)) {
+            old.replace();
+        }
         let capabilities: Vec<String> =
             p.capabilities.into_iter().filter(|c| c == restfs_proto::CAP_PUSH || c == restfs_proto::CAP_CALLBACKS).collect();
         let callbacks = capabilities.iter().any(|c| c == restfs_proto::CAP_CALLBACKS);

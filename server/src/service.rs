@@ -69,6 +69,8 @@ pub struct Service {
     pub callbacks: crate::callbacks::Callbacks,
     pub delegations: crate::delegation::Delegations,
     pub locks: crate::locks::Locks,
+    /// Each client's live connection, by the id it gave in `hello`.
+    clients: Mutex<HashMap<String, std::sync::Weak<crate::dispatch::Session>>>,
     /// A group commit is scheduled (see [`Service::spawn_background`]).
     group_pending: AtomicBool,
     group_wake: tokio::sync::Notify,
@@ -149,10 +151,28 @@ impl Service {
             callbacks: Default::default(),
             delegations: Default::default(),
             locks: Default::default(),
+            clients: Mutex::default(),
             group_pending: AtomicBool::new(false),
             group_wake: tokio::sync::Notify::new(),
             token: std::sync::OnceLock::new(),
         })
+    }
+
+    /// `session` is client `client`'s connection now; the one it had
+    /// before, if still open, is returned (to be closed: the client has
+    /// given up on it).
+    pub fn client_connected(&self, client: &str, session: &Arc<crate::dispatch::Session>) -> Option<Arc<crate::dispatch::Session>> {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        let old = clients.insert(client.to_string(), Arc::downgrade(session))?.upgrade();
+        old.filter(|old| !Arc::ptr_eq(old, session))
+    }
+
+    /// `session` of client `client` closed.
+    pub fn client_gone(&self, client: &str, session: &crate::dispatch::Session) {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if clients.get(client).is_some_and(|s| std::ptr::eq(s.as_ptr(), session)) {
+            clients.remove(client);
+        }
     }
 
     /// Answer only connections that present `token` in `hello`.

@@ -104,6 +104,7 @@ async fn connection(stream: TcpStream, service: Arc<Service>) -> Result<(), WsEr
             n = source.next() => n,
             _ = closing.changed() => break Ok(()),
             _ = revoked => break Ok(()),
+            _ = session.replaced() => break Ok(()),
         };
         session.heard();
         if session.lease().is_some_and(|l| l.is_revoked()) {

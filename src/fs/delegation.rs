@@ -82,6 +82,10 @@ struct State {
     /// when the oldest of them waits.
     answered: Vec<String>,
     answered_since: Option<std::time::Instant>,
+    /// Lock requests on their way to the server ([`ServerLockCall`]), and
+    /// whether [`Delegation::ready`] waits for them to end.
+    lock_calls: u32,
+    ready_waits: bool,
 }
 
 pub struct Delegation {
@@ -212,17 +216,21 @@ impl Delegation {
         f(&mut Local { d: self, st })
     }
 
-    /// Run `f` if the delegation is held (active), under its lock, so a
-    /// recall waits for `f`; `None` when not held. For what the log does
-    /// not cover (locks).
-    pub fn while_held<T>(&self, f: impl FnOnce() -> T) -> Option<T> {
-        let st = lock(&self.st);
-        (st.hold == Hold::Active).then(f)
-    }
-
-    /// A recall is under way.
-    pub fn recalling(&self) -> bool {
-        lock(&self.st).hold == Hold::Recalled
+    /// Where a lock request is decided: here by `f` if the delegation is
+    /// held (under its lock, so a recall waits for `f`), else on the server.
+    /// A server call counts as in flight until its [`ServerLockCall`] drops,
+    /// and the delegation does not become active meanwhile: a lock the
+    /// server grants is in the mount's table before the table answers alone.
+    pub fn route_lock<T>(&self, f: impl FnOnce() -> T) -> LockRoute<'_, T> {
+        let mut st = lock(&self.st);
+        match st.hold {
+            Hold::Active => LockRoute::Here(f()),
+            Hold::Recalled => LockRoute::Recalling,
+            Hold::Not | Hold::Granted => {
+                st.lock_calls += 1;
+                LockRoute::Server(ServerLockCall(self))
+            }
+        }
     }
 
     /// Wait while a recall is under way (until the delegation is returned).
@@ -309,11 +317,16 @@ impl Delegation {
         }
     }
 
-    /// The caches have caught up with the grant: answer locally.
+    /// The caches have caught up with the grant: answer locally, once no
+    /// lock request is on its way to the server.
     pub fn ready(&self) {
         let mut st = lock(&self.st);
         if st.hold == Hold::Granted {
-            st.hold = Hold::Active;
+            if st.lock_calls == 0 {
+                st.hold = Hold::Active;
+            } else {
+                st.ready_waits = true;
+            }
         }
     }
 
@@ -540,5 +553,53 @@ impl Delegation {
         let mut st = lock(&self.st);
         st.hold = Hold::Not;
         st.inos = 0..0;
+        st.ready_waits = false;
+    }
+}
+
+/// See [`Delegation::route_lock`].
+pub enum LockRoute<'a, T> {
+    /// Decided here, under the delegation.
+    Here(T),
+    /// To be asked of the server, with this call counted in flight.
+    Server(ServerLockCall<'a>),
+    /// A recall is under way: ask again once it is done.
+    Recalling,
+}
+
+/// A lock request on its way to the server; dropped once the mount's
+/// table has its outcome.
+pub struct ServerLockCall<'a>(&'a Delegation);
+
+impl Drop for ServerLockCall<'_> {
+    fn drop(&mut self) {
+        let mut st = lock(&self.0.st);
+        st.lock_calls -= 1;
+        if st.lock_calls == 0 && std::mem::take(&mut st.ready_waits) && st.hold == Hold::Granted {
+            st.hold = Hold::Active;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lock request on its way to the server when the delegation is
+    /// granted keeps the table from answering alone until it is back.
+    #[tokio::test]
+    async fn the_delegation_waits_for_lock_requests_in_flight() {
+        let data = tempfile::tempdir().unwrap();
+        let server = restfs_server::Server::start("127.0.0.1:0".parse().unwrap(), data.path()).await.unwrap();
+        let url = crate::client::ServerUrl::parse(&format!("ws://{}/b", server.addr)).unwrap();
+        let d = Delegation::new(Link::connect(&url, Duration::from_secs(5)).await.unwrap());
+        let LockRoute::Server(call) = d.route_lock(|| ()) else { panic!("not delegated: the server decides") };
+        lock(&d.st).hold = Hold::Granted;
+        d.ready();
+        assert!(matches!(d.route_lock(|| ()), LockRoute::Server(_)), "a lock call is in flight: still the server");
+        drop(call);
+        assert!(d.active(), "active once the call is back");
+        assert!(matches!(d.route_lock(|| 7), LockRoute::Here(7)));
+        server.shutdown().await.unwrap();
     }
 }

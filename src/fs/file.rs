@@ -724,9 +724,17 @@ impl FileData {
         if range.is_empty() {
             return Ok(BTreeSet::new());
         }
-        // Load the committed map of every segment the range touches.
-        for seg in range.start / r.segment_blocks..=(range.end - 1) / r.segment_blocks {
-            self.load_segment(r, seg).await?;
+        // Load the committed map of every segment the range touches, all at
+        // one version: a new version met on the way drops the segments
+        // loaded before it, so go round again until none was dropped.
+        let segments = range.start / r.segment_blocks..=(range.end - 1) / r.segment_blocks;
+        loop {
+            for seg in segments.clone() {
+                self.load_segment(r, seg).await?;
+            }
+            if self.empty_base || segments.clone().all(|seg| self.loaded.contains(&seg)) {
+                break;
+            }
         }
         let within = |idx: &u64| range.contains(idx);
         let mut found: BTreeSet<u64> = self.map.keys().copied().filter(within).collect();

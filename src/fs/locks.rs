@@ -16,6 +16,7 @@
 //! gives up with `EINTR` once its process has a signal pending (the
 //! kernel's interrupt requests do not reach the daemon).
 
+use super::delegation::{LockRoute, ServerLockCall};
 use super::error::{FsError, Result};
 use super::{Fs, lock};
 use restfs_proto::locks::LockTable;
@@ -26,6 +27,9 @@ use std::time::Duration;
 
 /// The longest pause between two tries of a blocked lock.
 const RETRY_AT_MOST: Duration = Duration::from_millis(50);
+
+/// How long a reclaim refused after a reconnection is tried again.
+const RECLAIM_PATIENCE: Duration = Duration::from_millis(500);
 
 /// The last byte a lock can cover (the kernel's "to the end of the file").
 const LAST_BYTE: u64 = i64::MAX as u64;
@@ -88,8 +92,8 @@ impl Fs {
     /// `start..=end` would conflict with, as (start, end, type, pid).
     pub async fn getlk(&self, ino: Ino, owner: u64, start: u64, end: u64, typ: i32, pid: u32) -> Result<(u64, u64, i32, u32)> {
         let (owner, kind) = (owner as i64, kind_of(typ)?);
-        let local = self
-            .while_delegated(|st| {
+        let route = self
+            .route(|st| {
                 st.table.conflict(ino, owner, start, end, kind == LockKind::Write).map(|h| HeldLock {
                     start: h.start,
                     end: h.end,
@@ -98,25 +102,24 @@ impl Fs {
                 })
             })
             .await;
-        let conflict = match local {
-            Some(c) => c,
-            None => self.link().call::<LockGet>(LockParams { ino, owner, start, end, kind, pid }).await?.conflict,
+        let conflict = match route {
+            Ok(c) => c,
+            Err(_call) => self.link().call::<LockGet>(LockParams { ino, owner, start, end, kind, pid }).await?.conflict,
         };
         Ok(conflict.map_or((0, 0, libc::F_UNLCK, 0), |h| (h.start, h.end, typ_of(h.kind), h.pid)))
     }
 
-    /// Run `f` on the table if the delegation is held; `None` when it is
-    /// not, once any recall under way has handed the locks to the server.
-    async fn while_delegated<T>(&self, mut f: impl FnMut(&mut State) -> T) -> Option<T> {
+    /// Run `f` on the table if the delegation is held; else, once any
+    /// recall under way has handed the locks to the server, the server
+    /// call to make, counted in flight until dropped.
+    async fn route<T>(&self, mut f: impl FnMut(&mut State) -> T) -> std::result::Result<T, ServerLockCall<'_>> {
+        let d = &self.remote.delegation;
         loop {
-            let d = &self.remote.delegation;
-            if let Some(out) = d.while_held(|| f(&mut self.lock_state())) {
-                return Some(out);
+            match d.route_lock(|| f(&mut self.lock_state())) {
+                LockRoute::Here(out) => return Ok(out),
+                LockRoute::Server(call) => return Err(call),
+                LockRoute::Recalling => d.recalled().await,
             }
-            if !d.recalling() {
-                return None;
-            }
-            d.recalled().await;
         }
     }
 
@@ -167,8 +170,8 @@ impl Fs {
     /// One try: from the table under the delegation, else on the server
     /// (and then in the table).
     async fn set_lock(&self, ino: Ino, owner: i64, start: u64, end: u64, kind: LockKind, pid: u32) -> Result<()> {
-        let local = self
-            .while_delegated(|st| {
+        let route = self
+            .route(|st| {
                 let taken = st.table.set(ino, owner, start, end, kind, pid);
                 if taken {
                     st.unsent.insert((ino, owner));
@@ -176,20 +179,22 @@ impl Fs {
                 taken
             })
             .await;
-        let taken = match local {
-            Some(taken) => taken,
-            None => match self.link().call::<LockSet>(LockParams { ino, owner, start, end, kind, pid }).await.map_err(FsError::from) {
-                Ok(_) => {
-                    // The table holds nothing the server does not (no
-                    // delegation, no recall under way), so it agrees.
-                    if !self.lock_state().table.set(ino, owner, start, end, kind, pid) {
-                        tracing::error!("a lock on inode {ino} the server granted conflicts with this mount's own table");
+        let taken = match route {
+            Ok(taken) => taken,
+            Err(_call) => {
+                match self.link().call::<LockSet>(LockParams { ino, owner, start, end, kind, pid }).await.map_err(FsError::from) {
+                    Ok(_) => {
+                        // The table holds nothing the server does not (no
+                        // delegation, no recall under way), so it agrees.
+                        if !self.lock_state().table.set(ino, owner, start, end, kind, pid) {
+                            tracing::error!("a lock on inode {ino} the server granted conflicts with this mount's own table");
+                        }
+                        true
                     }
-                    true
+                    Err(e) if e.errno == Errno::EAGAIN => false,
+                    Err(e) => return Err(e),
                 }
-                Err(e) if e.errno == Errno::EAGAIN => false,
-                Err(e) => return Err(e),
-            },
+            }
         };
         let mut st = self.lock_state();
         if !st.table.holds(ino, owner) {
@@ -249,7 +254,9 @@ impl Fs {
     }
 
     /// A new connection: the server dropped this mount's locks with the
-    /// old one; take them all again.
+    /// old one; take them all again. One another mount took meanwhile (the
+    /// server restarted, or this mount was cut off long enough to lose its
+    /// lease) is lost: it leaves the table, and the log says so.
     pub(super) async fn reclaim_locks(&self, link: &crate::client::Link) {
         let sends: Vec<LockParams> = {
             let mut st = self.lock_state();
@@ -257,9 +264,22 @@ impl Fs {
             st.table.all().map(|(ino, h)| LockParams { ino, owner: h.by, start: h.start, end: h.end, kind: h.kind(), pid: h.pid }).collect()
         };
         for p in sends {
-            let ino = p.ino;
-            if let Err(e) = link.call_now::<LockSet>(p).await {
-                tracing::warn!("a lock on inode {ino} held before the reconnection is lost: {e}");
+            let (ino, owner, start, end) = (p.ino, p.owner, p.start, p.end);
+            // A request of the old connection still running may hold it a moment.
+            let mut pause = Duration::from_millis(5);
+            let refused = loop {
+                match link.call_now::<LockSet>(p.clone()).await {
+                    Ok(_) => break None,
+                    Err(e) if e.as_errno() == Errno::EAGAIN && pause < RECLAIM_PATIENCE => {
+                        tokio::time::sleep(pause).await;
+                        pause *= 2;
+                    }
+                    Err(e) => break Some(e),
+                }
+            };
+            if let Some(e) = refused {
+                tracing::error!("a lock on inode {ino} held before the reconnection is lost: {e}");
+                self.lock_state().table.set(ino, owner, start, end, LockKind::Unlock, 0);
             }
         }
     }

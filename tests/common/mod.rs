@@ -176,6 +176,11 @@ pub struct Mount {
 impl Mount {
     /// Mount `bucket` of `server` at `path` in the foreground with `options`.
     pub fn new(server: &Server, bucket: &str, path: &Path, options: &str) -> Mount {
+        Mount::at_url(&server.url(), bucket, path, options)
+    }
+
+    /// [`Mount::new`] through the server at `url` (e.g. a [`Proxy`]).
+    pub fn at_url(url: &str, bucket: &str, path: &Path, options: &str) -> Mount {
         // A dead mount left by a killed daemon exists but cannot be stat'ed: mount.restfs clears it.
         if let Err(e) = std::fs::create_dir_all(path) {
             assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "mountpoint {}: {e}", path.display());
@@ -189,7 +194,7 @@ impl Mount {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(path.with_extension("mount.log")).unwrap();
         let child = Command::new(RESTFS)
             .arg0("mount.restfs")
-            .arg(format!("{}/{bucket}", server.url()))
+            .arg(format!("{url}/{bucket}"))
             .arg(path)
             .args(["-f", "-o", options])
             .stdin(Stdio::null())
@@ -358,6 +363,70 @@ pub fn wait_until(what: &str, limit: std::time::Duration, mut done: impl FnMut()
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
     start.elapsed()
+}
+
+/// A TCP relay to a server on loopback that can break its clients'
+/// connections the way a failed network path does: the client sees its
+/// side close, the server's side stays open and silent.
+pub struct Proxy {
+    pub port: u16,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<Relayed>>>,
+}
+
+/// One relayed connection: the client's socket, the server's, and whether it was cut.
+type Relayed = (std::net::TcpStream, std::net::TcpStream, std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Proxy {
+    pub fn start(server_port: u16) -> Proxy {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let list = conns.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", server_port)) else { continue };
+                let cut = std::sync::Arc::new(AtomicBool::new(false));
+                // Each direction copies until its source ends; an end is passed
+                // on, except to the server once the connection was cut.
+                let relay = |mut from: std::net::TcpStream, mut to: std::net::TcpStream, cut: Option<std::sync::Arc<AtomicBool>>| {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        if cut.is_none_or(|c| !c.load(Ordering::SeqCst)) {
+                            let _ = to.shutdown(std::net::Shutdown::Both);
+                        }
+                    });
+                };
+                relay(client.try_clone().unwrap(), server.try_clone().unwrap(), Some(cut.clone()));
+                relay(server.try_clone().unwrap(), client.try_clone().unwrap(), None);
+                list.lock().unwrap().push((client, server, cut));
+            }
+        });
+        Proxy { port, conns }
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://127.0.0.1:{}", self.port)
+    }
+
+    /// Close the clients' side of every connection so far; the server's
+    /// side stays open until [`Proxy::close_servers_side`].
+    pub fn cut_clients(&self) {
+        for (client, _, cut) in self.conns.lock().unwrap().iter() {
+            cut.store(true, std::sync::atomic::Ordering::SeqCst);
+            let _ = client.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Close the server's side of every cut connection.
+    pub fn close_servers_side(&self) {
+        for (_, server, cut) in self.conns.lock().unwrap().iter() {
+            if cut.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = server.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
 }
 
 /// A fresh server with one bucket mounted twice, each with its own cache
