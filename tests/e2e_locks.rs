@@ -229,6 +229,27 @@ fn locks_are_taken_again_after_a_connection_breaks_on_the_clients_side() {
     wait_until("A's lock goes with its close", Duration::from_secs(5), || fcntl(&fb, libc::F_SETLK, libc::F_WRLCK, 0, 0).is_ok());
 }
 
+/// A mount silent past its lease (frozen here; cut off by the network
+/// alike) loses its locks, so it cannot hold everyone else up for ever;
+/// thawed, it learns that its lock is gone.
+#[test]
+fn the_locks_of_a_mount_silent_past_its_lease_go() {
+    let (_server, pa, pb, a, _b) = two_mounts("e2e-locks-silent", "");
+    std::fs::write(pa.join("f"), b"x").unwrap();
+    let fa = open_rw(&pa.join("f"));
+    fcntl(&fa, libc::F_SETLK, libc::F_WRLCK, 0, 0).unwrap();
+    let fb = open_rw(&pb.join("f"));
+    refused(fcntl(&fb, libc::F_SETLK, libc::F_WRLCK, 0, 0));
+    a.signal(libc::SIGSTOP);
+    let frozen = Instant::now();
+    wait_until("B takes the lock of the frozen A", Duration::from_secs(20), || fcntl(&fb, libc::F_SETLK, libc::F_WRLCK, 0, 0).is_ok());
+    let waited = frozen.elapsed();
+    a.signal(libc::SIGCONT);
+    assert!(waited >= Duration::from_secs(3), "A's lock went after {waited:?}, within its lease");
+    wait_until("A hears that its lock is lost", Duration::from_secs(20), || a.log().contains("is lost"));
+    drop(fa);
+}
+
 /// Locks taken on the server, then changed under a delegation granted
 /// later: the recall hands the server every holder's new locks, after
 /// dropping all the old ones (one holder's new lock may sit where

@@ -2,7 +2,8 @@
 //! every message concurrently, write responses through one writer task.
 //!
 //! A change is answered only after other clients holding leases applied
-//! it ([`crate::callbacks`]); a connection whose lease is revoked closes.
+//! it ([`crate::callbacks`]); a connection whose lease is revoked closes,
+//! and so does one that holds a lease but falls silent ([`SILENCE`]).
 //!
 //! Limits: a message above [`MAX_FRAME`] bytes is answered with a
 //! `FRAME_TOO_LARGE` error and the connection is closed (code 1009); other
@@ -50,6 +51,11 @@ pub async fn serve(listener: TcpListener, service: Arc<Service>) {
         }
     }
 }
+
+/// A client holding a lease pings well within it when it has nothing else
+/// to say: silent this long, it is gone (or cut off), and its connection
+/// closes, taking its locks with it.
+const SILENCE: std::time::Duration = std::time::Duration::from_secs(2 * crate::callbacks::LEASE.as_secs());
 
 fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default().max_message_size(Some(MAX_FRAME)).max_frame_size(Some(MAX_FRAME))
@@ -100,11 +106,24 @@ async fn connection(stream: TcpStream, service: Arc<Service>) -> Result<(), WsEr
                 None => std::future::pending().await,
             }
         };
+        let silent = async {
+            match &lease {
+                Some(_) => tokio::time::sleep(SILENCE).await,
+                None => std::future::pending().await,
+            }
+        };
+        // In this order: after a pause of the server itself (a frozen VM),
+        // what its clients sent meanwhile is read before their silence counts.
         let next = tokio::select! {
-            n = source.next() => n,
+            biased;
             _ = closing.changed() => break Ok(()),
+            n = source.next() => n,
             _ = revoked => break Ok(()),
             _ = session.replaced() => break Ok(()),
+            _ = silent => {
+                tracing::info!("closing a client's connection: silent for {SILENCE:?}");
+                break Ok(());
+            }
         };
         session.heard();
         if session.lease().is_some_and(|l| l.is_revoked()) {
