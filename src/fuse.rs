@@ -228,7 +228,7 @@ macro_rules! reply_error {
 }
 
 fn ctx(req: &Request) -> Ctx {
-    Ctx { uid: req.uid(), gid: req.gid() }
+    Ctx { uid: req.uid(), gid: req.gid(), umask: 0 }
 }
 
 fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
@@ -272,6 +272,11 @@ impl Filesystem for FuseAdapter {
             // Locks go to the server, so they hold across mounts.
             InitFlags::FUSE_POSIX_LOCKS,
             InitFlags::FUSE_FLOCK_LOCKS,
+            // POSIX ACLs: the kernel enforces and caches them; the server
+            // ties them to the mode and passes default ACLs on, which take
+            // the place of the umask (so the daemon applies the umask).
+            InitFlags::FUSE_POSIX_ACL,
+            InitFlags::FUSE_DONT_MASK,
         ] {
             if let Err(missing) = config.add_capabilities(cap) {
                 tracing::debug!("kernel lacks {missing:?}");
@@ -349,13 +354,13 @@ impl Filesystem for FuseAdapter {
         });
     }
 
-    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, rdev: u32, reply: ReplyEntry) {
-        let (c, name) = (ctx(req), bytes(name));
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+        let (c, name) = (Ctx { umask, ..ctx(req) }, bytes(name));
         self.run("mknod", |fs, bs| async move { entry(reply, fs.mknod(c, parent.0, &name, mode, rdev).await, bs) });
     }
 
-    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
-        let (c, name) = (ctx(req), bytes(name));
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let (c, name) = (Ctx { umask, ..ctx(req) }, bytes(name));
         self.run("mkdir", |fs, bs| async move { entry(reply, fs.mkdir(c, parent.0, &name, mode).await, bs) });
     }
 
@@ -667,8 +672,8 @@ impl Filesystem for FuseAdapter {
         reply.ok();
     }
 
-    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, _flags: i32, reply: ReplyCreate) {
-        let (c, name) = (ctx(req), bytes(name));
+    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, _flags: i32, reply: ReplyCreate) {
+        let (c, name) = (Ctx { umask, ..ctx(req) }, bytes(name));
         self.run("create", |fs, bs| async move {
             match fs.create(c, parent.0, &name, mode).await {
                 Ok((a, o)) => {

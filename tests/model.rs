@@ -71,7 +71,7 @@ const MAX_OPS: usize = 40;
 /// Longest a case may take before it counts as hung.
 const CASE_TIMEOUT: Duration = Duration::from_secs(120);
 
-const CTX: Ctx = Ctx { uid: 1000, gid: 1000 };
+const CTX: Ctx = Ctx { uid: 1000, gid: 1000, umask: 0o022 };
 
 // ---------------------------------------------------------------------------
 // Operations

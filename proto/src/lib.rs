@@ -6,6 +6,7 @@
 //! protocol version, the encoding and the capabilities. This crate holds
 //! types and codecs only, no IO.
 
+pub mod acl;
 pub mod bytes;
 pub mod credentials;
 pub mod errno;

@@ -260,6 +260,14 @@ pub struct NewNodeParams {
     /// (`fs.delegate`); the server picks one when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ino: Option<Ino>,
+    /// The creating process's umask, applied unless the parent directory
+    /// has a default ACL (see `acl`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub umask: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// A new regular file, registered as open by this connection.
@@ -274,6 +282,9 @@ pub struct CreateParams {
     /// registers it only if the file is unlinked while open.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unregistered: bool,
+    /// As in [`NewNodeParams`].
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub umask: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -479,8 +479,17 @@ impl Session {
     }
 
     async fn create(self: Arc<Self>, p: CreateParams) -> Outcome<Attr> {
-        let node =
-            NewNodeParams { parent: p.parent, name: p.name, kind: Kind::File, mode: p.mode, uid: p.uid, gid: p.gid, rdev: 0, ino: None };
+        let node = NewNodeParams {
+            parent: p.parent,
+            name: p.name,
+            kind: Kind::File,
+            mode: p.mode,
+            uid: p.uid,
+            gid: p.gid,
+            rdev: 0,
+            ino: None,
+            umask: p.umask,
+        };
         let attr = self.write(move |m, b| m.mknod(b, &node, None)).await?;
         if !(p.unregistered && self.lease().is_some()) {
             self.note_open(self.bucket_id()?, attr.ino);
@@ -495,8 +504,17 @@ impl Session {
                 "invalid symlink target",
             ));
         }
-        let node =
-            NewNodeParams { parent: p.parent, name: p.name, kind: Kind::Symlink, mode: 0o777, uid: p.uid, gid: p.gid, rdev: 0, ino: None };
+        let node = NewNodeParams {
+            parent: p.parent,
+            name: p.name,
+            kind: Kind::Symlink,
+            mode: 0o777,
+            uid: p.uid,
+            gid: p.gid,
+            rdev: 0,
+            ino: None,
+            umask: 0,
+        };
         self.write(move |m, b| m.mknod(b, &node, Some(&p.target.0))).await
     }
 

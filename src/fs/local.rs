@@ -12,21 +12,30 @@ use super::{Ctx, Fs, lock};
 use super::{SetAttr, killed_mode};
 use restfs_cache::meta::Entry as CachedEntry;
 use restfs_proto::methods::{BatchOp, EntryParams, LinkParams, NewNodeParams, RenameParams, SetAttrParams};
-use restfs_proto::{Attr, Errno, Ino, Kind, LINK_MAX, Name, SetTime, Timespec};
+use restfs_proto::{Attr, Errno, Ino, Kind, LINK_MAX, Name, SetTime, Timespec, acl};
 
 fn err<T>(errno: Errno, why: &str) -> Option<Result<T>> {
     Some(Err(FsError::new(errno, format!("{why} (cached)"))))
 }
 
-/// `dir` with its times set to `at` and its link count moved by `links`.
-fn touched(mut dir: Attr, at: Timespec, links: i32) -> Attr {
-    dir.mtime = at;
-    dir.ctime = at;
-    dir.nlink = dir.nlink.saturating_add_signed(links);
-    dir
-}
-
 impl Fs {
+    /// `dir` with its times set to `at` and its link count moved by
+    /// `links`; what is known of its xattrs still holds.
+    fn touched(&self, mut dir: Attr, at: Timespec, links: i32) -> Attr {
+        self.xattrs.committed(dir.ino, dir.ctime, at);
+        dir.mtime = at;
+        dir.ctime = at;
+        dir.nlink = dir.nlink.saturating_add_signed(links);
+        dir
+    }
+
+    /// Is `dir` known to have no default ACL (which would decide a new
+    /// node's mode and ACL; the server applies it)? Asks the server once:
+    /// then new nodes in `dir` are known to have no xattrs at all.
+    pub(super) async fn without_default_acl(&self, dir: Ino) -> bool {
+        matches!(self.getxattr(dir, acl::DEFAULT).await, Err(e) if e.errno == Errno::ENODATA)
+    }
+
     /// May this mount answer locally now? (Cheap checks before waiting for
     /// room in the queue.)
     async fn may_answer_locally(&self) -> bool {
@@ -47,7 +56,7 @@ impl Fs {
 
     /// Create a file or directory locally.
     pub(super) async fn local_mknod(&self, ctx: Ctx, parent: Ino, name: &[u8], kind: Kind, mode: u32) -> Option<Result<Attr>> {
-        if !self.may_answer_locally().await {
+        if !self.may_answer_locally().await || !self.without_default_acl(parent).await {
             return None;
         }
         let m = self.mc()?;
@@ -65,11 +74,12 @@ impl Fs {
                     parent,
                     name: Name::from(name),
                     kind,
-                    mode: mode & 0o7777,
+                    mode: mode & 0o7777 & !ctx.umask,
                     uid: ctx.uid,
                     gid: ctx.gid,
                     rdev: 0,
                     ino: Some(ino),
+                    umask: 0,
                 };
                 // The server's rules: BSD groups in a setgid directory, whose
                 // subdirectories inherit the bit.
@@ -96,7 +106,7 @@ impl Fs {
                     version: 0,
                 };
                 let cached = m
-                    .put_attr(&touched(dir, at, i32::from(is_dir)))
+                    .put_attr(&self.touched(dir, at, i32::from(is_dir)))
                     .and_then(|_| m.put_entry(parent, name, Some(&attr)))
                     .and_then(|_| if is_dir { m.put_listing(ino, parent, &[]) } else { Ok(()) });
                 if let Err(e) = cached {
@@ -146,7 +156,8 @@ impl Fs {
                     return None;
                 }
                 let at = Timespec::now();
-                let mut cached = m.remove_entry(parent, name).and_then(|_| m.put_attr(&touched(parent_attr, at, if dir { -1 } else { 0 })));
+                let mut cached =
+                    m.remove_entry(parent, name).and_then(|_| m.put_attr(&self.touched(parent_attr, at, if dir { -1 } else { 0 })));
                 if !dir && victim.nlink > 1 {
                     victim.nlink -= 1;
                     victim.ctime = at;
@@ -206,9 +217,9 @@ impl Fs {
                     gone.ctime = at;
                     cached = cached.and_then(|_| m.put_attr(&gone));
                 }
-                cached = cached.and_then(|_| m.put_attr(&touched(old_dir, at, 0)));
+                cached = cached.and_then(|_| m.put_attr(&self.touched(old_dir, at, 0)));
                 if let Some(new_dir) = new_dir {
-                    cached = cached.and_then(|_| m.put_attr(&touched(new_dir, at, 0)));
+                    cached = cached.and_then(|_| m.put_attr(&self.touched(new_dir, at, 0)));
                 }
                 if let Err(e) = cached {
                     tracing::warn!("{e}");
@@ -251,8 +262,10 @@ impl Fs {
                 let at = Timespec::now();
                 file.nlink += 1;
                 file.ctime = at;
-                let cached =
-                    m.put_attr(&file).and_then(|_| m.put_entry(parent, name, Some(&file))).and_then(|_| m.put_attr(&touched(dir, at, 0)));
+                let cached = m
+                    .put_attr(&file)
+                    .and_then(|_| m.put_entry(parent, name, Some(&file)))
+                    .and_then(|_| m.put_attr(&self.touched(dir, at, 0)));
                 if let Err(e) = cached {
                     tracing::warn!("{e}");
                 }
@@ -319,8 +332,11 @@ impl Fs {
                 a.ctime = at;
                 let params = SetAttrParams { ino, mode, uid: s.uid, gid: s.gid, size: None, atime: s.atime, mtime: s.mtime };
                 l.push(BatchOp::SetAttr { at, attr: params }, None);
-                // No xattr changed: what is known of them still holds.
-                self.xattrs.committed(ino, before, at);
+                // No xattr changed but an access ACL, which follows the mode.
+                match mode {
+                    Some(mode) => self.xattrs.chmodded(ino, before, at, mode),
+                    None => self.xattrs.committed(ino, before, at),
+                }
                 Some(Ok((a, kill)))
             })
             .await?;

@@ -29,7 +29,7 @@ use remote::Remote;
 use restfs_cache::meta::Entry as CachedEntry;
 use restfs_cache::{BlockCache, MetaCache, MetaCacheError};
 use restfs_proto::methods::{self as m, *};
-use restfs_proto::{Attr, BucketInfo, Errno, Ino, Kind, Name, SetTime};
+use restfs_proto::{Attr, BucketInfo, Errno, Ino, Kind, Name, SetTime, acl};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -53,6 +53,9 @@ const OPEN_PATIENCE: std::time::Duration = std::time::Duration::from_millis(300)
 pub struct Ctx {
     pub uid: u32,
     pub gid: u32,
+    /// The umask of a creating process, applied unless the parent
+    /// directory has a default ACL.
+    pub umask: u32,
 }
 
 /// Attribute changes of a setattr.
@@ -526,7 +529,17 @@ impl Fs {
         if matches!(kind, Kind::Dir | Kind::Symlink) {
             return Err(FsError::new(Errno::EINVAL, "mknod cannot make directories or symlinks"));
         }
-        let p = NewNodeParams { parent, name: Name::from(name), kind, mode: mode & 0o7777, uid: ctx.uid, gid: ctx.gid, rdev, ino: None };
+        let p = NewNodeParams {
+            parent,
+            name: Name::from(name),
+            kind,
+            mode: mode & 0o7777,
+            uid: ctx.uid,
+            gid: ctx.gid,
+            rdev,
+            ino: None,
+            umask: ctx.umask,
+        };
         let epoch = self.epoch();
         let reply = self.creating(parent, name, self.ordered().await.call_seen::<Mknod>(p)).await;
         self.settle(reply.1).await;
@@ -568,8 +581,11 @@ impl Fs {
             }
         };
         self.claimed(parent, name);
-        if attr.nlink == 1 || attr.kind == Kind::Dir {
-            // Brand new: no extended attributes yet.
+        let parent_before = self.mc().and_then(|m| m.attr(parent).ok().flatten());
+        // Brand new: no extended attributes yet, unless it took the
+        // parent's default ACL.
+        let inherits = !parent_before.as_ref().is_some_and(|dir| self.xattrs.known_absent(parent, dir.ctime, acl::DEFAULT));
+        if (attr.nlink == 1 || attr.kind == Kind::Dir) && !inherits {
             self.xattrs.created(attr.ino, attr.ctime);
         }
         match self.mc() {
@@ -583,6 +599,7 @@ impl Fs {
                     // Not if the push came first and the cache already has it.
                     Ok(Some(dir)) if dir.ctime >= attr.ctime => Ok(()),
                     Ok(Some(mut dir)) => {
+                        self.xattrs.committed(parent, dir.ctime, attr.ctime);
                         dir.mtime = attr.ctime;
                         dir.ctime = attr.ctime;
                         dir.nlink += u32::from(attr.kind == Kind::Dir);
@@ -610,6 +627,7 @@ impl Fs {
         if let Some(done) = self.local_mknod(ctx, parent, name, Kind::Dir, mode).await {
             return done;
         }
+        self.without_default_acl(parent).await;
         let p = NewNodeParams {
             parent,
             name: Name::from(name),
@@ -619,6 +637,7 @@ impl Fs {
             gid: ctx.gid,
             rdev: 0,
             ino: None,
+            umask: ctx.umask,
         };
         let epoch = self.epoch();
         let reply = self.creating(parent, name, self.ordered().await.call_seen::<Mkdir>(p)).await;
@@ -814,8 +833,17 @@ impl Fs {
             let (_, fh) = self.attach(attr.clone(), false);
             return Ok((attr, Opened { fh, keep_cache }));
         }
+        self.without_default_acl(parent).await;
         let unregistered = self.cache_is_current();
-        let p = CreateParams { parent, name: Name::from(name), mode: mode & 0o7777, uid: ctx.uid, gid: ctx.gid, unregistered };
+        let p = CreateParams {
+            parent,
+            name: Name::from(name),
+            mode: mode & 0o7777,
+            uid: ctx.uid,
+            gid: ctx.gid,
+            unregistered,
+            umask: ctx.umask,
+        };
         let epoch = self.epoch();
         let reply = self.creating(parent, name, self.ordered().await.call_seen::<Create>(p)).await;
         self.settle(reply.1).await;

@@ -12,7 +12,7 @@
 use super::error::{FsError, Result};
 use super::{Fs, lock};
 use restfs_proto::methods::{Change, GetXattr, InoParams, ListXattr, RemoveXattr, SetXattr, SetXattrParams, XattrMode, XattrParams};
-use restfs_proto::{Bytes, Errno, Ino, Name, Timespec};
+use restfs_proto::{Bytes, Errno, Ino, Name, Timespec, acl};
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -63,6 +63,11 @@ impl XattrCache {
         }
     }
 
+    /// Is `name` known to be absent from `ino` at `ctime`?
+    pub fn known_absent(&self, ino: Ino, ctime: Timespec, name: &[u8]) -> bool {
+        matches!(self.answer(ino, ctime, name), Some(Err(_)))
+    }
+
     fn learn(&self, ino: Ino, ctime: Timespec, name: &[u8], value: Option<Vec<u8>>) {
         let mut known = lock(&self.known);
         let k = known.entry(ino).or_insert_with(|| Known::new(ctime, false));
@@ -85,6 +90,33 @@ impl XattrCache {
         {
             k.ctime = after;
             k.suspects.clear();
+        }
+    }
+
+    /// This client changed `ino`'s mode to `mode` (ctime `before` to
+    /// `after`): an access ACL follows the mode (see `restfs_proto::acl`),
+    /// so it is known after only if known before.
+    pub fn chmodded(&self, ino: Ino, before: Timespec, after: Timespec, mode: u32) {
+        let mut known = lock(&self.known);
+        let Some(k) = known.get_mut(&ino) else { return };
+        let access = match k.values.get(acl::ACCESS) {
+            Some(Some(v)) => acl::Acl::parse(v).map(|mut a| {
+                a.chmod(mode);
+                Some(a.to_bytes())
+            }),
+            Some(None) => Some(None),
+            None if k.complete => Some(None),
+            None => None,
+        };
+        match access {
+            Some(access) => {
+                k.values.insert(acl::ACCESS.to_vec(), access);
+                drop(known);
+                self.committed(ino, before, after);
+            }
+            None => {
+                known.remove(&ino);
+            }
         }
     }
 

@@ -451,8 +451,13 @@ pub fn one_mount(name: &str, options: &str) -> (Server, PathBuf, PathBuf, Mount)
 
 /// The bucket of [`one_mount`] mounted again at `root/b` (cache in `root/cache-b`).
 pub fn second_mount(server: &Server, root: &Path) -> (PathBuf, Mount) {
+    second_mount_with(server, root, "")
+}
+
+/// [`second_mount`] with more `options`.
+pub fn second_mount_with(server: &Server, root: &Path, options: &str) -> (PathBuf, Mount) {
     let pb = root.join("b");
-    let b = Mount::new(server, "shared", &pb, &format!("cache_dir={}", root.join("cache-b").display()));
+    let b = Mount::new(server, "shared", &pb, &format!("cache_dir={},{options}", root.join("cache-b").display()));
     (pb, b)
 }
 

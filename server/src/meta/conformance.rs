@@ -60,6 +60,7 @@ pub fn run_all(store: &dyn MetaStore) {
     // Extended attributes.
     xattr_basics(store);
     xattr_modes_and_limits(store);
+    acls_follow_the_mode_and_pass_down(store);
     // Data.
     commit_and_block_map(store);
     commit_unregistered_block_is_atomic(store);
@@ -82,7 +83,7 @@ fn bucket(s: &dyn MetaStore, name: &str) -> BucketId {
 }
 
 fn node(parent: Ino, name: &[u8], kind: Kind, mode: u32) -> NewNodeParams {
-    NewNodeParams { parent, name: Name(name.to_vec()), kind, mode, uid: 1000, gid: 1000, rdev: 0, ino: None }
+    NewNodeParams { parent, name: Name(name.to_vec()), kind, mode, uid: 1000, gid: 1000, rdev: 0, ino: None, umask: 0 }
 }
 
 fn mkfile(s: &dyn MetaStore, b: BucketId, parent: Ino, name: &str) -> Attr {
@@ -1017,6 +1018,62 @@ fn xattr_basics(s: &dyn MetaStore) {
     expect_errno(s.listxattr(b, 999_999), Errno::ENOENT);
 }
 
+/// An ACL xattr value: (tag, permissions, id) entries (ids of the owner,
+/// owning group, mask and other entries are ignored, as the kernel's).
+fn acl_value(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+    let mut v = 2u32.to_le_bytes().to_vec();
+    for &(tag, perm, id) in entries {
+        v.extend_from_slice(&tag.to_le_bytes());
+        v.extend_from_slice(&perm.to_le_bytes());
+        v.extend_from_slice(&id.to_le_bytes());
+    }
+    v
+}
+
+/// POSIX ACLs as Linux filesystems keep them: the access ACL's owner,
+/// mask and other entries are the mode's bits (setting one sets the
+/// other), a minimal ACL is the mode alone, and a directory's default ACL
+/// is passed on to new nodes in place of the umask.
+fn acls_follow_the_mode_and_pass_down(s: &dyn MetaStore) {
+    let (access, default) = (&b"system.posix_acl_access"[..], &b"system.posix_acl_default"[..]);
+    const ANY: u32 = u32::MAX;
+    let b = bucket(s, "conf-acl");
+    let f = mkfile(s, b, ROOT_INO, "f");
+    // u::rw-, u:1001:rwx, g::r--, m::r-x, o::---
+    let named = acl_value(&[(0x01, 6, ANY), (0x02, 7, 1001), (0x04, 4, ANY), (0x10, 5, ANY), (0x20, 0, ANY)]);
+    s.setxattr(b, f.ino, access, &named, XattrMode::Any).unwrap();
+    assert_eq!(s.getattr(b, f.ino).unwrap().mode, 0o650, "the mask is the group class");
+    assert_eq!(s.getxattr(b, f.ino, access).unwrap(), named);
+    s.setattr(b, &SetAttrParams { ino: f.ino, mode: Some(0o704), ..Default::default() }).unwrap();
+    let chmodded = acl_value(&[(0x01, 7, ANY), (0x02, 7, 1001), (0x04, 4, ANY), (0x10, 0, ANY), (0x20, 4, ANY)]);
+    assert_eq!(s.getxattr(b, f.ino, access).unwrap(), chmodded, "chmod sets the owner, mask and other entries");
+    let minimal = acl_value(&[(0x01, 6, ANY), (0x04, 4, ANY), (0x20, 4, ANY)]);
+    s.setxattr(b, f.ino, access, &minimal, XattrMode::Any).unwrap();
+    assert_eq!(s.getattr(b, f.ino).unwrap().mode, 0o644);
+    expect_errno(s.getxattr(b, f.ino, access), Errno::ENODATA);
+    expect_errno(s.setxattr(b, f.ino, default, &minimal, XattrMode::Any), Errno::EACCES);
+
+    let d = mkdir(s, b, ROOT_INO, "d");
+    let mut umasked = node(d.ino, b"umasked", Kind::File, 0o666);
+    umasked.umask = 0o022;
+    assert_eq!(s.mknod(b, &umasked, None).unwrap().mode, 0o644, "no default ACL: the umask applies");
+    // d:u::rwx, d:u:1001:rwx, d:g::r-x, d:m::rwx, d:o::---
+    let inherited = acl_value(&[(0x01, 7, ANY), (0x02, 7, 1001), (0x04, 5, ANY), (0x10, 7, ANY), (0x20, 0, ANY)]);
+    s.setxattr(b, d.ino, default, &inherited, XattrMode::Any).unwrap();
+    let mut file = node(d.ino, b"file", Kind::File, 0o666);
+    file.umask = 0o077;
+    let file = s.mknod(b, &file, None).unwrap();
+    assert_eq!(file.mode, 0o660, "the default ACL, limited by the mode, instead of the umask");
+    let want = acl_value(&[(0x01, 6, ANY), (0x02, 7, 1001), (0x04, 5, ANY), (0x10, 6, ANY), (0x20, 0, ANY)]);
+    assert_eq!(s.getxattr(b, file.ino, access).unwrap(), want);
+    expect_errno(s.getxattr(b, file.ino, default), Errno::ENODATA);
+    let sub = s.mknod(b, &node(d.ino, b"sub", Kind::Dir, 0o755), None).unwrap();
+    assert_eq!(s.getxattr(b, sub.ino, default).unwrap(), inherited, "a subdirectory passes it on");
+    assert_eq!(sub.mode & 0o777, 0o750);
+    let link = s.mknod(b, &node(d.ino, b"link", Kind::Symlink, 0o777), Some(b"file")).unwrap();
+    expect_errno(s.getxattr(b, link.ino, access), Errno::ENODATA);
+}
+
 fn xattr_modes_and_limits(s: &dyn MetaStore) {
     let b = bucket(s, "conf-xattr-modes");
     let f = mkfile(s, b, ROOT_INO, "f");
@@ -1028,10 +1085,11 @@ fn xattr_modes_and_limits(s: &dyn MetaStore) {
     s.setxattr(b, f.ino, b"user.k", b"v3", XattrMode::Replace).unwrap();
     assert_eq!(s.getxattr(b, f.ino, b"user.k").unwrap(), b"v3");
 
-    for ns in [&b"system.posix_acl_access"[..], b"os2.foo", b"plain", b"user", b"USER.x"] {
+    for ns in [&b"system.other"[..], b"os2.foo", b"plain", b"user", b"USER.x"] {
         expect_errno(s.setxattr(b, f.ino, ns, b"v", XattrMode::Any), Errno::EOPNOTSUPP);
     }
-    expect_errno(s.removexattr(b, f.ino, b"system.posix_acl_access"), Errno::EOPNOTSUPP);
+    expect_errno(s.removexattr(b, f.ino, b"system.other"), Errno::EOPNOTSUPP);
+    expect_errno(s.setxattr(b, f.ino, b"system.posix_acl_access", b"v", XattrMode::Any), Errno::EINVAL);
 
     let max = vec![0x5a; 65536];
     s.setxattr(b, f.ino, b"user.max", &max, XattrMode::Any).unwrap();

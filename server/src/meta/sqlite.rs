@@ -21,6 +21,7 @@
 
 use super::{BlockLocation, BucketId, ChangeLog, Changed, Garbage, IsOpen, Listing, MetaStore};
 use crate::error::{Error, Result};
+use restfs_proto::acl;
 use restfs_proto::methods::{NewNodeParams, RenameParams, SetAttrParams, XattrMode};
 use restfs_proto::{
     Attr, BlockRef, BlockSlot, BucketInfo, DirEntry, Errno, Hash, Ino, Kind, LINK_MAX, Name, ROOT_INO, SetTime, Timespec, XATTR_SIZE_MAX,
@@ -467,11 +468,40 @@ fn check_xattr_name(name: &[u8]) -> Result<()> {
     if name.is_empty() || name.len() > 255 {
         return Err(Error::fs(Errno::ERANGE, "xattr name length must be 1..=255"));
     }
+    if name == acl::ACCESS || name == acl::DEFAULT {
+        return Ok(());
+    }
     const NAMESPACES: [&[u8]; 3] = [b"user.", b"trusted.", b"security."];
     if !NAMESPACES.iter().any(|ns| name.starts_with(ns) && name.len() > ns.len()) {
         return Err(Error::fs(Errno::EOPNOTSUPP, "only user., trusted. and security. xattrs are stored"));
     }
     Ok(())
+}
+
+fn xattr(tx: &Connection, b: BucketId, ino: Ino, name: &[u8]) -> Result<Option<Vec<u8>>> {
+    Ok(tx
+        .prepare_cached("SELECT value FROM xattrs WHERE bucket=?1 AND ino=?2 AND name=?3")?
+        .query_row(params![b, ino as i64, name], |r| r.get(0))
+        .optional()?)
+}
+
+fn put_xattr(tx: &Connection, b: BucketId, ino: Ino, name: &[u8], value: &[u8]) -> Result<()> {
+    tx.prepare_cached("INSERT OR REPLACE INTO xattrs(bucket, ino, name, value) VALUES (?1, ?2, ?3, ?4)")?
+        .execute(params![b, ino as i64, name, value])?;
+    Ok(())
+}
+
+/// Remove an xattr; whether there was one.
+fn delete_xattr(tx: &Connection, b: BucketId, ino: Ino, name: &[u8]) -> Result<bool> {
+    Ok(tx.prepare_cached("DELETE FROM xattrs WHERE bucket=?1 AND ino=?2 AND name=?3")?.execute(params![b, ino as i64, name])? > 0)
+}
+
+/// A stored ACL (see `restfs_proto::acl`).
+fn stored_acl(tx: &Connection, b: BucketId, ino: Ino, name: &[u8]) -> Result<Option<acl::Acl>> {
+    match xattr(tx, b, ino, name)? {
+        None => Ok(None),
+        Some(v) => acl::Acl::parse(&v).map(Some).ok_or_else(|| Error::Corrupt(format!("inode {ino} has a malformed ACL"))),
+    }
 }
 
 fn resolve(t: SetTime, now: Timespec) -> Timespec {
@@ -580,6 +610,10 @@ impl MetaStore for SqliteMeta {
             let now = super::stamp();
             if let Some(mode) = p.mode {
                 a.mode = mode & 0o7777;
+                if let Some(mut access) = stored_acl(tx, b, a.ino, acl::ACCESS)? {
+                    access.chmod(a.mode);
+                    put_xattr(tx, b, a.ino, acl::ACCESS, &access.to_bytes())?;
+                }
             }
             if let Some(uid) = p.uid {
                 a.uid = uid;
@@ -640,7 +674,12 @@ impl MetaStore for SqliteMeta {
                 Some(ino) => return Err(Error::fs(Errno::EINVAL, format!("inode number {ino} is not reserved or is in use"))),
             };
             let now = super::stamp();
-            let mut mode = p.mode & 0o7777;
+            // A default ACL on the directory stands in for the umask.
+            let default = if p.kind == Kind::Symlink { None } else { stored_acl(tx, b, p.parent, acl::DEFAULT)? };
+            let (access, mut mode) = match &default {
+                Some(d) => d.inherit(p.mode & 0o7777),
+                None => (None, p.mode & 0o7777 & !p.umask),
+            };
             let mut gid = p.gid;
             // BSD group semantics in a setgid directory; subdirectories inherit the bit.
             if dir.mode & libc::S_ISGID != 0 {
@@ -657,6 +696,12 @@ impl MetaStore for SqliteMeta {
             let rdev = if matches!(p.kind, Kind::CharDev | Kind::BlockDev) { p.rdev } else { 0 };
             tx.prepare_cached(&format!("INSERT INTO inodes(bucket, {ATTR_COLS}, parent, target) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?9, ?10, ?9, ?10, ?11, 0, ?12, ?13)"))?.execute(params![b, ino, kind_code(p.kind), mode as i64, p.uid as i64, gid as i64, nlink, size as i64, now.sec, now.nsec as i64, rdev as i64, p.parent as i64, target],)?;
             note_attr(tx, b, ino as u64)?;
+            if let Some(access) = access {
+                put_xattr(tx, b, ino as u64, acl::ACCESS, &access.to_bytes())?;
+            }
+            if let (Some(d), Kind::Dir) = (&default, p.kind) {
+                put_xattr(tx, b, ino as u64, acl::DEFAULT, &d.to_bytes())?;
+            }
             add_entry(tx, b, p.parent, p.name.as_bytes(), ino as u64)?;
             if p.kind == Kind::Dir {
                 dir.nlink += 1;
@@ -926,8 +971,23 @@ impl MetaStore for SqliteMeta {
                 }
                 _ => {}
             }
-            tx.prepare_cached("INSERT OR REPLACE INTO xattrs(bucket, ino, name, value) VALUES (?1, ?2, ?3, ?4)")?
-                .execute(params![b, ino as i64, name, value])?;
+            if name == acl::ACCESS || name == acl::DEFAULT {
+                let parsed = acl::Acl::parse(value).ok_or_else(|| Error::fs(Errno::EINVAL, "malformed ACL"))?;
+                if name == acl::DEFAULT && a.kind != Kind::Dir {
+                    return Err(Error::fs(Errno::EACCES, "only directories have default ACLs"));
+                }
+                // An access ACL is the mode's permission bits, and no more
+                // than them when it is minimal.
+                if name == acl::ACCESS {
+                    a.mode = parsed.mode(a.mode);
+                    if parsed.is_minimal() {
+                        delete_xattr(tx, b, ino, name)?;
+                        a.ctime = super::stamp();
+                        return save(tx, b, &a);
+                    }
+                }
+            }
+            put_xattr(tx, b, ino, name, value)?;
             a.ctime = super::stamp();
             save(tx, b, &a)
         })
@@ -959,9 +1019,7 @@ impl MetaStore for SqliteMeta {
         check_xattr_name(name)?;
         self.with_tx(|tx| {
             let mut a = load(tx, b, ino)?;
-            let n =
-                tx.prepare_cached("DELETE FROM xattrs WHERE bucket=?1 AND ino=?2 AND name=?3")?.execute(params![b, ino as i64, name])?;
-            if n == 0 {
+            if !delete_xattr(tx, b, ino, name)? {
                 return Err(Error::fs(Errno::ENODATA, "no such xattr"));
             }
             a.ctime = super::stamp();
