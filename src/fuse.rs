@@ -541,16 +541,20 @@ impl Filesystem for FuseAdapter {
         self.run("fsync", |fs, _| async move { empty(reply, fs.fsync(fh.0).await) });
     }
 
+    /// The kernel keeps the listing (KEEP_CACHE, or it drops it at every
+    /// open) until the directory's mtime or its own changes say it moved,
+    /// or an invalidation from a push drops its pages.
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.run("opendir", |fs, _| async move {
             match fs.opendir(ino.0).await {
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE),
                 Err(e) => reply_error!(reply, e),
             }
         });
     }
 
     fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let started = std::time::Instant::now();
         let dir = match self.fs.dir(fh.0) {
             Ok(d) => d,
             Err(e) => return reply_error!(reply, e),
@@ -563,9 +567,11 @@ impl Filesystem for FuseAdapter {
             }
         }
         reply.ok();
+        self.fs.metrics().request("readdir", started.elapsed(), false);
     }
 
     fn readdirplus(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let started = std::time::Instant::now();
         let dir = match self.fs.dir(fh.0) {
             Ok(d) => d,
             Err(e) => return reply_error!(reply, e),
@@ -593,6 +599,7 @@ impl Filesystem for FuseAdapter {
             }
         }
         reply.ok();
+        self.fs.metrics().request("readdirplus", started.elapsed(), false);
     }
 
     fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {

@@ -215,14 +215,29 @@ fn locks_are_taken_again_after_a_connection_breaks_on_the_clients_side() {
     fcntl(&fa, libc::F_SETLK, libc::F_WRLCK, 0, 0).unwrap();
     let fb = open_rw(&pb.join("f"));
     refused(fcntl(&fb, libc::F_SETLK, libc::F_WRLCK, 0, 0));
+    // B keeps trying all along: it must never get the lock.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (stopped, fb2) = (stop.clone(), fb.try_clone().unwrap());
+    let prober = std::thread::spawn(move || {
+        let mut tries = 0;
+        while !stopped.load(std::sync::atomic::Ordering::SeqCst) {
+            if fcntl(&fb2, libc::F_SETLK, libc::F_WRLCK, 0, 0).is_ok() {
+                return Err(tries);
+            }
+            tries += 1;
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(tries)
+    });
     proxy.cut_clients();
     wait_until("A reconnects", Duration::from_secs(20), || a.log().contains("reconnected to"));
     // The old connection goes for good now; A's lock must not go with it.
     proxy.close_servers_side();
-    let until = Instant::now() + Duration::from_secs(2);
-    while Instant::now() < until {
-        refused(fcntl(&fb, libc::F_SETLK, libc::F_WRLCK, 0, 0));
-        std::thread::sleep(Duration::from_millis(50));
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    match prober.join().unwrap() {
+        Ok(tries) => assert!(tries > 100, "B tried only {tries} times"),
+        Err(tries) => panic!("B took A's lock at its try {tries}, while A reconnected"),
     }
     assert!(!a.log().contains("is lost"), "A lost its lock: {}", a.log());
     drop(fa);

@@ -310,3 +310,37 @@ fn punched_and_zeroed_ranges_read_as_zeros_on_both_mounts() {
     big.read_exact_at(&mut tail, tib - 4).unwrap();
     assert_eq!(&tail, b"\0\0te");
 }
+
+/// B keeps a directory's listing in the kernel (a second listing sends no
+/// request), yet every create, removal and rename on A shows in B's next
+/// listing as soon as A's call returns.
+#[test]
+fn listings_cached_on_one_mount_follow_changes_made_on_the_other() {
+    let (_server, pa, pb, _a, _b) = two_mounts("e2e-listings", "");
+    std::fs::create_dir(pa.join("d")).unwrap();
+    let (da, db) = (pa.join("d"), pb.join("d"));
+    let listing = |d: &std::path::Path| {
+        let mut names: Vec<String> = std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        names
+    };
+    let requests = || {
+        let ops = restfs::stats::read(&pb).unwrap().ops;
+        ["readdir", "readdirplus"].iter().map(|op| ops.get(*op).map_or(0, |s| s.count)).sum::<u64>()
+    };
+    for i in 0..5 {
+        std::fs::write(da.join(format!("f{i}")), b"x").unwrap();
+    }
+    listing(&db);
+    let before = requests();
+    assert_eq!(listing(&db).len(), 5);
+    assert_eq!(requests(), before, "a second listing is answered by the kernel");
+    for round in 0..150 {
+        match round % 3 {
+            0 => std::fs::write(da.join(format!("n{round}")), b"x").unwrap(),
+            1 => std::fs::remove_file(da.join(&listing(&da)[0])).unwrap(),
+            _ => std::fs::rename(da.join(listing(&da).last().unwrap()), da.join(format!("r{round}"))).unwrap(),
+        }
+        assert_eq!(listing(&db), listing(&da), "round {round}: B's listing is stale");
+    }
+}

@@ -88,6 +88,16 @@ impl<K: Hash + Eq + Copy, H: Eq + Copy> LockTable<K, H> {
         });
     }
 
+    /// Hand the locks of each holder `to` names a new holder for to that
+    /// holder (which must hold none yet).
+    pub fn move_holders(&mut self, to: impl Fn(&H) -> Option<H>) {
+        for h in self.files.values_mut().flatten() {
+            if let Some(new) = to(&h.by) {
+                h.by = new;
+            }
+        }
+    }
+
     /// Every lock, with its file.
     pub fn all(&self) -> impl Iterator<Item = (K, &Held<H>)> {
         self.files.iter().flat_map(|(k, held)| held.iter().map(move |h| (*k, h)))

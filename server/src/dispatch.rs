@@ -318,13 +318,13 @@ impl Session {
         }
     }
 
-    /// The client reconnected, so it has given this connection up (its
-    /// side broke first): drop its locks now, before the new connection
-    /// takes them again, and close it.
-    fn replace(&self) {
+    /// The client reconnected on connection `new`, so it has given this
+    /// one up (its side broke first): its locks go over to the new one,
+    /// whose reclaims then find them in place, and this one closes.
+    fn replace_by(&self, new: u64) {
         tracing::info!("closing a client's connection: it reconnected");
         self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
-        self.service.locks.drop_connection(self.id);
+        self.service.locks.move_connection(self.id, new);
         self.replaced.notify_one();
     }
 
@@ -391,7 +391,7 @@ impl Session {
         let client_id = p.client_id.filter(|c| !c.is_empty() && c.len() <= 128);
         *self.client_id.lock().unwrap_or_else(|p| p.into_inner()) = client_id.clone();
         if let Some(old) = client_id.and_then(|c| self.service.client_connected(&c, &self)) {
-            old.replace();
+            old.replace_by(self.id);
         }
         let capabilities: Vec<String> =
             p.capabilities.into_iter().filter(|c| c == restfs_proto::CAP_PUSH || c == restfs_proto::CAP_CALLBACKS).collect();

@@ -44,6 +44,12 @@ impl Locks {
         self.table().set((r.bucket, r.ino), (r.conn, r.owner), r.start, r.end, r.kind, r.pid)
     }
 
+    /// Connection `from` is replaced by `to` (the same client): its locks
+    /// go over, so nobody else can take them before the client reclaims.
+    pub fn move_connection(&self, from: u64, to: u64) {
+        self.table().move_holders(|h| (h.0 == from).then_some((to, h.1)));
+    }
+
     /// The connection `conn` is gone: so are its locks.
     pub fn drop_connection(&self, conn: u64) {
         self.table().drop_holders(|h| h.0 == conn);

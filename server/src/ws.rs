@@ -53,9 +53,63 @@ pub async fn serve(listener: TcpListener, service: Arc<Service>) {
 }
 
 /// A client holding a lease pings well within it when it has nothing else
-/// to say: silent this long, it is gone (or cut off), and its connection
-/// closes, taking its locks with it.
+/// to say: when no byte has come from it for this long, it is gone (or cut
+/// off), and its connection closes, taking its locks with it. (Bytes, not
+/// messages: a large frame on a slow link is a client still talking.)
 const SILENCE: std::time::Duration = std::time::Duration::from_secs(2 * crate::callbacks::LEASE.as_secs());
+
+/// A socket that notes when it last read something.
+struct Heard {
+    socket: TcpStream,
+    /// When a read last brought bytes, in ms since `since`.
+    last_ms: Arc<std::sync::atomic::AtomicU64>,
+    since: std::time::Instant,
+}
+
+impl tokio::io::AsyncRead for Heard {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.socket).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.last_ms.store(self.since.elapsed().as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for Heard {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.socket).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.socket).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.socket).poll_shutdown(cx)
+    }
+}
+
+/// Wait until nothing was read from the socket for [`SILENCE`].
+async fn silence(last_ms: &std::sync::atomic::AtomicU64, since: std::time::Instant) {
+    loop {
+        let quiet =
+            std::time::Duration::from_millis(since.elapsed().as_millis() as u64 - last_ms.load(std::sync::atomic::Ordering::Relaxed));
+        if quiet >= SILENCE {
+            return;
+        }
+        tokio::time::sleep(SILENCE - quiet).await;
+    }
+}
 
 fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default().max_message_size(Some(MAX_FRAME)).max_frame_size(Some(MAX_FRAME))
@@ -80,6 +134,8 @@ fn frame(encoding: Encoding, bytes: Vec<u8>) -> Message {
 }
 
 async fn connection(stream: TcpStream, service: Arc<Service>) -> Result<(), WsError> {
+    let (last_read, since) = (Arc::new(std::sync::atomic::AtomicU64::new(0)), std::time::Instant::now());
+    let stream = Heard { socket: stream, last_ms: last_read.clone(), since };
     let ws = tokio_tungstenite::accept_hdr_async_with_config(stream, check_path, Some(ws_config())).await?;
     let (mut sink, mut source) = ws.split();
     let (tx, mut rx) = mpsc::channel::<(Encoding, Vec<u8>)>(1024);
@@ -108,7 +164,7 @@ async fn connection(stream: TcpStream, service: Arc<Service>) -> Result<(), WsEr
         };
         let silent = async {
             match &lease {
-                Some(_) => tokio::time::sleep(SILENCE).await,
+                Some(_) => silence(&last_read, since).await,
                 None => std::future::pending().await,
             }
         };

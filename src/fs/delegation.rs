@@ -225,7 +225,9 @@ impl Delegation {
         let mut st = lock(&self.st);
         match st.hold {
             Hold::Active => LockRoute::Here(f()),
-            Hold::Recalled => LockRoute::Recalling,
+            // No new server calls once the grant waits for those in flight.
+            Hold::Recalled => LockRoute::Wait,
+            Hold::Granted if st.ready_waits => LockRoute::Wait,
             Hold::Not | Hold::Granted => {
                 st.lock_calls += 1;
                 LockRoute::Server(ServerLockCall(self))
@@ -233,9 +235,17 @@ impl Delegation {
         }
     }
 
-    /// Wait while a recall is under way (until the delegation is returned).
-    pub async fn recalled(&self) {
-        while lock(&self.st).hold == Hold::Recalled {
+    /// Wait while a lock request can be decided neither here nor on the
+    /// server: a recall is under way, or the grant waits for lock requests
+    /// in flight ([`Delegation::route_lock`]).
+    pub async fn lock_route_open(&self) {
+        loop {
+            {
+                let st = lock(&self.st);
+                if !(st.hold == Hold::Recalled || st.hold == Hold::Granted && st.ready_waits) {
+                    return;
+                }
+            }
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
     }
@@ -305,6 +315,7 @@ impl Delegation {
             (Ok(r), seen) if r.granted => {
                 let mut st = lock(&self.st);
                 st.hold = Hold::Granted;
+                st.ready_waits = false;
                 st.inos = r.first..r.first + r.count;
                 tracing::debug!("bucket delegated to this mount (inodes {}..{})", r.first, r.first + r.count);
                 Some(seen)
@@ -356,6 +367,7 @@ impl Delegation {
                 return;
             }
             st.hold = Hold::Recalled;
+            st.ready_waits = false;
         }
         self.drained().await;
         before_return.await;
@@ -563,8 +575,8 @@ pub enum LockRoute<'a, T> {
     Here(T),
     /// To be asked of the server, with this call counted in flight.
     Server(ServerLockCall<'a>),
-    /// A recall is under way: ask again once it is done.
-    Recalling,
+    /// Ask again after [`Delegation::lock_route_open`].
+    Wait,
 }
 
 /// A lock request on its way to the server; dropped once the mount's
@@ -596,7 +608,7 @@ mod tests {
         let LockRoute::Server(call) = d.route_lock(|| ()) else { panic!("not delegated: the server decides") };
         lock(&d.st).hold = Hold::Granted;
         d.ready();
-        assert!(matches!(d.route_lock(|| ()), LockRoute::Server(_)), "a lock call is in flight: still the server");
+        assert!(matches!(d.route_lock(|| ()), LockRoute::Wait), "a lock call is in flight: new ones wait for the grant");
         drop(call);
         assert!(d.active(), "active once the call is back");
         assert!(matches!(d.route_lock(|| 7), LockRoute::Here(7)));

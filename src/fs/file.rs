@@ -728,12 +728,15 @@ impl FileData {
         // one version: a new version met on the way drops the segments
         // loaded before it, so go round again until none was dropped.
         let segments = range.start / r.segment_blocks..=(range.end - 1) / r.segment_blocks;
-        loop {
+        for round in 0.. {
             for seg in segments.clone() {
                 self.load_segment(r, seg).await?;
             }
             if self.empty_base || segments.clone().all(|seg| self.loaded.contains(&seg)) {
                 break;
+            }
+            if round == 16 {
+                return Err(FsError::new(Errno::EBUSY, format!("inode {} keeps changing on the server", self.attr.ino)));
             }
         }
         let within = |idx: &u64| range.contains(idx);

@@ -56,7 +56,7 @@ impl Fs {
 
     /// Create a file or directory locally.
     pub(super) async fn local_mknod(&self, ctx: Ctx, parent: Ino, name: &[u8], kind: Kind, mode: u32) -> Option<Result<Attr>> {
-        if !self.may_answer_locally().await || !self.without_default_acl(parent).await {
+        if !self.may_answer_locally().await || self.cached_dir(parent).is_none() || !self.without_default_acl(parent).await {
             return None;
         }
         let m = self.mc()?;
@@ -64,6 +64,10 @@ impl Fs {
             .delegation
             .answer(|l| {
                 let dir = self.cached_dir(parent)?;
+                // Still none (a `setfacl -d` may have run meanwhile).
+                if !self.xattrs.known_absent(parent, dir.ctime, acl::DEFAULT) {
+                    return None;
+                }
                 match m.entry(parent, name).ok().flatten()? {
                     CachedEntry::Found(_) => return err(Errno::EEXIST, "the name exists"),
                     CachedEntry::Missing => {}

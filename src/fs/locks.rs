@@ -118,7 +118,7 @@ impl Fs {
             match d.route_lock(|| f(&mut self.lock_state())) {
                 LockRoute::Here(out) => return Ok(out),
                 LockRoute::Server(call) => return Err(call),
-                LockRoute::Recalling => d.recalled().await,
+                LockRoute::Wait => d.lock_route_open().await,
             }
         }
     }
@@ -253,34 +253,43 @@ impl Fs {
         }
     }
 
-    /// A new connection: the server dropped this mount's locks with the
-    /// old one; take them all again. One another mount took meanwhile (the
-    /// server restarted, or this mount was cut off long enough to lose its
-    /// lease) is lost: it leaves the table, and the log says so.
-    pub(super) async fn reclaim_locks(&self, link: &crate::client::Link) {
-        let sends: Vec<LockParams> = {
+    /// A new connection: take this mount's locks again. restfsd moved
+    /// them over from the old connection if it was still open, else
+    /// dropped them with it. One another mount took meanwhile (restfsd
+    /// restarted, or this mount was cut off past its lease) is lost: it
+    /// leaves the table, and the log says so. Any other failure fails the
+    /// restore, which is tried again with the table as it was.
+    pub(super) async fn reclaim_locks(&self, link: &crate::client::Link) -> std::result::Result<(), restfs_proto::RpcError> {
+        let mut sends: Vec<LockParams> = {
             let mut st = self.lock_state();
             st.unsent.clear();
             st.table.all().map(|(ino, h)| LockParams { ino, owner: h.by, start: h.start, end: h.end, kind: h.kind(), pid: h.pid }).collect()
         };
-        for p in sends {
-            let (ino, owner, start, end) = (p.ino, p.owner, p.start, p.end);
-            // A request of the old connection still running may hold it a moment.
-            let mut pause = Duration::from_millis(5);
-            let refused = loop {
+        // A request of the old connection still running may hold one a moment.
+        let deadline = tokio::time::Instant::now() + RECLAIM_PATIENCE;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            let mut refused = Vec::new();
+            for p in sends {
                 match link.call_now::<LockSet>(p.clone()).await {
-                    Ok(_) => break None,
-                    Err(e) if e.as_errno() == Errno::EAGAIN && pause < RECLAIM_PATIENCE => {
-                        tokio::time::sleep(pause).await;
-                        pause *= 2;
-                    }
-                    Err(e) => break Some(e),
+                    Ok(_) => {}
+                    Err(e) if e.as_errno() == Errno::EAGAIN => refused.push((p, e)),
+                    Err(e) => return Err(e),
                 }
-            };
-            if let Some(e) = refused {
-                tracing::error!("a lock on inode {ino} held before the reconnection is lost: {e}");
-                self.lock_state().table.set(ino, owner, start, end, LockKind::Unlock, 0);
             }
+            if refused.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() + pause > deadline {
+                for (p, e) in refused {
+                    tracing::error!("a lock on inode {} held before the reconnection is lost: {e}", p.ino);
+                    self.lock_state().table.set(p.ino, p.owner, p.start, p.end, LockKind::Unlock, 0);
+                }
+                return Ok(());
+            }
+            tokio::time::sleep(pause).await;
+            pause *= 2;
+            sends = refused.into_iter().map(|(p, _)| p).collect();
         }
     }
 }

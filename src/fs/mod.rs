@@ -29,7 +29,7 @@ use remote::Remote;
 use restfs_cache::meta::Entry as CachedEntry;
 use restfs_cache::{BlockCache, MetaCache, MetaCacheError};
 use restfs_proto::methods::{self as m, *};
-use restfs_proto::{Attr, BucketInfo, Errno, Ino, Kind, Name, SetTime, acl};
+use restfs_proto::{Attr, BucketInfo, Errno, Ino, Kind, Name, SetTime};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -56,6 +56,13 @@ pub struct Ctx {
     /// The umask of a creating process, applied unless the parent
     /// directory has a default ACL.
     pub umask: u32,
+}
+
+/// See [`Fs::before_create`].
+struct BeforeCreate {
+    parent_ctime: Option<restfs_proto::Timespec>,
+    /// The new node takes no ACL from its parent.
+    plain: bool,
 }
 
 /// Attribute changes of a setattr.
@@ -126,6 +133,8 @@ pub struct Fs {
     next_fh: AtomicU64,
     /// Version of each file's content last handed to the kernel's page cache.
     page_versions: Mutex<HashMap<Ino, u64>>,
+    /// Directories whose listing the kernel may cache (every one opened).
+    listed: Mutex<std::collections::HashSet<Ino>>,
     kernel: std::sync::OnceLock<Box<dyn KernelCache>>,
     /// Highest change sequence number applied from pushes.
     applied_seq: AtomicU64,
@@ -195,6 +204,7 @@ impl Fs {
             handles: Mutex::default(),
             next_fh: AtomicU64::new(1),
             page_versions: Mutex::default(),
+            listed: Mutex::default(),
             absent: Mutex::default(),
             gone: Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(GONE_KEPT).expect("nonzero"))),
             locks: locks::Holders::default(),
@@ -540,10 +550,11 @@ impl Fs {
             ino: None,
             umask: ctx.umask,
         };
+        let before = self.before_create(parent, true).await;
         let epoch = self.epoch();
         let reply = self.creating(parent, name, self.ordered().await.call_seen::<Mknod>(p)).await;
         self.settle(reply.1).await;
-        self.created(epoch, reply, parent, name)
+        self.created(epoch, reply, parent, name, before)
     }
 
     /// Run `call`, which creates `name` in `parent`, noting the name as
@@ -562,6 +573,15 @@ impl Fs {
         out
     }
 
+    /// What [`Fs::created`] needs to know of `parent` from before a create
+    /// there: its ctime, and whether the new node takes no ACL from it
+    /// (`may_inherit`: it might; asks the server once per directory).
+    async fn before_create(&self, parent: Ino, may_inherit: bool) -> BeforeCreate {
+        let parent_ctime = self.mc().and_then(|m| m.attr(parent).ok().flatten()).map(|a| a.ctime);
+        let plain = !may_inherit || self.without_default_acl(parent).await;
+        BeforeCreate { parent_ctime, plain }
+    }
+
     /// After a create in `parent`: cache the new entry (a complete listing
     /// of `parent` stays complete) and forget the parent's attributes. If a
     /// push crossed the reply, the entry is forgotten instead.
@@ -571,6 +591,7 @@ impl Fs {
         reply: (std::result::Result<Attr, restfs_proto::RpcError>, u64),
         parent: Ino,
         name: &[u8],
+        before: BeforeCreate,
     ) -> Result<Attr> {
         let (attr, seen) = reply;
         let attr = match attr {
@@ -581,12 +602,13 @@ impl Fs {
             }
         };
         self.claimed(parent, name);
-        let parent_before = self.mc().and_then(|m| m.attr(parent).ok().flatten());
         // Brand new: no extended attributes yet, unless it took the
-        // parent's default ACL.
-        let inherits = !parent_before.as_ref().is_some_and(|dir| self.xattrs.known_absent(parent, dir.ctime, acl::DEFAULT));
-        if (attr.nlink == 1 || attr.kind == Kind::Dir) && !inherits {
+        // parent's default ACL. The parent's did not change.
+        if (attr.nlink == 1 || attr.kind == Kind::Dir) && before.plain {
             self.xattrs.created(attr.ino, attr.ctime);
+        }
+        if let Some(ctime) = before.parent_ctime {
+            self.xattrs.committed(parent, ctime, attr.ctime);
         }
         match self.mc() {
             Some(m) if !self.crossed(epoch, seen, parent, Some(name), Some(Some(attr.ino))) => {
@@ -599,7 +621,6 @@ impl Fs {
                     // Not if the push came first and the cache already has it.
                     Ok(Some(dir)) if dir.ctime >= attr.ctime => Ok(()),
                     Ok(Some(mut dir)) => {
-                        self.xattrs.committed(parent, dir.ctime, attr.ctime);
                         dir.mtime = attr.ctime;
                         dir.ctime = attr.ctime;
                         dir.nlink += u32::from(attr.kind == Kind::Dir);
@@ -627,7 +648,7 @@ impl Fs {
         if let Some(done) = self.local_mknod(ctx, parent, name, Kind::Dir, mode).await {
             return done;
         }
-        self.without_default_acl(parent).await;
+        let before = self.before_create(parent, true).await;
         let p = NewNodeParams {
             parent,
             name: Name::from(name),
@@ -642,15 +663,16 @@ impl Fs {
         let epoch = self.epoch();
         let reply = self.creating(parent, name, self.ordered().await.call_seen::<Mkdir>(p)).await;
         self.settle(reply.1).await;
-        self.created(epoch, reply, parent, name)
+        self.created(epoch, reply, parent, name, before)
     }
 
     pub async fn symlink(&self, ctx: Ctx, parent: Ino, name: &[u8], target: &[u8]) -> Result<Attr> {
         let p = SymlinkParams { parent, name: Name::from(name), target: Name::from(target), uid: ctx.uid, gid: ctx.gid };
+        let before = self.before_create(parent, false).await;
         let epoch = self.epoch();
         let reply = self.creating(parent, name, self.ordered().await.call_seen::<Symlink>(p)).await;
         self.settle(reply.1).await;
-        self.created(epoch, reply, parent, name)
+        self.created(epoch, reply, parent, name, before)
     }
 
     pub async fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
@@ -661,12 +683,13 @@ impl Fs {
         if let Some(done) = self.local_link(ino, parent, name).await {
             return done;
         }
+        let before = self.before_create(parent, false).await;
         let epoch = self.epoch();
         let reply = self
             .creating(parent, name, self.ordered().await.call_seen::<m::Link>(LinkParams { ino, parent, name: Name::from(name) }))
             .await;
         self.settle(reply.1).await;
-        let attr = self.created(epoch, reply, parent, name)?;
+        let attr = self.created(epoch, reply, parent, name, before)?;
         self.merge(&attr);
         Ok(self.overlay(attr).await)
     }
@@ -833,7 +856,7 @@ impl Fs {
             let (_, fh) = self.attach(attr.clone(), false);
             return Ok((attr, Opened { fh, keep_cache }));
         }
-        self.without_default_acl(parent).await;
+        let before = self.before_create(parent, true).await;
         let unregistered = self.cache_is_current();
         let p = CreateParams {
             parent,
@@ -847,7 +870,7 @@ impl Fs {
         let epoch = self.epoch();
         let reply = self.creating(parent, name, self.ordered().await.call_seen::<Create>(p)).await;
         self.settle(reply.1).await;
-        let attr = self.created(epoch, reply, parent, name)?;
+        let attr = self.created(epoch, reply, parent, name, before)?;
         let keep_cache = self.keep_cache(&attr);
         let (_, fh) = self.attach(attr.clone(), !unregistered);
         Ok((attr, Opened { fh, keep_cache }))
@@ -1162,7 +1185,7 @@ impl Fs {
         // The server's side of a delegation ended with the old connection.
         self.remote.delegation.lost();
         link.call_now::<BucketMount>(BucketName { name: self.bucket.name.clone() }).await?;
-        self.reclaim_locks(link).await;
+        self.reclaim_locks(link).await?;
         let files: Vec<Arc<File>> = lock(&self.files).values().cloned().collect();
         for file in files {
             let handles = file.handles.load(Ordering::Acquire);
@@ -1191,7 +1214,8 @@ impl Fs {
 
     /// Invalidate every cached page and attribute this client handed out.
     fn forget_everything(&self) {
-        let inos: Vec<Ino> = lock(&self.page_versions).drain().map(|(ino, _)| ino).collect();
+        let mut inos: Vec<Ino> = lock(&self.page_versions).drain().map(|(ino, _)| ino).collect();
+        inos.extend(lock(&self.listed).drain());
         if let Some(kernel) = self.kernel.get() {
             for ino in inos {
                 kernel.invalidate_inode(ino);
@@ -1341,6 +1365,7 @@ impl Fs {
                 snapshot
             }
         };
+        lock(&self.listed).insert(ino);
         Ok(self.new_handle(Handle::Dir(Arc::new(snapshot))))
     }
 

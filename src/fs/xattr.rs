@@ -146,6 +146,8 @@ impl Fs {
             return Err(FsError::new(Errno::EPERM, "restfs.stats is read-only"));
         }
         let p = SetXattrParams { ino, name: Name::from(name), value: Bytes(value.to_vec()), mode };
+        // Forgotten before too: nothing may be answered from what is about to change.
+        self.xattrs.forget(ino);
         let r = self.ordered().await.call::<SetXattr>(p).await;
         self.xattrs.forget(ino);
         self.forget(|m| m.forget_attr(ino));
@@ -191,6 +193,7 @@ impl Fs {
     }
 
     pub async fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
+        self.xattrs.forget(ino);
         let r = self.ordered().await.call::<RemoveXattr>(XattrParams { ino, name: Name::from(name) }).await;
         self.xattrs.forget(ino);
         self.forget(|m| m.forget_attr(ino));
