@@ -272,15 +272,22 @@ impl Filesystem for FuseAdapter {
             // Locks go to the server, so they hold across mounts.
             InitFlags::FUSE_POSIX_LOCKS,
             InitFlags::FUSE_FLOCK_LOCKS,
-            // POSIX ACLs: the kernel enforces and caches them; the server
-            // ties them to the mode and passes default ACLs on, which take
-            // the place of the umask (so the daemon applies the umask).
-            InitFlags::FUSE_POSIX_ACL,
-            InitFlags::FUSE_DONT_MASK,
         ] {
             if let Err(missing) = config.add_capabilities(cap) {
                 tracing::debug!("kernel lacks {missing:?}");
             }
+        }
+        // POSIX ACLs: the kernel enforces and caches them; the server ties
+        // them to the mode and passes default ACLs on, which take the place
+        // of the umask (so the server applies the umask). Both, or neither.
+        if self.fs.acls() && config.add_capabilities(InitFlags::FUSE_DONT_MASK).is_ok() {
+            if let Err(missing) = config.add_capabilities(InitFlags::FUSE_POSIX_ACL) {
+                tracing::warn!("kernel lacks {missing:?}: POSIX ACLs are not enforced");
+            }
+        } else {
+            tracing::warn!(
+                "POSIX ACLs are off: the server does not keep them (restfsd too old?), or the kernel cannot leave the umask to it"
+            );
         }
         // Writes then land in the page cache; the kernel sends them on close
         // (before FLUSH, which commits), fsync, or under memory pressure.

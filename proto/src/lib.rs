@@ -50,3 +50,9 @@ pub const CAP_PUSH: &str = "push";
 /// client whose lease is current may therefore answer opens from its
 /// caches and still see every change closed elsewhere (close-to-open).
 pub const CAP_CALLBACKS: &str = "callbacks";
+
+/// Capability: the server applies the umask each create carries (unless
+/// the directory has a default ACL) and keeps POSIX ACLs tied to the mode
+/// (see `acl`). Without it a client leaves the umask to the kernel and
+/// does without ACLs.
+pub const CAP_ACL: &str = "acl";

@@ -393,8 +393,11 @@ impl Session {
         if let Some(old) = client_id.and_then(|c| self.service.client_connected(&c, &self)) {
             old.replace_by(self.id);
         }
-        let capabilities: Vec<String> =
-            p.capabilities.into_iter().filter(|c| c == restfs_proto::CAP_PUSH || c == restfs_proto::CAP_CALLBACKS).collect();
+        let capabilities: Vec<String> = p
+            .capabilities
+            .into_iter()
+            .filter(|c| [restfs_proto::CAP_PUSH, restfs_proto::CAP_CALLBACKS, restfs_proto::CAP_ACL].contains(&c.as_str()))
+            .collect();
         let callbacks = capabilities.iter().any(|c| c == restfs_proto::CAP_CALLBACKS);
         self.wants_callbacks.store(callbacks, std::sync::atomic::Ordering::Release);
         Ok(HelloResult {

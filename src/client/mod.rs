@@ -65,6 +65,8 @@ struct Inner {
     recalls: watch::Sender<u64>,
     restore: Mutex<Option<RestoreHook>>,
     server: Mutex<String>,
+    /// The capabilities the server granted in `hello`.
+    capabilities: Mutex<Vec<String>>,
     reconnects: AtomicU64,
     pushes_seen: AtomicU64,
     /// The directory entries named by the last [`RECENT_PUSHES`] pushes,
@@ -182,6 +184,7 @@ impl Link {
                 recalls: watch::channel(0).0,
                 restore: Mutex::default(),
                 server: Mutex::default(),
+                capabilities: Mutex::default(),
                 reconnects: AtomicU64::new(0),
                 pushes_seen: AtomicU64::new(0),
                 recent: Mutex::default(),
@@ -257,7 +260,7 @@ impl Link {
         let hello = HelloParams {
             versions: vec![PROTOCOL_VERSION],
             encodings: vec![Encoding::Bson, Encoding::Json],
-            capabilities: vec![restfs_proto::CAP_PUSH.to_string(), restfs_proto::CAP_CALLBACKS.to_string()],
+            capabilities: [restfs_proto::CAP_PUSH, restfs_proto::CAP_CALLBACKS, restfs_proto::CAP_ACL].map(String::from).to_vec(),
             client: format!("restfs {}", env!("CARGO_PKG_VERSION")),
             client_id: Some(self.inner.client_id.clone()),
             token: self.inner.token.clone(),
@@ -274,6 +277,7 @@ impl Link {
         }
         *self.inner.lease.lock().unwrap_or_else(|p| p.into_inner()) = reply.lease_ms.map(Duration::from_millis);
         *self.inner.server.lock().unwrap_or_else(|p| p.into_inner()) = reply.server;
+        *self.inner.capabilities.lock().unwrap_or_else(|p| p.into_inner()) = reply.capabilities;
         Ok(reader)
     }
 
@@ -376,6 +380,11 @@ impl Link {
     /// Connections re-established so far.
     pub fn reconnects(&self) -> u64 {
         self.inner.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// Did the server grant capability `cap` (`restfs_proto::CAP_*`)?
+    pub fn server_has(&self, cap: &str) -> bool {
+        self.inner.capabilities.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|c| c == cap)
     }
 
     pub fn server(&self) -> String {

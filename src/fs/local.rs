@@ -33,7 +33,7 @@ impl Fs {
     /// node's mode and ACL; the server applies it)? Asks the server once:
     /// then new nodes in `dir` are known to have no xattrs at all.
     pub(super) async fn without_default_acl(&self, dir: Ino) -> bool {
-        matches!(self.getxattr(dir, acl::DEFAULT).await, Err(e) if e.errno == Errno::ENODATA)
+        !self.acls() || matches!(self.getxattr(dir, acl::DEFAULT).await, Err(e) if e.errno == Errno::ENODATA)
     }
 
     /// May this mount answer locally now? (Cheap checks before waiting for

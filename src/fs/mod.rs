@@ -353,6 +353,11 @@ impl Fs {
         let _ = self.kernel.set(kernel);
     }
 
+    /// Does the server keep POSIX ACLs and apply the umask of creates?
+    pub fn acls(&self) -> bool {
+        self.link().server_has(restfs_proto::CAP_ACL)
+    }
+
     pub fn link(&self) -> &Link {
         &self.remote.link
     }
