@@ -46,7 +46,9 @@ fn acls_are_enforced_follow_the_mode_and_pass_down_on_both_mounts() {
     assert!(sh(&pa, "getfacl -cp f").contains("mask::---"), "chmod sets the mask");
     assert!(!nobody_can(&format!("echo again >> {f_path}")), "the mask limits the named entry");
 
-    // A default ACL instead of the umask; without one, the umask applies.
+    // A default ACL instead of the umask; without one, the umask applies
+    // (by the mount itself, which answers creates under the delegation).
+    wait_until("A holds the delegation", std::time::Duration::from_secs(10), || restfs::stats::read(&pa).is_ok_and(|s| s.delegated));
     sh(&pa, "mkdir d && setfacl -d -m u:nobody:rwx,g::r-x,o::--- d && umask 077 && touch d/new && mkdir d/sub && touch plain");
     assert_eq!(mode(&pa.join("d/new")), 0o660);
     assert_eq!(mode(&pa.join("d/sub")), 0o770);
@@ -59,6 +61,9 @@ fn acls_are_enforced_follow_the_mode_and_pass_down_on_both_mounts() {
     let (pb, b) = second_mount_with(&server, &root, "allow_other");
     assert_eq!(sh(&pb, "getfacl -cp d/new"), sh(&pa, "getfacl -cp d/new"));
     assert!(nobody_can(&format!("cat {}", pb.join("d/new").display())));
+    // Without the delegation the server applies the umask.
+    sh(&pa, "umask 027 && touch served && mkdir served-dir");
+    assert_eq!((mode(&pa.join("served")), mode(&pa.join("served-dir"))), (0o640, 0o750));
     sh(&pb, "setfacl -b d/new");
     assert!(!sh(&pa, "getfacl -cp d/new").contains("nobody"), "A sees B's removal");
     assert!(!nobody_can(&format!("cat {new_path}")), "and enforces it");
