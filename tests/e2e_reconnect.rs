@@ -35,3 +35,30 @@ fn copy_survives_a_server_restart() {
     assert!(log.contains("reconnected"), "the mount should have reconnected:\n{log}");
     m.unmount();
 }
+
+/// A file held open on a mount whose side of the connection broke (the
+/// server's side stayed open), and unlinked meanwhile by another mount,
+/// is still readable there after the reconnection: the new connection
+/// takes over the old one's opens before the old one closes.
+#[test]
+fn a_file_held_open_survives_a_connection_broken_on_the_clients_side() {
+    use std::io::Read;
+    let root = scratch("e2e-reconnect-held");
+    let server = Server::start(&root.join("data"));
+    server.create_bucket("shared");
+    let proxy = Proxy::start(server.port);
+    let pa = root.join("a");
+    let a = Mount::at_url(&proxy.url(), "shared", &pa, &format!("cache_dir={}", root.join("cache-a").display()));
+    let (pb, _b) = second_mount(&server, &root);
+    let content = pattern_at(11, 0, 3 << 20);
+    std::fs::write(pb.join("f"), &content).unwrap();
+    let mut held = std::fs::File::open(pa.join("f")).unwrap();
+    std::fs::remove_file(pb.join("f")).unwrap();
+    proxy.cut_clients();
+    wait_until("A reconnects", std::time::Duration::from_secs(20), || a.log().contains("reconnected to"));
+    proxy.close_servers_side();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let mut got = Vec::new();
+    held.read_to_end(&mut got).unwrap();
+    assert!(got == content, "the file held open lost its content ({} bytes read)", got.len());
+}

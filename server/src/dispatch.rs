@@ -70,6 +70,10 @@ pub struct Session {
     bucket: Mutex<Option<(BucketId, BucketInfo)>>,
     /// Opens held by this connection, per inode.
     opens: Mutex<HashMap<(BucketId, Ino), u32>>,
+    /// Opens of the connection this one replaced ([`Session::replace_by`]):
+    /// the client registers them again as it restores its session, and
+    /// those it does not are released when it subscribes.
+    inherited: Mutex<HashMap<(BucketId, Ino), u32>>,
     outbox: Outbox,
     /// Encoding negotiated by `hello` (pushes use it).
     encoding: Mutex<Encoding>,
@@ -132,6 +136,7 @@ impl Session {
             id: SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             bucket: Mutex::new(None),
             opens: Mutex::new(HashMap::new()),
+            inherited: Mutex::new(HashMap::new()),
             outbox,
             encoding: Mutex::new(Encoding::Json),
             pusher: Mutex::new(None),
@@ -309,6 +314,11 @@ impl Session {
             self.service.callbacks.drop_lease(b, &lease);
         }
         let opens: Vec<_> = self.opens.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
+        self.release_all(opens).await;
+        self.release_inherited().await;
+    }
+
+    async fn release_all(&self, opens: Vec<((BucketId, Ino), u32)>) {
         for ((b, ino), n) in opens {
             for _ in 0..n {
                 if let Err(e) = self.service.release(b, ino).await {
@@ -318,13 +328,28 @@ impl Session {
         }
     }
 
+    /// Release the inherited opens the client did not register again.
+    async fn release_inherited(&self) {
+        let left: Vec<_> = self.inherited.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
+        self.release_all(left).await;
+    }
+
     /// The client reconnected on connection `new`, so it has given this
-    /// one up (its side broke first): its locks go over to the new one,
-    /// whose reclaims then find them in place, and this one closes.
-    fn replace_by(&self, new: u64) {
+    /// one up (its side broke first): its locks and open files go over to
+    /// the new one, so neither a lock nor an unlinked file held open is
+    /// lost before the client has restored its session there; this one
+    /// closes.
+    fn replace_by(&self, new: &Session) {
         tracing::info!("closing a client's connection: it reconnected");
         self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
-        self.service.locks.move_connection(self.id, new);
+        self.service.locks.move_connection(self.id, new.id);
+        let mut opens: Vec<_> = self.opens.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
+        // Those it inherited itself, if the client gave up on it mid-restore.
+        opens.extend(self.inherited.lock().unwrap_or_else(|p| p.into_inner()).drain());
+        let mut inherited = new.inherited.lock().unwrap_or_else(|p| p.into_inner());
+        for (key, n) in opens {
+            *inherited.entry(key).or_insert(0) += n;
+        }
         self.replaced.notify_one();
     }
 
@@ -360,8 +385,24 @@ impl Session {
         Ok(self.service.mutate(b, move |m| f(m, b)).await?)
     }
 
+    /// Register an open of `ino` by this connection (one it inherited, if any, is taken over).
     fn note_open(&self, b: BucketId, ino: Ino) {
-        self.service.register_open(b, ino);
+        let taken_over = {
+            let mut inherited = self.inherited.lock().unwrap_or_else(|p| p.into_inner());
+            match inherited.get_mut(&(b, ino)) {
+                Some(n) => {
+                    *n -= 1;
+                    if *n == 0 {
+                        inherited.remove(&(b, ino));
+                    }
+                    true
+                }
+                None => false,
+            }
+        };
+        if !taken_over {
+            self.service.register_open(b, ino);
+        }
         *self.opens.lock().unwrap_or_else(|p| p.into_inner()).entry((b, ino)).or_insert(0) += 1;
     }
 
@@ -391,7 +432,7 @@ impl Session {
         let client_id = p.client_id.filter(|c| !c.is_empty() && c.len() <= 128);
         *self.client_id.lock().unwrap_or_else(|p| p.into_inner()) = client_id.clone();
         if let Some(old) = client_id.and_then(|c| self.service.client_connected(&c, &self)) {
-            old.replace_by(self.id);
+            old.replace_by(&self);
         }
         let capabilities: Vec<String> = p
             .capabilities
@@ -745,6 +786,8 @@ impl Session {
             Some(s) if !reset => s,
             _ => log.seq,
         };
+        // The client has restored its session: what it did not open again is closed.
+        self.release_inherited().await;
         let me = self.clone();
         let bump = self.service.watch(b);
         *self.pushes.lock().await = Some(PushCursor { bucket: b, through: cursor, asked: 0 });

@@ -42,6 +42,10 @@ const DELEGATION_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Most absent names the kernel caches at once (past it, all are taken back).
 const MAX_ABSENT: usize = 1 << 16;
+/// Directories remembered as listed by the kernel, for a reset to drop
+/// (past it the set starts again: a listing forgotten here is still checked
+/// against the directory's mtime once its attributes expire).
+const MAX_LISTED: usize = 1 << 16;
 /// Files removed here that are remembered as gone (see `Fs::gone`).
 const GONE_KEPT: usize = 4096;
 
@@ -1370,7 +1374,12 @@ impl Fs {
                 snapshot
             }
         };
-        lock(&self.listed).insert(ino);
+        let mut listed = lock(&self.listed);
+        if listed.len() >= MAX_LISTED {
+            listed.clear();
+        }
+        listed.insert(ino);
+        drop(listed);
         Ok(self.new_handle(Handle::Dir(Arc::new(snapshot))))
     }
 
