@@ -561,52 +561,52 @@ impl Filesystem for FuseAdapter {
     }
 
     fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let started = std::time::Instant::now();
-        let dir = match self.fs.dir(fh.0) {
-            Ok(d) => d,
-            Err(e) => return reply_error!(reply, e),
-        };
-        let dots = [(dir.ino, FileType::Directory, &b"."[..]), (dir.parent, FileType::Directory, &b".."[..])];
-        let listing = dots.into_iter().chain(dir.entries.iter().map(|e| (e.attr.ino, file_type(e.attr.kind), e.name.as_bytes())));
-        for (i, (ino, kind, name)) in listing.enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(ino), i as u64 + 1, kind, OsStr::from_bytes(name)) {
-                break;
+        self.run("readdir", |fs, _| async move {
+            let dir = match fs.dir(fh.0, offset).await {
+                Ok(d) => d,
+                Err(e) => return reply_error!(reply, e),
+            };
+            let dots = [(dir.ino, FileType::Directory, &b"."[..]), (dir.parent, FileType::Directory, &b".."[..])];
+            let listing = dots.into_iter().chain(dir.entries.iter().map(|e| (e.attr.ino, file_type(e.attr.kind), e.name.as_bytes())));
+            for (i, (ino, kind, name)) in listing.enumerate().skip(offset as usize) {
+                if reply.add(INodeNo(ino), i as u64 + 1, kind, OsStr::from_bytes(name)) {
+                    break;
+                }
             }
-        }
-        reply.ok();
-        self.fs.metrics().request("readdir", started.elapsed(), false);
+            reply.ok();
+        });
     }
 
     fn readdirplus(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
-        let started = std::time::Instant::now();
-        let dir = match self.fs.dir(fh.0) {
-            Ok(d) => d,
-            Err(e) => return reply_error!(reply, e),
-        };
-        // The kernel ignores the attributes of `.` and `..`; only their inode matters.
-        let dot = |ino| Attr {
-            ino,
-            kind: Kind::Dir,
-            mode: 0o755,
-            uid: 0,
-            gid: 0,
-            nlink: 2,
-            size: 0,
-            atime: Timespec::default(),
-            mtime: Timespec::default(),
-            ctime: Timespec::default(),
-            rdev: 0,
-            version: 0,
-        };
-        let dots = [(dot(dir.ino), &b"."[..], Duration::ZERO), (dot(dir.parent), &b".."[..], Duration::ZERO)];
-        let listing = dots.into_iter().chain(dir.entries.iter().map(|e| (e.attr.clone(), e.name.as_bytes(), TTL)));
-        for (i, (attr, name, ttl)) in listing.enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(attr.ino), i as u64 + 1, OsStr::from_bytes(name), &ttl, &file_attr(&attr, self.view), Generation(0)) {
-                break;
+        self.run("readdirplus", |fs, view| async move {
+            let dir = match fs.dir(fh.0, offset).await {
+                Ok(d) => d,
+                Err(e) => return reply_error!(reply, e),
+            };
+            // The kernel ignores the attributes of `.` and `..`; only their inode matters.
+            let dot = |ino| Attr {
+                ino,
+                kind: Kind::Dir,
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+                nlink: 2,
+                size: 0,
+                atime: Timespec::default(),
+                mtime: Timespec::default(),
+                ctime: Timespec::default(),
+                rdev: 0,
+                version: 0,
+            };
+            let dots = [(dot(dir.ino), &b"."[..], Duration::ZERO), (dot(dir.parent), &b".."[..], Duration::ZERO)];
+            let listing = dots.into_iter().chain(dir.entries.iter().map(|e| (e.attr.clone(), e.name.as_bytes(), TTL)));
+            for (i, (attr, name, ttl)) in listing.enumerate().skip(offset as usize) {
+                if reply.add(INodeNo(attr.ino), i as u64 + 1, OsStr::from_bytes(name), &ttl, &file_attr(&attr, view), Generation(0)) {
+                    break;
+                }
             }
-        }
-        reply.ok();
-        self.fs.metrics().request("readdirplus", started.elapsed(), false);
+            reply.ok();
+        });
     }
 
     fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {

@@ -114,3 +114,41 @@ fn claims(name: &str, options: &str) {
     assert!(left + 300 <= held, "{held} absent names before 300 creations, {left} after");
     m.unmount();
 }
+
+/// A directory handle opened before a change and read after it does not
+/// leave the kernel an outdated listing (which it would keep for every
+/// later `ls`): a read from the start takes a fresh snapshot.
+#[test]
+fn a_handle_read_after_a_change_leaves_no_stale_listing() {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let (_server, _root, mnt, m) = one_mount("e2e-stale-handle", "");
+    let d = mnt.join("d");
+    std::fs::create_dir(&d).unwrap();
+    std::fs::write(d.join("old"), b"x").unwrap();
+    let names = |dir: &std::path::Path| {
+        let mut n: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        n.sort();
+        n
+    };
+    for round in 0..20 {
+        let path = CString::new(d.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid C string; the handle is closed below.
+        let handle = unsafe { libc::opendir(path.as_ptr()) };
+        assert!(!handle.is_null());
+        let new = format!("new{round}");
+        std::fs::write(d.join(&new), b"x").unwrap();
+        std::fs::metadata(&d).unwrap();
+        let mut seen = 0;
+        // SAFETY: reading the open handle to its end, then closing it.
+        unsafe {
+            while !libc::readdir(handle).is_null() {
+                seen += 1;
+            }
+            libc::closedir(handle);
+        }
+        assert!(seen >= 3, "round {round}: the handle listed {seen} entries");
+        assert!(names(&d).contains(&new), "round {round}: {new} missing from a later listing: {:?}", names(&d));
+    }
+    m.unmount();
+}

@@ -102,8 +102,8 @@ impl tokio::io::AsyncWrite for Heard {
 /// Wait until nothing was read from the socket for [`SILENCE`].
 async fn silence(last_ms: &std::sync::atomic::AtomicU64, since: std::time::Instant) {
     loop {
-        let quiet =
-            std::time::Duration::from_millis(since.elapsed().as_millis() as u64 - last_ms.load(std::sync::atomic::Ordering::Relaxed));
+        let now = since.elapsed().as_millis() as u64;
+        let quiet = std::time::Duration::from_millis(now.saturating_sub(last_ms.load(std::sync::atomic::Ordering::Relaxed)));
         if quiet >= SILENCE {
             return;
         }

@@ -1,6 +1,7 @@
-//! Directory handles: a snapshot of the listing taken at opendir, so
-//! offsets stay stable while the handle is read (entry `i` of the snapshot
-//! is at offset `i + 1`; `.` and `..` come first).
+//! Directory handles: a snapshot of the listing taken at opendir (and again
+//! at a read from the start if names changed since), so offsets stay stable
+//! while the handle is read (entry `i` of the snapshot is at offset `i + 1`;
+//! `.` and `..` come first).
 
 use super::error::Result;
 use crate::client::Link;
@@ -14,10 +15,12 @@ pub struct DirSnapshot {
     pub ino: Ino,
     pub parent: Ino,
     pub entries: Vec<DirEntry>,
+    /// The core's count of namespace changes when it was taken.
+    pub taken_at: u64,
 }
 
 impl DirSnapshot {
-    pub async fn fetch(link: &Link, ino: Ino) -> Result<DirSnapshot> {
+    pub async fn fetch(link: &Link, ino: Ino, taken_at: u64) -> Result<DirSnapshot> {
         let mut entries: Vec<DirEntry> = Vec::new();
         let parent;
         loop {
@@ -29,6 +32,6 @@ impl DirSnapshot {
                 break;
             }
         }
-        Ok(DirSnapshot { ino, parent, entries })
+        Ok(DirSnapshot { ino, parent, entries, taken_at })
     }
 }

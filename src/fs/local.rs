@@ -65,7 +65,7 @@ impl Fs {
             .answer(|l| {
                 let dir = self.cached_dir(parent)?;
                 // Still none (a `setfacl -d` may have run meanwhile).
-                if !self.xattrs.known_absent(parent, dir.ctime, acl::DEFAULT) {
+                if self.acls() && !self.xattrs.known_absent(parent, dir.ctime, acl::DEFAULT) {
                     return None;
                 }
                 match m.entry(parent, name).ok().flatten()? {
@@ -357,6 +357,7 @@ impl Fs {
     /// (and the kernel's) learnt from them; the server's state comes back
     /// on the next lookups.
     pub(super) fn refused(&self, failures: Vec<Failure>) {
+        let _changed = self.namespace_change();
         for (op, e) in failures {
             tracing::error!("the server refused a change this mount had already made: {op:?}: {e}");
             let (entries, inodes): (Vec<(Ino, &[u8])>, Vec<Ino>) = match &op {

@@ -254,17 +254,36 @@ impl Fs {
     }
 
     /// A new connection: take this mount's locks again. restfsd moved
-    /// them over from the old connection if it was still open, else
-    /// dropped them with it. One another mount took meanwhile (restfsd
-    /// restarted, or this mount was cut off past its lease) is lost: it
-    /// leaves the table, and the log says so. Any other failure fails the
-    /// restore, which is tried again with the table as it was.
+    /// them over from the old connection if it was still open (with what
+    /// changed under the delegation since unknown to it: those holders'
+    /// locks are dropped first, as at a recall), else dropped them with it.
+    /// One another mount took meanwhile (restfsd restarted, or this mount
+    /// was cut off past its lease) is lost: it leaves the table, and the
+    /// log says so. A lost connection fails the restore, which is tried
+    /// again with the table as it was.
     pub(super) async fn reclaim_locks(&self, link: &crate::client::Link) -> std::result::Result<(), restfs_proto::RpcError> {
-        let mut sends: Vec<LockParams> = {
-            let mut st = self.lock_state();
-            st.unsent.clear();
-            st.table.all().map(|(ino, h)| LockParams { ino, owner: h.by, start: h.start, end: h.end, kind: h.kind(), pid: h.pid }).collect()
+        let (unlocks, mut sends): (Vec<LockParams>, Vec<LockParams>) = {
+            let st = self.lock_state();
+            let unlocks = st
+                .unsent
+                .iter()
+                .map(|&(ino, owner)| LockParams { ino, owner, start: 0, end: LAST_BYTE, kind: LockKind::Unlock, pid: 0 })
+                .collect();
+            let sends = st
+                .table
+                .all()
+                .map(|(ino, h)| LockParams { ino, owner: h.by, start: h.start, end: h.end, kind: h.kind(), pid: h.pid })
+                .collect();
+            (unlocks, sends)
         };
+        let lost_link = |e: &restfs_proto::RpcError| matches!(e.as_errno(), Errno::ENOTCONN | Errno::ETIMEDOUT);
+        for p in unlocks {
+            if let Err(e) = link.call_now::<LockSet>(p).await
+                && lost_link(&e)
+            {
+                return Err(e);
+            }
+        }
         // A request of the old connection still running may hold one a moment.
         let deadline = tokio::time::Instant::now() + RECLAIM_PATIENCE;
         let mut pause = Duration::from_millis(5);
@@ -273,17 +292,17 @@ impl Fs {
             for p in sends {
                 match link.call_now::<LockSet>(p.clone()).await {
                     Ok(_) => {}
-                    Err(e) if e.as_errno() == Errno::EAGAIN => refused.push((p, e)),
-                    Err(e) => return Err(e),
+                    Err(e) if lost_link(&e) => return Err(e),
+                    Err(e) => refused.push((p, e)),
                 }
             }
-            if refused.is_empty() {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() + pause > deadline {
+            let waiting = refused.iter().any(|(_, e)| e.as_errno() == Errno::EAGAIN);
+            if refused.is_empty() || !waiting || tokio::time::Instant::now() + pause > deadline {
+                let mut st = self.lock_state();
+                st.unsent.clear();
                 for (p, e) in refused {
                     tracing::error!("a lock on inode {} held before the reconnection is lost: {e}", p.ino);
-                    self.lock_state().table.set(p.ino, p.owner, p.start, p.end, LockKind::Unlock, 0);
+                    st.table.set(p.ino, p.owner, p.start, p.end, LockKind::Unlock, 0);
                 }
                 return Ok(());
             }

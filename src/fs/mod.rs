@@ -129,6 +129,15 @@ enum Handle {
     Dir(Arc<DirSnapshot>),
 }
 
+/// Counts a namespace change when it ends (dropped), however it ends.
+struct NamespaceChange<'a>(&'a AtomicU64);
+
+impl Drop for NamespaceChange<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
 pub struct Fs {
     remote: Arc<Remote>,
     pub bucket: BucketInfo,
@@ -139,6 +148,8 @@ pub struct Fs {
     page_versions: Mutex<HashMap<Ino, u64>>,
     /// Directories whose listing the kernel may cache (every one opened).
     listed: Mutex<std::collections::HashSet<Ino>>,
+    /// Namespace changes made or learnt so far (see `DirSnapshot::taken_at`).
+    namespace_changes: AtomicU64,
     kernel: std::sync::OnceLock<Box<dyn KernelCache>>,
     /// Highest change sequence number applied from pushes.
     applied_seq: AtomicU64,
@@ -209,6 +220,7 @@ impl Fs {
             next_fh: AtomicU64::new(1),
             page_versions: Mutex::default(),
             listed: Mutex::default(),
+            namespace_changes: AtomicU64::new(0),
             absent: Mutex::default(),
             gone: Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(GONE_KEPT).expect("nonzero"))),
             locks: locks::Holders::default(),
@@ -544,6 +556,7 @@ impl Fs {
     }
 
     pub async fn mknod(&self, ctx: Ctx, parent: Ino, name: &[u8], mode: u32, rdev: u32) -> Result<Attr> {
+        let _changing = self.namespace_change();
         let kind = Kind::from_mode(mode).unwrap_or(Kind::File);
         if matches!(kind, Kind::Dir | Kind::Symlink) {
             return Err(FsError::new(Errno::EINVAL, "mknod cannot make directories or symlinks"));
@@ -654,6 +667,7 @@ impl Fs {
     }
 
     pub async fn mkdir(&self, ctx: Ctx, parent: Ino, name: &[u8], mode: u32) -> Result<Attr> {
+        let _changing = self.namespace_change();
         if let Some(done) = self.local_mknod(ctx, parent, name, Kind::Dir, mode).await {
             return done;
         }
@@ -676,6 +690,7 @@ impl Fs {
     }
 
     pub async fn symlink(&self, ctx: Ctx, parent: Ino, name: &[u8], target: &[u8]) -> Result<Attr> {
+        let _changing = self.namespace_change();
         let p = SymlinkParams { parent, name: Name::from(name), target: Name::from(target), uid: ctx.uid, gid: ctx.gid };
         let before = self.before_create(parent, false).await;
         let epoch = self.epoch();
@@ -689,6 +704,7 @@ impl Fs {
     }
 
     pub async fn link_node(&self, ino: Ino, parent: Ino, name: &[u8]) -> Result<Attr> {
+        let _changing = self.namespace_change();
         if let Some(done) = self.local_link(ino, parent, name).await {
             return done;
         }
@@ -740,6 +756,7 @@ impl Fs {
     }
 
     pub async fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        let _changing = self.namespace_change();
         if let Some(done) = self.local_unlink(parent, name).await {
             return done;
         }
@@ -753,6 +770,7 @@ impl Fs {
     }
 
     pub async fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        let _changing = self.namespace_change();
         if let Some(done) = self.local_rmdir(parent, name).await {
             return done;
         }
@@ -795,6 +813,7 @@ impl Fs {
     }
 
     pub async fn rename(&self, parent: Ino, name: &[u8], new_parent: Ino, new_name: &[u8], noreplace: bool, exchange: bool) -> Result<()> {
+        let _changing = self.namespace_change();
         if !exchange && let Some(done) = self.local_rename(parent, name, new_parent, new_name, noreplace).await {
             return done;
         }
@@ -858,6 +877,7 @@ impl Fs {
     }
 
     pub async fn create(&self, ctx: Ctx, parent: Ino, name: &[u8], mode: u32) -> Result<(Attr, Opened)> {
+        let _changing = self.namespace_change();
         if let Some(done) = self.local_mknod(ctx, parent, name, Kind::File, mode).await {
             // Unregistered, like any open answered under a lease.
             let attr = done?;
@@ -1223,6 +1243,7 @@ impl Fs {
 
     /// Invalidate every cached page and attribute this client handed out.
     fn forget_everything(&self) {
+        let _changed = self.namespace_change();
         let mut inos: Vec<Ino> = lock(&self.page_versions).drain().map(|(ino, _)| ino).collect();
         inos.extend(lock(&self.listed).drain());
         if let Some(kernel) = self.kernel.get() {
@@ -1288,6 +1309,9 @@ impl Fs {
         }
         self.forget(|m| m.set_applied_seq(push.through));
         self.applied_seq.fetch_max(push.through, Ordering::AcqRel);
+        if push.reset || push.changes.iter().any(|c| matches!(c, Change::Entry { .. })) {
+            self.namespace_changes.fetch_add(1, Ordering::AcqRel);
+        }
         let applied = self.pushes_applied.fetch_add(1, Ordering::AcqRel) + 1;
         self.applied_watch.send_replace(applied);
         self.xattrs.pushed(&push.changes);
@@ -1300,6 +1324,17 @@ impl Fs {
         };
         let mut open_files = Vec::new();
         for (change, known) in push.changes.into_iter().zip(known) {
+            // A directory the kernel may have listed: its listing goes, even
+            // when the metadata cache knew of the change (learnt by listing
+            // the parent, say); once per listing.
+            if let Change::Attr { ino, .. } = &change
+                && lock(&self.listed).remove(ino)
+            {
+                kernel.invalidate_inode(*ino);
+                if known {
+                    continue;
+                }
+            }
             if known {
                 continue;
             }
@@ -1352,28 +1387,13 @@ impl Fs {
 
     // --- directories ---
 
+    /// Note a namespace change under way (see [`NamespaceChange`]).
+    fn namespace_change(&self) -> NamespaceChange<'_> {
+        NamespaceChange(&self.namespace_changes)
+    }
+
     pub async fn opendir(&self, ino: Ino) -> Result<u64> {
-        let cached = self.mc().and_then(|m| m.listing(ino).ok().flatten());
-        let snapshot = match cached {
-            Some((parent, entries)) => DirSnapshot {
-                ino,
-                parent,
-                entries: entries.into_iter().map(|(name, attr)| restfs_proto::DirEntry { name: Name(name), attr }).collect(),
-            },
-            None => {
-                let epoch = self.epoch();
-                // A change answered locally meanwhile is not in the listing.
-                let local = self.remote.delegation.local_changes();
-                let snapshot = DirSnapshot::fetch(self.ordered().await, ino).await?;
-                let seen = self.epoch();
-                self.settle(seen).await;
-                let listing: Vec<(Vec<u8>, Attr)> = snapshot.entries.iter().map(|e| (e.name.0.clone(), e.attr.clone())).collect();
-                if self.remote.delegation.local_changes() == local {
-                    self.fill(epoch, seen, ino, None, None, |m| m.put_listing(ino, snapshot.parent, &listing));
-                }
-                snapshot
-            }
-        };
+        let snapshot = self.listing(ino).await?;
         let mut listed = lock(&self.listed);
         if listed.len() >= MAX_LISTED {
             listed.clear();
@@ -1383,12 +1403,51 @@ impl Fs {
         Ok(self.new_handle(Handle::Dir(Arc::new(snapshot))))
     }
 
-    /// The snapshot behind a directory handle.
-    pub fn dir(&self, fh: u64) -> Result<Arc<DirSnapshot>> {
-        match lock(&self.handles).get(&fh) {
-            Some(Handle::Dir(d)) => Ok(d.clone()),
-            _ => Err(FsError::new(Errno::EBADF, format!("no open directory handle {fh}"))),
+    /// The listing of `ino` now, from the cache or the server.
+    async fn listing(&self, ino: Ino) -> Result<DirSnapshot> {
+        let taken_at = self.namespace_changes.load(Ordering::Acquire);
+        let cached = self.mc().and_then(|m| m.listing(ino).ok().flatten());
+        let snapshot = match cached {
+            Some((parent, entries)) => DirSnapshot {
+                ino,
+                parent,
+                entries: entries.into_iter().map(|(name, attr)| restfs_proto::DirEntry { name: Name(name), attr }).collect(),
+                taken_at,
+            },
+            None => {
+                let epoch = self.epoch();
+                // A change answered locally meanwhile is not in the listing.
+                let local = self.remote.delegation.local_changes();
+                let snapshot = DirSnapshot::fetch(self.ordered().await, ino, taken_at).await?;
+                let seen = self.epoch();
+                self.settle(seen).await;
+                let listing: Vec<(Vec<u8>, Attr)> = snapshot.entries.iter().map(|e| (e.name.0.clone(), e.attr.clone())).collect();
+                if self.remote.delegation.local_changes() == local {
+                    self.fill(epoch, seen, ino, None, None, |m| m.put_listing(ino, snapshot.parent, &listing));
+                }
+                snapshot
+            }
+        };
+        Ok(snapshot)
+    }
+
+    /// The snapshot behind a directory handle, to be read from `offset`.
+    /// A read from the start (the first, or after `rewinddir`) takes a new
+    /// one if the namespace changed since: the kernel keeps what it reads
+    /// from the start as the directory's listing for every later `ls`.
+    pub async fn dir(&self, fh: u64, offset: u64) -> Result<Arc<DirSnapshot>> {
+        let d = match lock(&self.handles).get(&fh) {
+            Some(Handle::Dir(d)) => d.clone(),
+            _ => return Err(FsError::new(Errno::EBADF, format!("no open directory handle {fh}"))),
+        };
+        if offset != 0 || d.taken_at == self.namespace_changes.load(Ordering::Acquire) {
+            return Ok(d);
         }
+        let fresh = Arc::new(self.listing(d.ino).await?);
+        if let Some(Handle::Dir(d)) = lock(&self.handles).get_mut(&fh) {
+            *d = fresh.clone();
+        }
+        Ok(fresh)
     }
 
     pub fn releasedir(&self, fh: u64) {
