@@ -554,7 +554,8 @@ impl Filesystem for FuseAdapter {
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.run("opendir", |fs, _| async move {
             match fs.opendir(ino.0).await {
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE),
+                Ok((fh, true)) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE),
+                Ok((fh, false)) => reply.opened(FileHandle(fh), FopenFlags::empty()),
                 Err(e) => reply_error!(reply, e),
             }
         });

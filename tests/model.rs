@@ -1097,7 +1097,7 @@ async fn core_tree(fs: &Fs, root: Ino) -> Result<Tree, String> {
     t.entries.insert("/".into(), Entry { kind: r.kind, ino: r.ino, nlink: r.nlink, size: None, dotdot: None });
     let mut stack = vec![("/".to_string(), root)];
     while let Some((path, ino)) = stack.pop() {
-        let fh = fs.opendir(ino).await.map_err(|e| format!("opendir {path}: {e}"))?;
+        let (fh, _) = fs.opendir(ino).await.map_err(|e| format!("opendir {path}: {e}"))?;
         let snap = fs.dir(fh, 0).await.map_err(|e| format!("dir {path}: {e}"))?;
         fs.releasedir(fh);
         t.entries.get_mut(&path).expect("listed above").dotdot = Some(snap.parent);

@@ -42,9 +42,8 @@ const DELEGATION_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Most absent names the kernel caches at once (past it, all are taken back).
 const MAX_ABSENT: usize = 1 << 16;
-/// Directories remembered as listed by the kernel, for a reset to drop
-/// (past it the set starts again: a listing forgotten here is still checked
-/// against the directory's mtime once its attributes expire).
+/// Most directories the kernel may keep listings of (each remembered, for
+/// pushes and resets to drop); past it, listings are not kept.
 const MAX_LISTED: usize = 1 << 16;
 /// Files removed here that are remembered as gone (see `Fs::gone`).
 const GONE_KEPT: usize = 4096;
@@ -1392,15 +1391,17 @@ impl Fs {
         NamespaceChange(&self.namespace_changes)
     }
 
-    pub async fn opendir(&self, ino: Ino) -> Result<u64> {
+    /// Open directory `ino`: its handle, and whether the kernel may keep
+    /// the listing it reads.
+    pub async fn opendir(&self, ino: Ino) -> Result<(u64, bool)> {
         let snapshot = self.listing(ino).await?;
         let mut listed = lock(&self.listed);
-        if listed.len() >= MAX_LISTED {
-            listed.clear();
+        let keep = listed.len() < MAX_LISTED || listed.contains(&ino);
+        if keep {
+            listed.insert(ino);
         }
-        listed.insert(ino);
         drop(listed);
-        Ok(self.new_handle(Handle::Dir(Arc::new(snapshot))))
+        Ok((self.new_handle(Handle::Dir(Arc::new(snapshot))), keep))
     }
 
     /// The listing of `ino` now, from the cache or the server.
@@ -1440,7 +1441,17 @@ impl Fs {
             Some(Handle::Dir(d)) => d.clone(),
             _ => return Err(FsError::new(Errno::EBADF, format!("no open directory handle {fh}"))),
         };
-        if offset != 0 || d.taken_at == self.namespace_changes.load(Ordering::Acquire) {
+        if offset != 0 {
+            return Ok(d);
+        }
+        // The kernel may keep what it reads now (a push may have dropped
+        // the directory from `listed` since the open).
+        let mut listed = lock(&self.listed);
+        if listed.len() < MAX_LISTED {
+            listed.insert(d.ino);
+        }
+        drop(listed);
+        if d.taken_at == self.namespace_changes.load(Ordering::Acquire) {
             return Ok(d);
         }
         let fresh = Arc::new(self.listing(d.ino).await?);
