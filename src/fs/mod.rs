@@ -1446,11 +1446,12 @@ impl Fs {
         }
         // The kernel may keep what it reads now (a push may have dropped
         // the directory from `listed` since the open).
-        let mut listed = lock(&self.listed);
-        if listed.len() < MAX_LISTED {
-            listed.insert(d.ino);
+        {
+            let mut listed = lock(&self.listed);
+            if listed.len() < MAX_LISTED {
+                listed.insert(d.ino);
+            }
         }
-        drop(listed);
         if d.taken_at == self.namespace_changes.load(Ordering::Acquire) {
             return Ok(d);
         }
