@@ -1308,7 +1308,9 @@ impl Fs {
         }
         self.forget(|m| m.set_applied_seq(push.through));
         self.applied_seq.fetch_max(push.through, Ordering::AcqRel);
-        if push.reset || push.changes.iter().any(|c| matches!(c, Change::Entry { .. })) {
+        // Names changed that this mount's listings may lack (its own
+        // changes, known, are in them already).
+        if push.reset || push.changes.iter().zip(&known).any(|(c, known)| !known && matches!(c, Change::Entry { .. })) {
             self.namespace_changes.fetch_add(1, Ordering::AcqRel);
         }
         let applied = self.pushes_applied.fetch_add(1, Ordering::AcqRel) + 1;
@@ -1419,12 +1421,18 @@ impl Fs {
                 let epoch = self.epoch();
                 // A change answered locally meanwhile is not in the listing.
                 let local = self.remote.delegation.local_changes();
-                let snapshot = DirSnapshot::fetch(self.ordered().await, ino, taken_at).await?;
+                let mut snapshot = DirSnapshot::fetch(self.ordered().await, ino, taken_at).await?;
                 let seen = self.epoch();
                 self.settle(seen).await;
                 let listing: Vec<(Vec<u8>, Attr)> = snapshot.entries.iter().map(|e| (e.name.0.clone(), e.attr.clone())).collect();
                 if self.remote.delegation.local_changes() == local {
                     self.fill(epoch, seen, ino, None, None, |m| m.put_listing(ino, snapshot.parent, &listing));
+                }
+                // The cache may have learnt names here that older snapshots
+                // lack (their pushes will count as known): those are
+                // outdated now; this one too if anything else changed meanwhile.
+                if self.namespace_changes.fetch_add(1, Ordering::AcqRel) == taken_at {
+                    snapshot.taken_at = taken_at + 1;
                 }
                 snapshot
             }
