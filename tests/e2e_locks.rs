@@ -203,13 +203,7 @@ fn locks_are_taken_again_after_a_server_restart() {
 /// the lock in between or after.
 #[test]
 fn locks_are_taken_again_after_a_connection_breaks_on_the_clients_side() {
-    let root = scratch("e2e-locks-cut");
-    let server = Server::start(&root.join("data"));
-    server.create_bucket("shared");
-    let proxy = Proxy::start(server.port);
-    let pa = root.join("a");
-    let a = Mount::at_url(&proxy.url(), "shared", &pa, &format!("cache_dir={}", root.join("cache-a").display()));
-    let (pb, _b) = second_mount(&server, &root);
+    let (_server, proxy, pa, pb, a, _b) = two_mounts_a_relayed("e2e-locks-cut");
     std::fs::write(pa.join("f"), b"x").unwrap();
     let fa = open_rw(&pa.join("f"));
     fcntl(&fa, libc::F_SETLK, libc::F_WRLCK, 0, 0).unwrap();
@@ -229,10 +223,8 @@ fn locks_are_taken_again_after_a_connection_breaks_on_the_clients_side() {
         }
         Ok(tries)
     });
-    proxy.cut_clients();
-    wait_until("A reconnects", Duration::from_secs(20), || a.log().contains("reconnected to"));
-    // The old connection goes for good now; A's lock must not go with it.
-    proxy.close_servers_side();
+    // The old connection goes for good; A's lock must not go with it.
+    break_clients_side(&proxy, &a);
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     match prober.join().unwrap() {

@@ -43,20 +43,12 @@ fn copy_survives_a_server_restart() {
 #[test]
 fn a_file_held_open_survives_a_connection_broken_on_the_clients_side() {
     use std::io::Read;
-    let root = scratch("e2e-reconnect-held");
-    let server = Server::start(&root.join("data"));
-    server.create_bucket("shared");
-    let proxy = Proxy::start(server.port);
-    let pa = root.join("a");
-    let a = Mount::at_url(&proxy.url(), "shared", &pa, &format!("cache_dir={}", root.join("cache-a").display()));
-    let (pb, _b) = second_mount(&server, &root);
+    let (_server, proxy, pa, pb, a, _b) = two_mounts_a_relayed("e2e-reconnect-held");
     let content = pattern_at(11, 0, 3 << 20);
     std::fs::write(pb.join("f"), &content).unwrap();
     let mut held = std::fs::File::open(pa.join("f")).unwrap();
     std::fs::remove_file(pb.join("f")).unwrap();
-    proxy.cut_clients();
-    wait_until("A reconnects", std::time::Duration::from_secs(20), || a.log().contains("reconnected to"));
-    proxy.close_servers_side();
+    break_clients_side(&proxy, &a);
     std::thread::sleep(std::time::Duration::from_millis(500));
     let mut got = Vec::new();
     held.read_to_end(&mut got).unwrap();

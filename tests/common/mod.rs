@@ -429,6 +429,27 @@ impl Proxy {
     }
 }
 
+/// [`two_mounts`], with `a` connected through a [`Proxy`] that can break
+/// its connection: `(server, proxy, a's path, b's path, a, b)`.
+pub fn two_mounts_a_relayed(name: &str) -> (Server, Proxy, PathBuf, PathBuf, Mount, Mount) {
+    let root = scratch(name);
+    let server = Server::start(&root.join("data"));
+    server.create_bucket("shared");
+    let proxy = Proxy::start(server.port);
+    let pa = root.join("a");
+    let a = Mount::at_url(&proxy.url(), "shared", &pa, &format!("cache_dir={}", root.join("cache-a").display()));
+    let (pb, b) = second_mount(&server, &root);
+    (server, proxy, pa, pb, a, b)
+}
+
+/// Break the client's side of `a`'s connection, wait until `a` has
+/// reconnected, then close the server's side of the old connection.
+pub fn break_clients_side(proxy: &Proxy, a: &Mount) {
+    proxy.cut_clients();
+    wait_until("the mount reconnects", Duration::from_secs(20), || a.log().contains("reconnected to"));
+    proxy.close_servers_side();
+}
+
 /// A fresh server with one bucket mounted twice, each with its own cache
 /// directory: `(server, a's path, b's path, a, b)`. `options_a` is added to
 /// a's options. Bind the server to a named variable: it must outlive both.
