@@ -564,7 +564,7 @@ impl Fs {
             parent,
             name: Name::from(name),
             kind,
-            mode: mode & 0o7777,
+            mode: self.create_mode(ctx, mode),
             uid: ctx.uid,
             gid: ctx.gid,
             rdev,
@@ -592,6 +592,14 @@ impl Fs {
             }
         }
         out
+    }
+
+    /// The mode a create asks the server for: the server applies the
+    /// umask it carries (see `restfs_proto::CAP_ACL`); one without the
+    /// `acl` capability ignores it, so it is applied here (again, if the
+    /// kernel did).
+    fn create_mode(&self, ctx: Ctx, mode: u32) -> u32 {
+        if self.acls() { mode & 0o7777 } else { mode & 0o7777 & !ctx.umask }
     }
 
     /// What [`Fs::created`] needs to know of `parent` from before a create
@@ -675,7 +683,7 @@ impl Fs {
             parent,
             name: Name::from(name),
             kind: Kind::Dir,
-            mode: mode & 0o7777,
+            mode: self.create_mode(ctx, mode),
             uid: ctx.uid,
             gid: ctx.gid,
             rdev: 0,
@@ -889,7 +897,7 @@ impl Fs {
         let p = CreateParams {
             parent,
             name: Name::from(name),
-            mode: mode & 0o7777,
+            mode: self.create_mode(ctx, mode),
             uid: ctx.uid,
             gid: ctx.gid,
             unregistered,
