@@ -1333,17 +1333,6 @@ impl Fs {
         };
         let mut open_files = Vec::new();
         for (change, known) in push.changes.into_iter().zip(known) {
-            // A directory the kernel may have listed: its listing goes, even
-            // when the metadata cache knew of the change (learnt by listing
-            // the parent, say); once per listing.
-            if let Change::Attr { ino, .. } = &change
-                && lock(&self.listed).remove(ino)
-            {
-                kernel.invalidate_inode(*ino);
-                if known {
-                    continue;
-                }
-            }
             if known {
                 continue;
             }
@@ -1361,6 +1350,7 @@ impl Fs {
                         Some(a) if cached == Some(a.version) => kernel.invalidate_attrs(ino),
                         _ => {
                             lock(&self.page_versions).remove(&ino);
+                            lock(&self.listed).remove(&ino);
                             kernel.invalidate_inode(ino);
                         }
                     }
@@ -1433,6 +1423,7 @@ impl Fs {
                 let seen = self.epoch();
                 self.settle(seen).await;
                 let listing: Vec<(Vec<u8>, Attr)> = snapshot.entries.iter().map(|e| (e.name.0.clone(), e.attr.clone())).collect();
+                self.drop_moved_listings(&snapshot);
                 if self.remote.delegation.local_changes() == local {
                     self.fill(epoch, seen, ino, None, None, |m| m.put_listing(ino, snapshot.parent, &listing));
                 }
@@ -1446,6 +1437,21 @@ impl Fs {
             }
         };
         Ok(snapshot)
+    }
+
+    /// Subdirectories `listing` shows changed since the cache last knew
+    /// them: the kernel may keep their old listing, and the push about the
+    /// change, known to the cache once this listing is in it, would not
+    /// drop it (the kernel learns their attributes only from a READDIRPLUS
+    /// page, not from a plain READDIR one).
+    fn drop_moved_listings(&self, listing: &DirSnapshot) {
+        let (Some(m), Some(kernel)) = (self.mc(), self.kernel.get()) else { return };
+        for e in listing.entries.iter().filter(|e| e.attr.kind == Kind::Dir) {
+            let moved = m.attr(e.attr.ino).ok().flatten().is_none_or(|a| a.mtime != e.attr.mtime);
+            if moved && lock(&self.listed).remove(&e.attr.ino) {
+                kernel.invalidate_inode(e.attr.ino);
+            }
+        }
     }
 
     /// The snapshot behind a directory handle, to be read from `offset`.
