@@ -1240,8 +1240,9 @@ impl Fs {
         self.subscribed_at.store(sub.seq, Ordering::Release);
         if sub.reset {
             tracing::warn!("missed changes during the outage are no longer logged; dropping cached state");
-            self.forget_everything();
+            // The cache first: what the kernel drops must not come back from it.
             self.forget(|m| m.wipe());
+            self.forget_everything();
             self.applied_seq.store(sub.seq, Ordering::Release);
         }
         self.meta_live.store(true, Ordering::Release);
@@ -1302,8 +1303,8 @@ impl Fs {
     pub async fn apply_push(&self, push: PushParams) {
         tracing::trace!(through = push.through, reset = push.reset, changes = ?push.changes, "push");
         if push.reset {
-            self.forget_everything();
             self.forget(|m| m.wipe());
+            self.forget_everything();
         }
         // Changes the cache already reflected (most often this client's own,
         // learnt from its replies) need no kernel invalidation either.
@@ -1332,9 +1333,20 @@ impl Fs {
             return;
         };
         let mut open_files = Vec::new();
+        // Inodes whose kernel pages (a directory's: its listing) go, once
+        // each. A directory with names new to this mount is one, whatever
+        // else the push says of it (its attributes may have come in an
+        // earlier push, and be known).
+        let mut dropped: std::collections::HashSet<Ino> = std::collections::HashSet::new();
         for (change, known) in push.changes.into_iter().zip(known) {
             if known {
                 continue;
+            }
+            if let Change::Entry { parent, .. } = &change
+                && dropped.insert(*parent)
+            {
+                lock(&self.listed).remove(parent);
+                kernel.invalidate_inode(*parent);
             }
             match change {
                 Change::Attr { ino, attr, .. } => {
@@ -1348,11 +1360,12 @@ impl Fs {
                     match attr {
                         // Content this kernel holds is still current (often our own commit).
                         Some(a) if cached == Some(a.version) => kernel.invalidate_attrs(ino),
-                        _ => {
+                        _ if dropped.insert(ino) => {
                             lock(&self.page_versions).remove(&ino);
                             lock(&self.listed).remove(&ino);
                             kernel.invalidate_inode(ino);
                         }
+                        _ => {}
                     }
                 }
                 Change::Entry { parent, name, ino, .. } => {
