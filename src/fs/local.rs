@@ -29,13 +29,6 @@ impl Fs {
         dir
     }
 
-    /// Is `dir` known to have no default ACL (which would decide a new
-    /// node's mode and ACL; the server applies it)? Asks the server once:
-    /// then new nodes in `dir` are known to have no xattrs at all.
-    pub(super) async fn without_default_acl(&self, dir: Ino) -> bool {
-        !self.acls() || matches!(self.getxattr(dir, acl::DEFAULT).await, Err(e) if e.errno == Errno::ENODATA)
-    }
-
     /// May this mount answer locally now? (Cheap checks before waiting for
     /// room in the queue.)
     async fn may_answer_locally(&self) -> bool {
@@ -56,15 +49,20 @@ impl Fs {
 
     /// Create a file or directory locally.
     pub(super) async fn local_mknod(&self, ctx: Ctx, parent: Ino, name: &[u8], kind: Kind, mode: u32) -> Option<Result<Attr>> {
-        if !self.may_answer_locally().await || self.cached_dir(parent).is_none() || !self.without_default_acl(parent).await {
+        if !self.may_answer_locally().await {
             return None;
+        }
+        if self.acls() && !self.xattrs.knows_of(parent, acl::DEFAULT) {
+            // Whether `parent` has a default ACL: asked once, then kept.
+            let _ = self.getxattr(parent, acl::DEFAULT).await;
         }
         let m = self.mc()?;
         self.remote
             .delegation
             .answer(|l| {
                 let dir = self.cached_dir(parent)?;
-                // Still none (a `setfacl -d` may have run meanwhile).
+                // A default ACL decides the new node's mode and ACL: the
+                // server applies it.
                 if self.acls() && !self.xattrs.known_absent(parent, dir.ctime, acl::DEFAULT) {
                     return None;
                 }

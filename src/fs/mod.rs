@@ -29,7 +29,7 @@ use remote::Remote;
 use restfs_cache::meta::Entry as CachedEntry;
 use restfs_cache::{BlockCache, MetaCache, MetaCacheError};
 use restfs_proto::methods::{self as m, *};
-use restfs_proto::{Attr, BucketInfo, Errno, Ino, Kind, Name, SetTime};
+use restfs_proto::{Attr, BucketInfo, Errno, Ino, Kind, Name, SetTime, acl};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -604,10 +604,16 @@ impl Fs {
 
     /// What [`Fs::created`] needs to know of `parent` from before a create
     /// there: its ctime, and whether the new node takes no ACL from it
-    /// (`may_inherit`: it might; asks the server once per directory).
+    /// (`may_inherit`: it might). Whether `parent` has a default ACL is
+    /// asked of the server once, then known while its ctime holds (carried
+    /// over this mount's own changes), so later creates there can be
+    /// answered locally and their nodes known to have no xattrs.
     async fn before_create(&self, parent: Ino, may_inherit: bool) -> BeforeCreate {
         let parent_ctime = self.mc().and_then(|m| m.attr(parent).ok().flatten()).map(|a| a.ctime);
-        let plain = !may_inherit || self.without_default_acl(parent).await;
+        let plain = !may_inherit
+            || !self.acls()
+            || parent_ctime.is_some_and(|c| self.xattrs.known_absent(parent, c, acl::DEFAULT))
+            || matches!(self.getxattr(parent, acl::DEFAULT).await, Err(e) if e.errno == Errno::ENODATA);
         BeforeCreate { parent_ctime, plain }
     }
 
@@ -1408,13 +1414,19 @@ impl Fs {
     /// the listing it reads.
     pub async fn opendir(&self, ino: Ino) -> Result<(u64, bool)> {
         let snapshot = self.listing(ino).await?;
+        let keep = self.remember_listed(ino);
+        Ok((self.new_handle(Handle::Dir(Arc::new(snapshot))), keep))
+    }
+
+    /// Remember that the kernel may keep `ino`'s listing, if there is room
+    /// (see [`MAX_LISTED`]); whether it is remembered.
+    fn remember_listed(&self, ino: Ino) -> bool {
         let mut listed = lock(&self.listed);
-        let keep = listed.len() < MAX_LISTED || listed.contains(&ino);
-        if keep {
+        let room = listed.len() < MAX_LISTED || listed.contains(&ino);
+        if room {
             listed.insert(ino);
         }
-        drop(listed);
-        Ok((self.new_handle(Handle::Dir(Arc::new(snapshot))), keep))
+        room
     }
 
     /// The listing of `ino` now, from the cache or the server.
@@ -1481,12 +1493,7 @@ impl Fs {
         }
         // The kernel may keep what it reads now (a push may have dropped
         // the directory from `listed` since the open).
-        {
-            let mut listed = lock(&self.listed);
-            if listed.len() < MAX_LISTED {
-                listed.insert(d.ino);
-            }
-        }
+        self.remember_listed(d.ino);
         if d.taken_at == self.namespace_changes.load(Ordering::Acquire) {
             return Ok(d);
         }

@@ -68,6 +68,12 @@ impl XattrCache {
         matches!(self.answer(ino, ctime, name), Some(Err(_)))
     }
 
+    /// Is anything at all known of `name` on `ino`, current or not? (A
+    /// check that needs no ctime; [`XattrCache::known_absent`] decides.)
+    pub fn knows_of(&self, ino: Ino, name: &[u8]) -> bool {
+        lock(&self.known).get(&ino).is_some_and(|k| k.complete || k.values.contains_key(name))
+    }
+
     fn learn(&self, ino: Ino, ctime: Timespec, name: &[u8], value: Option<Vec<u8>>) {
         let mut known = lock(&self.known);
         let k = known.entry(ino).or_insert_with(|| Known::new(ctime, false));
