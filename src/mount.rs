@@ -333,21 +333,42 @@ const FREE_HEAP_WORTH_TRIMMING: usize = 16 << 20;
 /// Keep the daemon's memory bounded. Large buffers are served from the
 /// heap and kept (see `keep_large_buffers`), which saves page faults but
 /// lets freed chunks pile up between live ones (measured: 160 of 256 MiB
-/// resident after a 10 GiB copy was free heap). Once a second, past the
-/// soft limit and with enough of the heap free, hand free pages back.
+/// resident after a 10 GiB copy was free heap). Past the soft limit and
+/// with enough of the heap free, hand free pages back. Looking costs a walk
+/// of the heap under the arenas' locks, so a look that finds nothing to
+/// trim waits twice as long for the next (up to half a minute), unless the
+/// daemon grows meanwhile.
 async fn bound_heap() {
-    let page = 4096;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tick.tick().await;
-        let resident = std::fs::read_to_string("/proc/self/statm")
+    const PAGE: u64 = 4096;
+    const LONGEST_WAIT: u32 = 32;
+    let resident = || {
+        std::fs::read_to_string("/proc/self/statm")
             .ok()
             .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
-            .map_or(0, |pages| pages * page);
-        // SAFETY: plain allocator calls.
-        if resident > RESIDENT_SOFT_LIMIT && unsafe { libc::mallinfo2() }.fordblks >= FREE_HEAP_WORTH_TRIMMING {
-            unsafe { libc::malloc_trim(0) };
+            .map_or(0, |pages| pages * PAGE)
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let (mut wait, mut waited, mut looked_at) = (1, 0, 0);
+    loop {
+        tick.tick().await;
+        waited += 1;
+        let now = resident();
+        if now <= RESIDENT_SOFT_LIMIT {
+            wait = 1;
+            continue;
         }
+        if waited < wait && now < looked_at + FREE_HEAP_WORTH_TRIMMING as u64 {
+            continue;
+        }
+        waited = 0;
+        // SAFETY: plain allocator calls.
+        if unsafe { libc::mallinfo2() }.fordblks >= FREE_HEAP_WORTH_TRIMMING {
+            unsafe { libc::malloc_trim(0) };
+            wait = 1;
+        } else {
+            wait = (wait * 2).min(LONGEST_WAIT);
+        }
+        looked_at = resident();
     }
 }
 

@@ -232,6 +232,9 @@ impl Session {
         if let Some((client, request)) = &replay_key
             && let Some(earlier) = self.service.replayed(client.clone(), request.clone()).await
         {
+            if method == Create::NAME {
+                self.reopen_replayed_create(&msg, &earlier);
+            }
             return Some(earlier);
         }
         self.service.counters.count(method);
@@ -383,6 +386,20 @@ impl Session {
     ) -> Outcome<T> {
         let b = self.bucket_id()?;
         Ok(self.service.mutate(b, move |m| f(m, b)).await?)
+    }
+
+    /// A create answered again from the replay cache registers its open
+    /// again: the first registration went with the connection that carried
+    /// it (or was inherited from it, and is taken over here).
+    fn reopen_replayed_create(&self, msg: &RawMessage, earlier: &[u8]) {
+        let Ok(p) = msg.params::<CreateParams>() else { return };
+        if p.unregistered && self.lease().is_some() {
+            return;
+        }
+        let answer = RawMessage { encoding: msg.encoding, bytes: earlier.to_vec() };
+        if let (Ok(attr), Ok(b)) = (answer.result::<Attr>(), self.bucket_id()) {
+            self.note_open(b, attr.ino);
+        }
     }
 
     /// Register an open of `ino` by this connection (one it inherited, if any, is taken over).

@@ -756,6 +756,41 @@ async fn disconnect_releases_open_files() {
     fx.finish().await;
 }
 
+/// A create sent again on a new connection (its answer was lost with the
+/// old one) is answered from the replay cache, and still holds the file open.
+#[tokio::test]
+async fn a_replayed_create_holds_its_file_open() {
+    let fx = Fixture::start().await;
+    let hello = json!({"versions": [1], "encodings": ["json"], "client_id": "replaying client"});
+    let create = json!({"jsonrpc": "2.0", "id": "create-1", "method": "fs.create",
+        "params": {"parent": 1, "name": "f", "mode": 0o644, "uid": 0, "gid": 0}});
+    let mut a = fx.connect().await;
+    ok(&mut a, "hello", hello.clone()).await;
+    ok(&mut a, "bucket.create", json!({"name": "replay"})).await;
+    ok(&mut a, "bucket.mount", json!({"name": "replay"})).await;
+    let first = raw(&mut a, &create.to_string()).await;
+    let ino = first["result"]["ino"].as_u64().unwrap_or_else(|| panic!("{first}"));
+    a.close(None).await.unwrap();
+    drop(a);
+
+    let mut b = fx.connect().await;
+    ok(&mut b, "hello", json!({"versions": [1], "encodings": ["json"]})).await;
+    ok(&mut b, "bucket.mount", json!({"name": "replay"})).await;
+
+    let mut a = fx.connect().await;
+    ok(&mut a, "hello", hello).await;
+    ok(&mut a, "bucket.mount", json!({"name": "replay"})).await;
+    let again = raw(&mut a, &create.to_string()).await;
+    assert_eq!(again["result"]["ino"], ino, "answered from the replay cache: {again}");
+    // Removed elsewhere, the file stays while the replayed create holds it.
+    ok(&mut b, "fs.unlink", json!({"parent": 1, "name": "f"})).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(ok(&mut b, "fs.getattr", json!({"ino": ino})).await["nlink"], 0, "purged while open");
+    ok(&mut a, "fs.release", json!({"ino": ino})).await;
+    assert_eq!(fs_error(&mut b, "fs.getattr", json!({"ino": ino})).await, "ENOENT", "released, the file goes");
+    fx.finish().await;
+}
+
 // --- delegation ---
 
 /// Call `method` and wait for its answer, collecting the notifications
