@@ -180,21 +180,61 @@ fn locks_taken_under_the_delegation_reach_a_newcomer() {
 }
 
 /// The server forgets every lock when it restarts; each mount takes its
-/// own again on reconnecting.
+/// own again on reconnecting, and for a grace period after the restart
+/// nobody else can take a lock first.
 #[test]
 fn locks_are_taken_again_after_a_server_restart() {
-    let (mut server, pa, pb, _a, _b) = two_mounts("e2e-locks-restart", "");
+    let (mut server, pa, pb, a, _b) = two_mounts("e2e-locks-restart", "");
     std::fs::write(pa.join("f"), b"x").unwrap();
-    let fa = open_rw(&pa.join("f"));
-    fcntl(&fa, libc::F_SETLK, libc::F_WRLCK, 0, 0).unwrap();
-    server.restart();
+    // Held by another process: this one starts restfsd, and a child
+    // inheriting a descriptor of A's would wait on the frozen A below.
+    let holder = "import fcntl, sys\nf = open(sys.argv[1], 'r+b')\nfcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\nprint('locked', flush=True)\nsys.stdin.read()\n";
+    let mut holder = std::process::Command::new("python3")
+        .args(["-c", holder])
+        .arg(pa.join("f"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(holder.stdout.take().unwrap()), &mut said).unwrap();
+    assert_eq!(said.trim(), "locked");
     let fb = open_rw(&pb.join("f"));
-    wait_until("A's lock is held again", Duration::from_secs(10), || {
-        fcntl(&fb, libc::F_GETLK, libc::F_RDLCK, 0, 0).is_ok_and(|l| l.l_type as i32 == libc::F_WRLCK)
-    });
-    refused(fcntl(&fb, libc::F_SETLK, libc::F_RDLCK, 0, 0));
-    drop(fa);
-    wait_until("A's lock goes with its close", Duration::from_secs(5), || fcntl(&fb, libc::F_SETLK, libc::F_WRLCK, 0, 0).is_ok());
+    refused(fcntl(&fb, libc::F_SETLK, libc::F_WRLCK, 0, 0));
+    server.stop();
+    // A reconnects a second later than B: B's tries reach the new server first.
+    a.signal(libc::SIGSTOP);
+    let prober = keep_trying_to_lock(&fb, Duration::from_millis(2500));
+    assert!(server.spawn(), "restfsd could not start again");
+    std::thread::sleep(Duration::from_secs(1));
+    a.signal(libc::SIGCONT);
+    match prober.join().unwrap() {
+        Ok(tries) => assert!(tries > 100, "B tried only {tries} times"),
+        Err(tries) => panic!("B took A's lock at its try {tries}, before A took it again"),
+    }
+    assert!(!a.log().contains("is lost"), "A lost its lock: {}", a.log());
+    assert_eq!(fcntl(&fb, libc::F_GETLK, libc::F_RDLCK, 0, 0).unwrap().l_type as i32, libc::F_WRLCK, "A's lock is held again");
+    drop(holder.stdin.take());
+    assert!(holder.wait().unwrap().success());
+    wait_until("A's lock goes with its holder", Duration::from_secs(10), || fcntl(&fb, libc::F_SETLK, libc::F_WRLCK, 0, 0).is_ok());
+}
+
+/// Try `F_SETLK` on `f` every millisecond for `how_long`, in a thread: the
+/// number of tries, or the try that took the lock (as an error).
+fn keep_trying_to_lock(f: &File, how_long: Duration) -> std::thread::JoinHandle<Result<u32, u32>> {
+    let f = f.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let until = std::time::Instant::now() + how_long;
+        let mut tries = 0;
+        while std::time::Instant::now() < until {
+            if fcntl(&f, libc::F_SETLK, libc::F_WRLCK, 0, 0).is_ok() {
+                return Err(tries);
+            }
+            tries += 1;
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(tries)
+    })
 }
 
 /// A mount whose connection broke on its side while the server's side
@@ -210,23 +250,9 @@ fn locks_are_taken_again_after_a_connection_breaks_on_the_clients_side() {
     let fb = open_rw(&pb.join("f"));
     refused(fcntl(&fb, libc::F_SETLK, libc::F_WRLCK, 0, 0));
     // B keeps trying all along: it must never get the lock.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (stopped, fb2) = (stop.clone(), fb.try_clone().unwrap());
-    let prober = std::thread::spawn(move || {
-        let mut tries = 0;
-        while !stopped.load(std::sync::atomic::Ordering::SeqCst) {
-            if fcntl(&fb2, libc::F_SETLK, libc::F_WRLCK, 0, 0).is_ok() {
-                return Err(tries);
-            }
-            tries += 1;
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        Ok(tries)
-    });
+    let prober = keep_trying_to_lock(&fb, Duration::from_secs(2));
     // The old connection goes for good; A's lock must not go with it.
     break_clients_side(&proxy, &a);
-    std::thread::sleep(Duration::from_secs(2));
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
     match prober.join().unwrap() {
         Ok(tries) => assert!(tries > 100, "B tried only {tries} times"),
         Err(tries) => panic!("B took A's lock at its try {tries}, while A reconnected"),

@@ -195,6 +195,10 @@ pub struct LockParams {
     pub end: u64,
     pub kind: LockKind,
     pub pid: u32,
+    /// Taken again after a reconnection: for a short while after a restart
+    /// the server grants only these.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reclaim: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

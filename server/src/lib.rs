@@ -53,6 +53,12 @@ impl Server {
         }
         let blocks = blocks::dir::DirBlocks::open(data).map_err(|e| format!("cannot open block store in {}: {e}", data.display()))?;
         let service = Service::new(Arc::new(meta), Arc::new(blocks));
+        if service.locks.mark_at(data.join("locks.held")) {
+            tracing::info!(
+                "clients held locks when restfsd stopped: for {:?} only they can take locks, while they take theirs again",
+                locks::RECLAIM_GRACE
+            );
+        }
         if let Some(token) = token {
             service.require_token(token);
         }

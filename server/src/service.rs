@@ -419,6 +419,16 @@ impl Service {
         });
         let me = self.clone();
         tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            // Not once shutting down: the connections' locks go, yet their
+            // clients will take them again from the next server.
+            while !*me.closing.borrow() {
+                me.locks.tidy_marker();
+                tick.tick().await;
+            }
+        });
+        let me = self.clone();
+        tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(60));
             loop {
                 tick.tick().await;

@@ -104,7 +104,7 @@ impl Fs {
             .await;
         let conflict = match route {
             Ok(c) => c,
-            Err(_call) => self.link().call::<LockGet>(LockParams { ino, owner, start, end, kind, pid }).await?.conflict,
+            Err(_call) => self.link().call::<LockGet>(LockParams { ino, owner, start, end, kind, pid, reclaim: false }).await?.conflict,
         };
         Ok(conflict.map_or((0, 0, libc::F_UNLCK, 0), |h| (h.start, h.end, typ_of(h.kind), h.pid)))
     }
@@ -182,7 +182,12 @@ impl Fs {
         let taken = match route {
             Ok(taken) => taken,
             Err(_call) => {
-                match self.link().call::<LockSet>(LockParams { ino, owner, start, end, kind, pid }).await.map_err(FsError::from) {
+                match self
+                    .link()
+                    .call::<LockSet>(LockParams { ino, owner, start, end, kind, pid, reclaim: false })
+                    .await
+                    .map_err(FsError::from)
+                {
                     Ok(_) => {
                         // The table holds nothing the server does not (no
                         // delegation, no recall under way), so it agrees.
@@ -238,10 +243,11 @@ impl Fs {
             // new lock would meet another's old one.
             let mut sends: Vec<LockParams> = unsent
                 .iter()
-                .map(|&(ino, owner)| LockParams { ino, owner, start: 0, end: LAST_BYTE, kind: LockKind::Unlock, pid: 0 })
+                .map(|&(ino, owner)| LockParams { ino, owner, start: 0, end: LAST_BYTE, kind: LockKind::Unlock, pid: 0, reclaim: false })
                 .collect();
             for (ino, h) in st.table.all().filter(|(ino, h)| unsent.contains(&(*ino, h.by))) {
-                sends.push(LockParams { ino, owner: h.by, start: h.start, end: h.end, kind: h.kind(), pid: h.pid });
+                // Granted already, under the delegation.
+                sends.push(LockParams { ino, owner: h.by, start: h.start, end: h.end, kind: h.kind(), pid: h.pid, reclaim: true });
             }
             sends
         };
@@ -267,12 +273,12 @@ impl Fs {
             let unlocks = st
                 .unsent
                 .iter()
-                .map(|&(ino, owner)| LockParams { ino, owner, start: 0, end: LAST_BYTE, kind: LockKind::Unlock, pid: 0 })
+                .map(|&(ino, owner)| LockParams { ino, owner, start: 0, end: LAST_BYTE, kind: LockKind::Unlock, pid: 0, reclaim: false })
                 .collect();
             let sends = st
                 .table
                 .all()
-                .map(|(ino, h)| LockParams { ino, owner: h.by, start: h.start, end: h.end, kind: h.kind(), pid: h.pid })
+                .map(|(ino, h)| LockParams { ino, owner: h.by, start: h.start, end: h.end, kind: h.kind(), pid: h.pid, reclaim: true })
                 .collect();
             (unlocks, sends)
         };

@@ -71,7 +71,7 @@ impl Server {
     }
 
     /// Start restfsd; false if its port was taken meanwhile.
-    fn spawn(&mut self) -> bool {
+    pub fn spawn(&mut self) -> bool {
         let log = std::fs::File::create(self.data.with_extension("log")).unwrap();
         let child = Command::new(RESTFSD)
             .args(["--listen", &format!("127.0.0.1:{}", self.port), "--data"])
