@@ -36,6 +36,26 @@ fn copy_survives_a_server_restart() {
     m.unmount();
 }
 
+/// A file held open on one mount and unlinked by another is still readable
+/// there after a server restart: restfsd removes the unlinked files left
+/// open only once their clients, reconnecting, had the time to open them
+/// again.
+#[test]
+fn a_file_held_open_survives_a_server_restart() {
+    use std::io::Read;
+    let (mut server, pa, pb, _a, _b) = two_mounts("e2e-reconnect-held-restart", "");
+    let content = pattern_at(12, 0, 3 << 20);
+    std::fs::write(pb.join("f"), &content).unwrap();
+    let mut held = std::fs::File::open(pa.join("f")).unwrap();
+    std::fs::remove_file(pb.join("f")).unwrap();
+    server.restart();
+    // Past the grace restfsd gives its clients (6 s).
+    std::thread::sleep(Duration::from_secs(8));
+    let mut got = Vec::new();
+    held.read_to_end(&mut got).unwrap();
+    assert!(got == content, "the file held open lost its content ({} bytes read)", got.len());
+}
+
 /// A file held open on a mount whose side of the connection broke (the
 /// server's side stayed open), and unlinked meanwhile by another mount,
 /// is still readable there after the reconnection: the new connection

@@ -351,6 +351,24 @@ impl Service {
         .await
     }
 
+    /// Unlinked files left open when the server last stopped go once their
+    /// clients, reconnecting, had `grace` to open them again.
+    pub fn purge_orphans_after(self: &Arc<Self>, grace: Duration) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            let open = me.clone();
+            match me.meta_blocking(move |m| m.purge_orphans(&|b, ino| open.is_open(b, ino))).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    me.dirty.store(true, Ordering::Release);
+                    tracing::info!("removed {n} unlinked inodes left open at the last stop");
+                }
+                Err(e) => tracing::error!("removing unlinked inodes left open at the last stop: {e}"),
+            }
+        });
+    }
+
     pub fn is_open(&self, bucket: BucketId, ino: Ino) -> bool {
         self.opens.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&(bucket, ino))
     }
@@ -385,7 +403,10 @@ impl Service {
                 None => false,
             }
         };
-        if last {
+        // Not while shutting down: the connections close, yet their clients
+        // will open their files again on the next server (see
+        // `purge_orphans_after`).
+        if last && !*self.closing.borrow() {
             // Most files released were never unlinked: a read, not a mutation.
             self.purge_unless_open(bucket, ino).await?;
         }

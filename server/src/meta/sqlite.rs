@@ -940,16 +940,20 @@ impl MetaStore for SqliteMeta {
         })
     }
 
-    fn purge_all(&self) -> Result<u64> {
+    fn purge_orphans(&self, is_open: &dyn Fn(BucketId, Ino) -> bool) -> Result<u64> {
         self.with_tx(|tx| {
             let orphans: Vec<(i64, i64)> = tx
                 .prepare_cached("SELECT bucket, ino FROM inodes WHERE nlink = 0")?
                 .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<rusqlite::Result<_>>()?;
-            for (b, ino) in &orphans {
-                delete_inode(tx, *b, *ino as u64)?;
+            let mut purged = 0;
+            for (b, ino) in orphans {
+                if !is_open(b, ino as u64) {
+                    delete_inode(tx, b, ino as u64)?;
+                    purged += 1;
+                }
             }
-            Ok(orphans.len() as u64)
+            Ok(purged)
         })
     }
 
