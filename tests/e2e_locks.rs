@@ -186,19 +186,7 @@ fn locks_taken_under_the_delegation_reach_a_newcomer() {
 fn locks_are_taken_again_after_a_server_restart() {
     let (mut server, pa, pb, a, _b) = two_mounts("e2e-locks-restart", "");
     std::fs::write(pa.join("f"), b"x").unwrap();
-    // Held by another process: this one starts restfsd, and a child
-    // inheriting a descriptor of A's would wait on the frozen A below.
-    let holder = "import fcntl, sys\nf = open(sys.argv[1], 'r+b')\nfcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\nprint('locked', flush=True)\nsys.stdin.read()\n";
-    let mut holder = std::process::Command::new("python3")
-        .args(["-c", holder])
-        .arg(pa.join("f"))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut said = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(holder.stdout.take().unwrap()), &mut said).unwrap();
-    assert_eq!(said.trim(), "locked");
+    let mut holder = hold_lock(&pa.join("f"));
     let fb = open_rw(&pb.join("f"));
     refused(fcntl(&fb, libc::F_SETLK, libc::F_WRLCK, 0, 0));
     server.stop();
@@ -217,6 +205,55 @@ fn locks_are_taken_again_after_a_server_restart() {
     drop(holder.stdin.take());
     assert!(holder.wait().unwrap().success());
     wait_until("A's lock goes with its holder", Duration::from_secs(10), || fcntl(&fb, libc::F_SETLK, libc::F_WRLCK, 0, 0).is_ok());
+}
+
+/// A lock taken under the delegation (the server never heard of it) stays
+/// its holder's across a server restart: a mount arriving while the holder
+/// is not back yet cannot take it.
+#[test]
+fn a_lock_taken_under_the_delegation_survives_a_server_restart() {
+    let (mut server, root, pa, a) = one_mount("e2e-locks-delegated-restart", "");
+    wait_until("the delegation", Duration::from_secs(10), || restfs::stats::read(&pa).is_ok_and(|s| s.delegated));
+    let f = File::create(pa.join("f")).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let mut holder = hold_lock(&pa.join("f"));
+    assert_eq!(server.counter_or_zero("requests.lock.set"), 0, "the lock went to the server under the delegation");
+    server.stop();
+    a.signal(libc::SIGSTOP);
+    assert!(server.spawn(), "restfsd could not start again");
+    let (pb, _b) = second_mount(&server, &root);
+    let fb = open_rw(&pb.join("f"));
+    let prober = keep_trying_to_lock(&fb, Duration::from_millis(2500));
+    std::thread::sleep(Duration::from_secs(1));
+    a.signal(libc::SIGCONT);
+    match prober.join().unwrap() {
+        Ok(tries) => assert!(tries > 100, "B tried only {tries} times"),
+        Err(tries) => panic!("B took A's lock at its try {tries}, before A took it again"),
+    }
+    assert!(!a.log().contains("is lost"), "A lost its lock: {}", a.log());
+    assert_eq!(fcntl(&fb, libc::F_GETLK, libc::F_RDLCK, 0, 0).unwrap().l_type as i32, libc::F_WRLCK, "A's lock is held again");
+    drop(holder.stdin.take());
+    assert!(holder.wait().unwrap().success());
+    wait_until("A's lock goes with its holder", Duration::from_secs(10), || fcntl(&fb, libc::F_SETLK, libc::F_WRLCK, 0, 0).is_ok());
+}
+
+/// A process holding a write lock on all of `path` until its stdin closes.
+/// Another process: this one starts restfsd, and a child inheriting a
+/// descriptor on a frozen mount would wait on it.
+fn hold_lock(path: &std::path::Path) -> std::process::Child {
+    let script = "import fcntl, sys\nf = open(sys.argv[1], 'r+b')\nfcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\nprint('locked', flush=True)\nsys.stdin.read()\n";
+    let mut holder = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(holder.stdout.take().unwrap()), &mut said).unwrap();
+    assert_eq!(said.trim(), "locked");
+    holder
 }
 
 /// Try `F_SETLK` on `f` every millisecond for `how_long`, in a thread: the

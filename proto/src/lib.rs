@@ -56,3 +56,8 @@ pub const CAP_CALLBACKS: &str = "callbacks";
 /// (see `acl`). Without it a client leaves the umask to the kernel and
 /// does without ACLs.
 pub const CAP_ACL: &str = "acl";
+
+/// Capability: the client marks the locks it takes again after a
+/// reconnection (`reclaim`). Just after a restart the server grants only
+/// those; a client without it has each of its lock requests taken as one.
+pub const CAP_RECLAIM: &str = "lock-reclaim";

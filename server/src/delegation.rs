@@ -77,6 +77,11 @@ impl Delegations {
         true
     }
 
+    /// Does anyone hold a delegation?
+    pub fn any_held(&self) -> bool {
+        self.buckets().values().any(|u| u.holder.is_some())
+    }
+
     /// Does `session` hold the delegation of bucket `b`?
     pub fn holds(&self, b: BucketId, session: u64) -> bool {
         self.buckets().get(&b).and_then(|u| u.holder.as_ref()).is_some_and(|h| h.session == session)

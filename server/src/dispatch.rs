@@ -82,6 +82,8 @@ pub struct Session {
     client_id: Mutex<Option<String>>,
     /// The client asked for callbacks (`hello`).
     wants_callbacks: std::sync::atomic::AtomicBool,
+    /// The client marks its reclaims (`CAP_RECLAIM`).
+    marks_reclaims: std::sync::atomic::AtomicBool,
     /// Its lease, once subscribed with callbacks.
     lease: Mutex<Option<(BucketId, Arc<Lease>)>>,
     /// `hello` presented the server's token (or it needs none).
@@ -142,6 +144,7 @@ impl Session {
             pusher: Mutex::new(None),
             client_id: Mutex::new(None),
             wants_callbacks: Default::default(),
+            marks_reclaims: Default::default(),
             lease: Mutex::new(None),
             authenticated: std::sync::atomic::AtomicBool::new(false),
             closed: std::sync::atomic::AtomicBool::new(false),
@@ -454,10 +457,15 @@ impl Session {
         let capabilities: Vec<String> = p
             .capabilities
             .into_iter()
-            .filter(|c| [restfs_proto::CAP_PUSH, restfs_proto::CAP_CALLBACKS, restfs_proto::CAP_ACL].contains(&c.as_str()))
+            .filter(|c| {
+                [restfs_proto::CAP_PUSH, restfs_proto::CAP_CALLBACKS, restfs_proto::CAP_ACL, restfs_proto::CAP_RECLAIM]
+                    .contains(&c.as_str())
+            })
             .collect();
         let callbacks = capabilities.iter().any(|c| c == restfs_proto::CAP_CALLBACKS);
         self.wants_callbacks.store(callbacks, std::sync::atomic::Ordering::Release);
+        let marks = capabilities.iter().any(|c| c == restfs_proto::CAP_RECLAIM);
+        self.marks_reclaims.store(marks, std::sync::atomic::Ordering::Release);
         Ok(HelloResult {
             version: PROTOCOL_VERSION,
             encoding,
@@ -803,8 +811,18 @@ impl Session {
             Some(s) if !reset => s,
             _ => log.seq,
         };
-        // The client has restored its session: what it did not open again is closed.
-        self.release_inherited().await;
+        // The client has restored its session: what it did not open again
+        // is closed, a lease later (the requests it sends again once
+        // subscribed, such as a create whose answer was lost, take theirs
+        // over meanwhile).
+        let me = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(crate::callbacks::LEASE).await;
+            me.release_inherited().await;
+        });
+        if let Some(client) = self.client_id() {
+            self.service.locks.restored(&client);
+        }
         let me = self.clone();
         let bump = self.service.watch(b);
         *self.pushes.lock().await = Some(PushCursor { bucket: b, through: cursor, asked: 0 });
@@ -935,6 +953,8 @@ impl Session {
         if !self.service.delegations.grant(b, self.id, lease, recall) {
             return Ok(refused);
         }
+        // Its holder answers locks itself: a restart waits for it to take them again.
+        self.service.locks.delegated(&self.client_id().unwrap_or_else(|| crate::locks::UNNAMED.into()));
         drop(pushes);
         let first = self.reserve(b, p.inos.min(MAX_RESERVATION)).await?;
         Ok(DelegateResult { granted: true, first, count: p.inos.min(MAX_RESERVATION) })
@@ -1034,7 +1054,9 @@ impl Session {
             end: p.end,
             kind: p.kind,
             pid: p.pid,
-            reclaim: p.reclaim,
+            // An older client's reclaims are not marked: all its requests count as such.
+            reclaim: p.reclaim || !self.marks_reclaims.load(std::sync::atomic::Ordering::Acquire),
+            client: self.client_id().unwrap_or_else(|| crate::locks::UNNAMED.into()),
         })
     }
 

@@ -47,6 +47,8 @@ impl Server {
         std::fs::create_dir_all(data).map_err(|e| format!("cannot create data directory {}: {e}", data.display()))?;
         let meta = meta::sqlite::SqliteMeta::open(&data.join("meta.db"))
             .map_err(|e| format!("cannot open metadata in {}: {e}", data.display()))?;
+        // Purged once their clients, reconnecting, had the time to open them again.
+        let left_open = meta::MetaStore::orphans(&meta).map_err(|e| e.to_string())?;
         let blocks = blocks::dir::DirBlocks::open(data).map_err(|e| format!("cannot open block store in {}: {e}", data.display()))?;
         let service = Service::new(Arc::new(meta), Arc::new(blocks));
         if service.locks.mark_at(data.join("locks.held")) {
@@ -59,7 +61,7 @@ impl Server {
             service.require_token(token);
         }
         service.spawn_background();
-        service.purge_orphans_after(locks::RECLAIM_GRACE);
+        service.purge_left_open(left_open, locks::RECLAIM_GRACE);
         let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         let task = tokio::spawn(ws::serve(listener, service.clone()));

@@ -3,24 +3,32 @@
 //! and an owner that client names; its locks go with the connection.
 //!
 //! Across a restart, the clients take their locks again (reclaims). So
-//! that nobody else takes one first, a marker file says that locks were
-//! held; a server that finds it at start grants only reclaims for
-//! [`RECLAIM_GRACE`]. The marker is written when the table stops being
-//! empty and removed, by [`Locks::tidy_marker`], once it is empty again
-//! (not by a shutdown, which drops every connection's locks).
+//! that nobody else takes one first, a marker file names the clients that
+//! hold locks, or a delegation (whose holder answers locks itself). A
+//! server that finds it at start grants only reclaims, and no delegation,
+//! until each client named has restored its session, or for at most
+//! [`RECLAIM_GRACE`]. The marker is written when a client not named yet
+//! takes a lock or a delegation, and removed, by [`Locks::tidy_marker`],
+//! once no lock or delegation is held (not by a shutdown, which drops every
+//! connection's locks).
 
 use crate::meta::BucketId;
 use restfs_proto::Ino;
 use restfs_proto::locks::LockTable;
 use restfs_proto::methods::{HeldLock, LockKind};
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// After a restart with locks held, how long only reclaims take locks: two
-/// leases, well past the longest wait of a client between reconnection
-/// attempts (2 s).
+/// After a restart with locks held, how long at most only reclaims take
+/// locks: two leases, well past the longest wait of a client between
+/// reconnection attempts (2 s).
 pub const RECLAIM_GRACE: Duration = Duration::from_secs(2 * crate::callbacks::LEASE.as_secs());
+
+/// How the marker names a client that gave no id: waited for until the
+/// grace period ends.
+pub const UNNAMED: &str = "*";
 
 #[derive(Default)]
 pub struct Locks {
@@ -33,8 +41,28 @@ struct State {
     table: LockTable<(BucketId, Ino), (u64, i64)>,
     /// Where the marker lives, if the locks outlive restarts.
     marker: Option<PathBuf>,
-    /// The marker file exists.
-    marked: bool,
+    /// The clients the marker names (it exists if there are any).
+    named: BTreeSet<String>,
+    /// The clients named by the marker found at start that have not yet
+    /// restored their session; the grace period ends with the last.
+    awaited: BTreeSet<String>,
+}
+
+impl State {
+    /// Name `client` in the marker, if it is not yet.
+    fn name(&mut self, client: &str) {
+        let Some(path) = &self.marker else { return };
+        if self.named.contains(client) {
+            return;
+        }
+        let mut named = self.named.clone();
+        named.insert(client.to_string());
+        let text: String = named.iter().map(|c| format!("{c}\n")).collect();
+        match std::fs::write(path, text) {
+            Ok(()) => self.named = named,
+            Err(e) => tracing::warn!("cannot write {}: {e}; a restart will not wait for the locks to be taken again", path.display()),
+        }
+    }
 }
 
 /// One lock request: who, which file, which bytes.
@@ -49,6 +77,8 @@ pub struct Request {
     pub pid: u32,
     /// Taken again after a reconnection: granted during the grace period.
     pub reclaim: bool,
+    /// The client's id (`hello`), or [`UNNAMED`].
+    pub client: String,
 }
 
 impl Locks {
@@ -56,18 +86,33 @@ impl Locks {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Keep the marker at `path`. If it is there already, locks were held
-    /// when the server stopped: start the grace period (true).
+    /// Keep the marker at `path`. If it is there already, clients held
+    /// locks when the server stopped: start the grace period (true).
     pub fn mark_at(&self, path: PathBuf) -> bool {
         let mut st = self.state();
-        st.marked = path.exists();
+        let named: BTreeSet<String> =
+            std::fs::read_to_string(&path).unwrap_or_default().lines().filter(|l| !l.is_empty()).map(String::from).collect();
+        // A marker from before clients were named in it: wait the whole grace.
+        let awaited = if named.is_empty() && path.exists() { BTreeSet::from([UNNAMED.to_string()]) } else { named.clone() };
         st.marker = Some(path);
-        st.marked && self.grace_until.set(Instant::now() + RECLAIM_GRACE).is_ok()
+        st.named = named;
+        st.awaited = awaited;
+        !st.awaited.is_empty() && self.grace_until.set(Instant::now() + RECLAIM_GRACE).is_ok()
     }
 
     /// Only reclaims are granted (see the module's doc).
     pub fn in_grace(&self) -> bool {
-        self.grace_until.get().is_some_and(|until| Instant::now() < *until)
+        self.grace_until.get().is_some_and(|until| Instant::now() < *until) && !self.state().awaited.is_empty()
+    }
+
+    /// `client` restored its session (its locks are taken again).
+    pub fn restored(&self, client: &str) {
+        self.state().awaited.remove(client);
+    }
+
+    /// `client` holds a delegation: name it in the marker.
+    pub fn delegated(&self, client: &str) {
+        self.state().name(client);
     }
 
     /// The first lock of another holder that `r` conflicts with. Its pid
@@ -88,29 +133,26 @@ impl Locks {
         if !st.table.set((r.bucket, r.ino), (r.conn, r.owner), r.start, r.end, r.kind, r.pid) {
             return Err("a conflicting lock is held");
         }
-        if !st.marked
-            && !st.table.is_empty()
-            && let Some(path) = &st.marker
-        {
-            match std::fs::write(path, b"locks are held; see restfs-server's locks.rs\n") {
-                Ok(()) => st.marked = true,
-                Err(e) => tracing::warn!("cannot write {}: {e}; a restart will not wait for the locks to be reclaimed", path.display()),
-            }
+        if r.kind != LockKind::Unlock {
+            st.name(&r.client);
         }
         Ok(())
     }
 
-    /// Remove the marker if no lock is held (and the grace period is over).
-    pub fn tidy_marker(&self) {
+    /// Remove the marker if no lock is held, nor a delegation (`delegating`),
+    /// and the grace period is over.
+    pub fn tidy_marker(&self, delegating: bool) {
+        if delegating || self.in_grace() {
+            return;
+        }
         let mut st = self.state();
-        if !st.marked || !st.table.is_empty() || self.in_grace() {
+        if st.named.is_empty() || !st.table.is_empty() {
             return;
         }
         if let Some(path) = &st.marker {
             match std::fs::remove_file(path) {
-                Ok(()) => st.marked = false,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => st.marked = false,
-                Err(e) => tracing::warn!("cannot remove {}: {e}", path.display()),
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => tracing::warn!("cannot remove {}: {e}", path.display()),
+                _ => st.named.clear(),
             }
         }
     }
@@ -132,32 +174,43 @@ mod tests {
     use super::*;
 
     fn request(conn: u64, kind: LockKind, reclaim: bool) -> Request {
-        Request { bucket: 1, ino: 7, conn, owner: 1, start: 0, end: u64::MAX, kind, pid: 1, reclaim }
+        Request { bucket: 1, ino: 7, conn, owner: 1, start: 0, end: u64::MAX, kind, pid: 1, reclaim, client: format!("client {conn}") }
     }
 
     #[test]
-    fn the_marker_follows_the_table_and_starts_a_grace_period() {
+    fn the_marker_names_the_holders_and_starts_a_grace_period() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("locks.held");
         let locks = Locks::default();
         assert!(!locks.mark_at(path.clone()), "no marker, no grace");
         locks.set(&request(1, LockKind::Write, false)).unwrap();
-        assert!(path.exists(), "written with the first lock");
-        locks.tidy_marker();
+        locks.delegated("client 9");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "client 1\nclient 9\n");
+        locks.tidy_marker(false);
         assert!(path.exists(), "kept while a lock is held");
 
-        // A restart: only reclaims are granted.
+        // A restart: only reclaims are granted, until both named clients are back.
         let after = Locks::default();
         assert!(after.mark_at(path.clone()));
         assert!(after.set(&request(2, LockKind::Read, false)).is_err(), "a new lock waits for the grace period");
-        after.set(&request(3, LockKind::Write, true)).unwrap();
-        after.set(&request(2, LockKind::Unlock, false)).unwrap();
-        after.set(&request(3, LockKind::Unlock, true)).unwrap();
-        after.tidy_marker();
-        assert!(path.exists(), "kept through the grace period");
+        after.set(&request(1, LockKind::Write, true)).unwrap();
+        after.restored("client 1");
+        assert!(after.in_grace(), "client 9 is not back");
+        after.restored("client 9");
+        assert!(!after.in_grace(), "everyone named is back");
+        after.set(&request(1, LockKind::Unlock, false)).unwrap();
+        after.tidy_marker(true);
+        assert!(path.exists(), "kept while a delegation is held");
+        after.tidy_marker(false);
+        assert!(!path.exists(), "removed once no lock or delegation is held");
 
+        // A client without an id is waited for until the grace period ends.
         locks.set(&request(1, LockKind::Unlock, false)).unwrap();
-        locks.tidy_marker();
-        assert!(!path.exists(), "removed once no lock is held");
+        locks.set(&Request { client: UNNAMED.into(), ..request(3, LockKind::Write, false) }).unwrap();
+        let again = Locks::default();
+        assert!(again.mark_at(path.clone()));
+        again.restored("client 1");
+        again.restored("client 9");
+        assert!(again.in_grace(), "an unnamed holder is waited for until the grace period ends");
     }
 }

@@ -351,20 +351,20 @@ impl Service {
         .await
     }
 
-    /// Unlinked files left open when the server last stopped go once their
-    /// clients, reconnecting, had `grace` to open them again.
-    pub fn purge_orphans_after(self: &Arc<Self>, grace: Duration) {
+    /// The unlinked files left open when the server last stopped go once
+    /// their clients, reconnecting, had `grace` to open them again.
+    pub fn purge_left_open(self: &Arc<Self>, orphans: Vec<(BucketId, Ino)>, grace: Duration) {
+        if orphans.is_empty() {
+            return;
+        }
         let me = self.clone();
         tokio::spawn(async move {
             tokio::time::sleep(grace).await;
-            let open = me.clone();
-            match me.meta_blocking(move |m| m.purge_orphans(&|b, ino| open.is_open(b, ino))).await {
-                Ok(0) => {}
-                Ok(n) => {
-                    me.dirty.store(true, Ordering::Release);
-                    tracing::info!("removed {n} unlinked inodes left open at the last stop");
+            tracing::info!("{} unlinked files were left open at the last stop: those nobody opened again go", orphans.len());
+            for (b, ino) in orphans {
+                if let Err(e) = me.purge_unless_open(b, ino).await {
+                    tracing::error!("removing unlinked inode {ino} left open at the last stop: {e}");
                 }
-                Err(e) => tracing::error!("removing unlinked inodes left open at the last stop: {e}"),
             }
         });
     }
@@ -389,6 +389,12 @@ impl Service {
 
     /// Drop one open; purge the inode if that was the last and it is unlinked.
     pub async fn release(self: &Arc<Self>, bucket: BucketId, ino: Ino) -> Result<()> {
+        // Not while shutting down: the connections close, yet their clients
+        // will open their files again on the next server (see
+        // `purge_left_open`), and meanwhile an unlink must still find them open.
+        if *self.closing.borrow() {
+            return Ok(());
+        }
         let last = {
             let mut opens = self.opens.lock().unwrap_or_else(|p| p.into_inner());
             match opens.get_mut(&(bucket, ino)) {
@@ -403,10 +409,7 @@ impl Service {
                 None => false,
             }
         };
-        // Not while shutting down: the connections close, yet their clients
-        // will open their files again on the next server (see
-        // `purge_orphans_after`).
-        if last && !*self.closing.borrow() {
+        if last {
             // Most files released were never unlinked: a read, not a mutation.
             self.purge_unless_open(bucket, ino).await?;
         }
@@ -444,7 +447,7 @@ impl Service {
             // Not once shutting down: the connections' locks go, yet their
             // clients will take them again from the next server.
             while !*me.closing.borrow() {
-                me.locks.tidy_marker();
+                me.locks.tidy_marker(me.delegations.any_held());
                 tick.tick().await;
             }
         });

@@ -260,7 +260,9 @@ impl Link {
         let hello = HelloParams {
             versions: vec![PROTOCOL_VERSION],
             encodings: vec![Encoding::Bson, Encoding::Json],
-            capabilities: [restfs_proto::CAP_PUSH, restfs_proto::CAP_CALLBACKS, restfs_proto::CAP_ACL].map(String::from).to_vec(),
+            capabilities: [restfs_proto::CAP_PUSH, restfs_proto::CAP_CALLBACKS, restfs_proto::CAP_ACL, restfs_proto::CAP_RECLAIM]
+                .map(String::from)
+                .to_vec(),
             client: format!("restfs {}", env!("CARGO_PKG_VERSION")),
             client_id: Some(self.inner.client_id.clone()),
             token: self.inner.token.clone(),

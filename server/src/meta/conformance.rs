@@ -41,7 +41,7 @@ pub fn run_all(store: &dyn MetaStore) {
     link_and_unlink(store);
     unlink_last_link_deletes(store);
     unlinked_open_inode_survives_until_purge(store);
-    purge_orphans_keeps_open_ones(store);
+    orphans_are_listed_until_purged(store);
     rmdir_rules(store);
     // Rename.
     rename_plain(store);
@@ -636,22 +636,17 @@ fn unlinked_open_inode_survives_until_purge(s: &dyn MetaStore) {
     assert!(!s.purge(b, 999_999, &|_| false).unwrap());
 }
 
-fn purge_orphans_keeps_open_ones(s: &dyn MetaStore) {
-    let b = bucket(s, "conf-purge-all");
+fn orphans_are_listed_until_purged(s: &dyn MetaStore) {
+    let b = bucket(s, "conf-orphans");
     let orphan = mkfile(s, b, ROOT_INO, "orphan");
-    let held = mkfile(s, b, ROOT_INO, "held");
     let kept = mkfile(s, b, ROOT_INO, "kept");
     s.unlink(b, ROOT_INO, b"orphan", &|_| true).unwrap();
-    s.unlink(b, ROOT_INO, b"held", &|_| true).unwrap();
     assert_eq!(nlink(s, b, orphan.ino), 0);
-    let open = |bucket: BucketId, ino: Ino| bucket == b && ino == held.ino;
-    assert!(s.purge_orphans(&open).unwrap() >= 1);
-    expect_errno(s.getattr(b, orphan.ino), Errno::ENOENT);
-    assert_eq!(nlink(s, b, held.ino), 0, "held open: kept");
-    assert_eq!(nlink(s, b, kept.ino), 1);
-    assert_eq!(s.purge_orphans(&open).unwrap(), 0, "nothing left to purge but the open one");
-    assert_eq!(s.purge_orphans(&|_, _| false).unwrap(), 1);
-    expect_errno(s.getattr(b, held.ino), Errno::ENOENT);
+    let listed = s.orphans().unwrap();
+    assert!(listed.contains(&(b, orphan.ino)), "{listed:?}");
+    assert!(!listed.contains(&(b, kept.ino)), "{listed:?}");
+    assert!(s.purge(b, orphan.ino, &|_| false).unwrap());
+    assert!(!s.orphans().unwrap().contains(&(b, orphan.ino)), "purged, no longer listed");
 }
 
 fn rmdir_rules(s: &dyn MetaStore) {

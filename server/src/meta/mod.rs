@@ -90,9 +90,9 @@ pub trait MetaStore: Send + Sync {
     /// Delete an unlinked (nlink 0) inode unless `is_open` says someone
     /// holds it again (checked inside the transaction). True if it was deleted.
     fn purge(&self, b: BucketId, ino: Ino, is_open: IsOpen<'_>) -> Result<bool>;
-    /// Delete every unlinked inode nobody holds open (after a restart,
-    /// once the clients had the time to open theirs again).
-    fn purge_orphans(&self, is_open: &dyn Fn(BucketId, Ino) -> bool) -> Result<u64>;
+    /// Every unlinked inode not yet purged (at start: those left open at
+    /// the last stop).
+    fn orphans(&self) -> Result<Vec<(BucketId, Ino)>>;
 
     // Extended attributes.
     fn setxattr(&self, b: BucketId, ino: Ino, name: &[u8], value: &[u8], mode: XattrMode) -> Result<()>;

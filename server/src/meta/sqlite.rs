@@ -940,20 +940,13 @@ impl MetaStore for SqliteMeta {
         })
     }
 
-    fn purge_orphans(&self, is_open: &dyn Fn(BucketId, Ino) -> bool) -> Result<u64> {
+    fn orphans(&self) -> Result<Vec<(BucketId, Ino)>> {
         self.with_tx(|tx| {
             let orphans: Vec<(i64, i64)> = tx
                 .prepare_cached("SELECT bucket, ino FROM inodes WHERE nlink = 0")?
                 .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<rusqlite::Result<_>>()?;
-            let mut purged = 0;
-            for (b, ino) in orphans {
-                if !is_open(b, ino as u64) {
-                    delete_inode(tx, b, ino as u64)?;
-                    purged += 1;
-                }
-            }
-            Ok(purged)
+            Ok(orphans.into_iter().map(|(b, ino)| (b, ino as Ino)).collect())
         })
     }
 
