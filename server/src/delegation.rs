@@ -77,9 +77,9 @@ impl Delegations {
         true
     }
 
-    /// Does anyone hold a delegation?
-    pub fn any_held(&self) -> bool {
-        self.buckets().values().any(|u| u.holder.is_some())
+    /// The connections holding a delegation.
+    pub fn holders(&self) -> Vec<u64> {
+        self.buckets().values().filter_map(|u| u.holder.as_ref().map(|h| h.session)).collect()
     }
 
     /// Does `session` hold the delegation of bucket `b`?

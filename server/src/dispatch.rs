@@ -449,7 +449,7 @@ impl Session {
         }
         let encoding = p.encodings.first().copied().unwrap_or(Encoding::Json);
         *self.encoding.lock().unwrap_or_else(|p| p.into_inner()) = encoding;
-        let client_id = p.client_id.filter(|c| !c.is_empty() && c.len() <= 128);
+        let client_id = p.client_id.filter(|c| !c.is_empty() && c.len() <= 128 && !c.chars().any(char::is_control));
         *self.client_id.lock().unwrap_or_else(|p| p.into_inner()) = client_id.clone();
         if let Some(old) = client_id.and_then(|c| self.service.client_connected(&c, &self)) {
             old.replace_by(&self);
@@ -954,7 +954,7 @@ impl Session {
             return Ok(refused);
         }
         // Its holder answers locks itself: a restart waits for it to take them again.
-        self.service.locks.delegated(&self.client_id().unwrap_or_else(|| crate::locks::UNNAMED.into()));
+        self.service.locks.delegated(self.id, &self.client_id().unwrap_or_else(|| crate::locks::UNNAMED.into()));
         drop(pushes);
         let first = self.reserve(b, p.inos.min(MAX_RESERVATION)).await?;
         Ok(DelegateResult { granted: true, first, count: p.inos.min(MAX_RESERVATION) })

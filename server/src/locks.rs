@@ -8,16 +8,16 @@
 //! server that finds it at start grants only reclaims, and no delegation,
 //! until each client named has restored its session, or for at most
 //! [`RECLAIM_GRACE`]. The marker is written when a client not named yet
-//! takes a lock or a delegation, and removed, by [`Locks::tidy_marker`],
-//! once no lock or delegation is held (not by a shutdown, which drops every
-//! connection's locks).
+//! takes a lock or a delegation; every second [`Locks::tidy_marker`] names
+//! only the clients still holding one, and removes it once none does (not
+//! once shutting down, which drops every connection's locks).
 
 use crate::meta::BucketId;
 use restfs_proto::Ino;
 use restfs_proto::locks::LockTable;
 use restfs_proto::methods::{HeldLock, LockKind};
-use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -46,23 +46,44 @@ struct State {
     /// The clients named by the marker found at start that have not yet
     /// restored their session; the grace period ends with the last.
     awaited: BTreeSet<String>,
+    /// The client of each connection holding locks or a delegation.
+    clients: HashMap<u64, String>,
+    /// Shutting down: the marker stays as it is.
+    stopped: bool,
 }
 
 impl State {
-    /// Name `client` in the marker, if it is not yet.
-    fn name(&mut self, client: &str) {
-        let Some(path) = &self.marker else { return };
-        if self.named.contains(client) {
-            return;
-        }
-        let mut named = self.named.clone();
-        named.insert(client.to_string());
-        let text: String = named.iter().map(|c| format!("{c}\n")).collect();
-        match std::fs::write(path, text) {
-            Ok(()) => self.named = named,
-            Err(e) => tracing::warn!("cannot write {}: {e}; a restart will not wait for the locks to be taken again", path.display()),
+    /// Name `client` (of connection `conn`) in the marker, if it is not yet.
+    fn name(&mut self, conn: u64, client: &str) {
+        self.clients.insert(conn, client.to_string());
+        if !self.named.contains(client) {
+            let mut named = self.named.clone();
+            named.insert(client.to_string());
+            self.rewrite(named);
         }
     }
+
+    /// Make the marker name `named` (none: remove it).
+    fn rewrite(&mut self, named: BTreeSet<String>) {
+        let Some(path) = &self.marker else { return };
+        match write_marker(path, &named) {
+            Ok(()) => self.named = named,
+            Err(e) => tracing::warn!("cannot write {}: {e}; a restart may not wait for the locks to be taken again", path.display()),
+        }
+    }
+}
+
+/// Write the marker whole (a new file renamed over the old one), or remove it.
+fn write_marker(path: &Path, named: &BTreeSet<String>) -> std::io::Result<()> {
+    if named.is_empty() {
+        return match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        };
+    }
+    let fresh = path.with_extension("new");
+    std::fs::write(&fresh, named.iter().map(|c| format!("{c}\n")).collect::<String>())?;
+    std::fs::rename(&fresh, path)
 }
 
 /// One lock request: who, which file, which bytes.
@@ -110,9 +131,14 @@ impl Locks {
         self.state().awaited.remove(client);
     }
 
-    /// `client` holds a delegation: name it in the marker.
-    pub fn delegated(&self, client: &str) {
-        self.state().name(client);
+    /// `client`, on connection `conn`, holds a delegation: name it in the marker.
+    pub fn delegated(&self, conn: u64, client: &str) {
+        self.state().name(conn, client);
+    }
+
+    /// Shutting down: leave the marker as it is.
+    pub fn stop_tidying(&self) {
+        self.state().stopped = true;
     }
 
     /// The first lock of another holder that `r` conflicts with. Its pid
@@ -134,33 +160,40 @@ impl Locks {
             return Err("a conflicting lock is held");
         }
         if r.kind != LockKind::Unlock {
-            st.name(&r.client);
+            st.name(r.conn, &r.client);
         }
         Ok(())
     }
 
-    /// Remove the marker if no lock is held, nor a delegation (`delegating`),
-    /// and the grace period is over.
-    pub fn tidy_marker(&self, delegating: bool) {
-        if delegating || self.in_grace() {
+    /// Name in the marker only the clients still holding locks, or a
+    /// delegation (the connections `delegating` lists, asked under the same
+    /// lock as [`Locks::delegated`] takes after a grant), once the grace
+    /// period is over; none left, remove it.
+    pub fn tidy_marker(&self, delegating: impl FnOnce() -> Vec<u64>) {
+        if self.in_grace() {
             return;
         }
         let mut st = self.state();
-        if st.named.is_empty() || !st.table.is_empty() {
+        if st.stopped || st.marker.is_none() {
             return;
         }
-        if let Some(path) = &st.marker {
-            match std::fs::remove_file(path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => tracing::warn!("cannot remove {}: {e}", path.display()),
-                _ => st.named.clear(),
-            }
+        let mut holders: std::collections::HashSet<u64> = st.table.all().map(|(_, h)| h.by.0).collect();
+        holders.extend(delegating());
+        st.clients.retain(|conn, _| holders.contains(conn));
+        let named: BTreeSet<String> = st.clients.values().cloned().collect();
+        if named != st.named {
+            st.rewrite(named);
         }
     }
 
     /// Connection `from` is replaced by `to` (the same client): its locks
     /// go over, so nobody else can take them before the client reclaims.
     pub fn move_connection(&self, from: u64, to: u64) {
-        self.state().table.move_holders(|h| (h.0 == from).then_some((to, h.1)));
+        let mut st = self.state();
+        st.table.move_holders(|h| (h.0 == from).then_some((to, h.1)));
+        if let Some(client) = st.clients.get(&from).cloned() {
+            st.clients.insert(to, client);
+        }
     }
 
     /// The connection `conn` is gone: so are its locks.
@@ -184,10 +217,10 @@ mod tests {
         let locks = Locks::default();
         assert!(!locks.mark_at(path.clone()), "no marker, no grace");
         locks.set(&request(1, LockKind::Write, false)).unwrap();
-        locks.delegated("client 9");
+        locks.delegated(9, "client 9");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "client 1\nclient 9\n");
-        locks.tidy_marker(false);
-        assert!(path.exists(), "kept while a lock is held");
+        locks.tidy_marker(|| vec![9]);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "client 1\nclient 9\n", "kept while held");
 
         // A restart: only reclaims are granted, until both named clients are back.
         let after = Locks::default();
@@ -198,15 +231,25 @@ mod tests {
         assert!(after.in_grace(), "client 9 is not back");
         after.restored("client 9");
         assert!(!after.in_grace(), "everyone named is back");
+        after.delegated(9, "client 9");
+        after.tidy_marker(|| vec![9]);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "client 1\nclient 9\n");
         after.set(&request(1, LockKind::Unlock, false)).unwrap();
-        after.tidy_marker(true);
-        assert!(path.exists(), "kept while a delegation is held");
-        after.tidy_marker(false);
+        after.tidy_marker(|| vec![9]);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "client 9\n", "only the clients still holding one");
+        after.stop_tidying();
+        after.tidy_marker(Vec::new);
+        assert!(path.exists(), "left as it is once shutting down");
+        let tidy = Locks::default();
+        tidy.mark_at(path.clone());
+        tidy.restored("client 9");
+        tidy.tidy_marker(Vec::new);
         assert!(!path.exists(), "removed once no lock or delegation is held");
 
         // A client without an id is waited for until the grace period ends.
         locks.set(&request(1, LockKind::Unlock, false)).unwrap();
         locks.set(&Request { client: UNNAMED.into(), ..request(3, LockKind::Write, false) }).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "*\nclient 1\nclient 9\n");
         let again = Locks::default();
         assert!(again.mark_at(path.clone()));
         again.restored("client 1");

@@ -271,6 +271,8 @@ impl Service {
     /// Stop reading requests, let the ones in flight finish (up to `grace`),
     /// then make everything durable.
     pub async fn shut_down(&self, grace: Duration) -> Result<()> {
+        // The connections' locks go now; their clients will take them again.
+        self.locks.stop_tidying();
         self.closing.send_replace(true);
         let deadline = tokio::time::Instant::now() + grace;
         while Arc::strong_count(&self.connections) > 1 && tokio::time::Instant::now() < deadline {
@@ -358,8 +360,13 @@ impl Service {
             return;
         }
         let me = self.clone();
+        let mut closing = self.closing.subscribe();
         tokio::spawn(async move {
-            tokio::time::sleep(grace).await;
+            tokio::select! {
+                _ = tokio::time::sleep(grace) => {}
+                // Stopped meanwhile: the next start purges them.
+                _ = closing.changed() => return,
+            }
             tracing::info!("{} unlinked files were left open at the last stop: those nobody opened again go", orphans.len());
             for (b, ino) in orphans {
                 if let Err(e) = me.purge_unless_open(b, ino).await {
@@ -447,7 +454,7 @@ impl Service {
             // Not once shutting down: the connections' locks go, yet their
             // clients will take them again from the next server.
             while !*me.closing.borrow() {
-                me.locks.tidy_marker(me.delegations.any_held());
+                me.locks.tidy_marker(|| me.delegations.holders());
                 tick.tick().await;
             }
         });
