@@ -194,12 +194,16 @@ fn locks_are_taken_again_after_a_server_restart() {
     a.signal(libc::SIGSTOP);
     let prober = keep_trying_to_lock(&fb, Duration::from_millis(2500));
     assert!(server.spawn(), "restfsd could not start again");
+    // Asked before A is back, F_GETLK waits for it rather than miss its lock.
+    let fb2 = fb.try_clone().unwrap();
+    let asker = std::thread::spawn(move || fcntl(&fb2, libc::F_GETLK, libc::F_RDLCK, 0, 0).unwrap().l_type as i32);
     std::thread::sleep(Duration::from_secs(1));
     a.signal(libc::SIGCONT);
     match prober.join().unwrap() {
         Ok(tries) => assert!(tries > 100, "B tried only {tries} times"),
         Err(tries) => panic!("B took A's lock at its try {tries}, before A took it again"),
     }
+    assert_eq!(asker.join().unwrap(), libc::F_WRLCK, "F_GETLK asked before A was back missed its lock");
     assert!(!a.log().contains("is lost"), "A lost its lock: {}", a.log());
     assert_eq!(fcntl(&fb, libc::F_GETLK, libc::F_RDLCK, 0, 0).unwrap().l_type as i32, libc::F_WRLCK, "A's lock is held again");
     drop(holder.stdin.take());

@@ -1074,6 +1074,11 @@ impl Session {
     }
 
     async fn lock_get(self: Arc<Self>, p: LockParams) -> Outcome<LockGetResult> {
+        // Until the locks held before the restart are back, the answer could
+        // miss one: a client that knows (`CAP_RECLAIM`) asks again.
+        if self.marks_reclaims.load(std::sync::atomic::Ordering::Acquire) && self.service.locks.in_grace() {
+            return Err(RpcError::errno(Errno::EAGAIN, "restfsd restarted moments ago: the locks held before are being taken again"));
+        }
         let r = self.lock_request(p)?;
         Ok(LockGetResult { conflict: self.service.locks.conflict(&r) })
     }

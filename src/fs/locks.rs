@@ -104,7 +104,20 @@ impl Fs {
             .await;
         let conflict = match route {
             Ok(c) => c,
-            Err(_call) => self.link().call::<LockGet>(LockParams { ino, owner, start, end, kind, pid, reclaim: false }).await?.conflict,
+            Err(_call) => {
+                // EAGAIN: the server restarted moments ago and its clients
+                // are still taking their locks again; it answers after.
+                let mut pause = Duration::from_millis(10);
+                loop {
+                    match self.link().call::<LockGet>(LockParams { ino, owner, start, end, kind, pid, reclaim: false }).await {
+                        Err(e) if e.as_errno() == Errno::EAGAIN => {
+                            tokio::time::sleep(pause).await;
+                            pause = (pause * 2).min(Duration::from_millis(200));
+                        }
+                        answer => break answer?.conflict,
+                    }
+                }
+            }
         };
         Ok(conflict.map_or((0, 0, libc::F_UNLCK, 0), |h| (h.start, h.end, typ_of(h.kind), h.pid)))
     }
