@@ -506,7 +506,7 @@ impl Filesystem for FuseAdapter {
 
     fn getlk(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         lock_owner: LockOwner,
@@ -516,8 +516,9 @@ impl Filesystem for FuseAdapter {
         pid: u32,
         reply: ReplyLock,
     ) {
+        let asker = req.pid();
         self.run("getlk", |fs, _| async move {
-            match fs.getlk(ino.0, lock_owner.0, start, end, typ, pid).await {
+            match fs.getlk(ino.0, lock_owner.0, (start, end), typ, pid, asker).await {
                 Ok((start, end, typ, pid)) => reply.locked(start, end, typ, pid),
                 Err(e) => reply_error!(reply, e),
             }

@@ -449,7 +449,8 @@ impl Session {
         }
         let encoding = p.encodings.first().copied().unwrap_or(Encoding::Json);
         *self.encoding.lock().unwrap_or_else(|p| p.into_inner()) = encoding;
-        let client_id = p.client_id.filter(|c| !c.is_empty() && c.len() <= 128 && !c.chars().any(char::is_control));
+        let client_id =
+            p.client_id.filter(|c| !c.is_empty() && c.len() <= 128 && !c.chars().any(char::is_control) && c != crate::locks::UNNAMED);
         *self.client_id.lock().unwrap_or_else(|p| p.into_inner()) = client_id.clone();
         if let Some(old) = client_id.and_then(|c| self.service.client_connected(&c, &self)) {
             old.replace_by(&self);

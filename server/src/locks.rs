@@ -116,7 +116,9 @@ impl Locks {
         // A marker from before clients were named in it: wait the whole grace.
         let awaited = if named.is_empty() && path.exists() { BTreeSet::from([UNNAMED.to_string()]) } else { named.clone() };
         st.marker = Some(path);
-        st.named = named;
+        // Named as awaited, so that the first tick after the grace rewrites
+        // (or removes) a marker that named nobody.
+        st.named = awaited.clone();
         st.awaited = awaited;
         !st.awaited.is_empty() && self.grace_until.set(Instant::now() + RECLAIM_GRACE).is_ok()
     }

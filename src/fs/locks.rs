@@ -90,7 +90,16 @@ impl Fs {
 
     /// F_GETLK: the first lock of another holder that `typ` over
     /// `start..=end` would conflict with, as (start, end, type, pid).
-    pub async fn getlk(&self, ino: Ino, owner: u64, start: u64, end: u64, typ: i32, pid: u32) -> Result<(u64, u64, i32, u32)> {
+    /// `asker` is the thread asking, for a wait a signal ends.
+    pub async fn getlk(
+        &self,
+        ino: Ino,
+        owner: u64,
+        (start, end): (u64, u64),
+        typ: i32,
+        pid: u32,
+        asker: u32,
+    ) -> Result<(u64, u64, i32, u32)> {
         let (owner, kind) = (owner as i64, kind_of(typ)?);
         let route = self
             .route(|st| {
@@ -111,6 +120,9 @@ impl Fs {
                 loop {
                     match self.link().call::<LockGet>(LockParams { ino, owner, start, end, kind, pid, reclaim: false }).await {
                         Err(e) if e.as_errno() == Errno::EAGAIN => {
+                            if signal_pending(asker) {
+                                return Err(FsError::new(Errno::EINTR, "interrupted while waiting for the server's locks"));
+                            }
                             tokio::time::sleep(pause).await;
                             pause = (pause * 2).min(Duration::from_millis(200));
                         }
