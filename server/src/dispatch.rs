@@ -368,6 +368,11 @@ impl Session {
         self.client_id.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// How the locks' marker names this connection's client.
+    fn lock_client(&self) -> String {
+        self.client_id().unwrap_or_else(|| crate::locks::UNNAMED.into())
+    }
+
     fn bucket_id(&self) -> Outcome<BucketId> {
         match &*self.bucket.lock().unwrap_or_else(|p| p.into_inner()) {
             Some((id, _)) => Ok(*id),
@@ -955,7 +960,7 @@ impl Session {
             return Ok(refused);
         }
         // Its holder answers locks itself: a restart waits for it to take them again.
-        self.service.locks.delegated(self.id, &self.client_id().unwrap_or_else(|| crate::locks::UNNAMED.into()));
+        self.service.locks.delegated(self.id, &self.lock_client());
         drop(pushes);
         let first = self.reserve(b, p.inos.min(MAX_RESERVATION)).await?;
         Ok(DelegateResult { granted: true, first, count: p.inos.min(MAX_RESERVATION) })
@@ -1057,7 +1062,7 @@ impl Session {
             pid: p.pid,
             // An older client's reclaims are not marked: all its requests count as such.
             reclaim: p.reclaim || !self.marks_reclaims.load(std::sync::atomic::Ordering::Acquire),
-            client: self.client_id().unwrap_or_else(|| crate::locks::UNNAMED.into()),
+            client: self.lock_client(),
         })
     }
 
@@ -1078,7 +1083,7 @@ impl Session {
         // Until the locks held before the restart are back, the answer could
         // miss one: a client that knows (`CAP_RECLAIM`) asks again.
         if self.marks_reclaims.load(std::sync::atomic::Ordering::Acquire) && self.service.locks.in_grace() {
-            return Err(RpcError::errno(Errno::EAGAIN, "restfsd restarted moments ago: the locks held before are being taken again"));
+            return Err(RpcError::errno(Errno::EAGAIN, crate::locks::IN_GRACE));
         }
         let r = self.lock_request(p)?;
         Ok(LockGetResult { conflict: self.service.locks.conflict(&r) })

@@ -16,7 +16,7 @@ use crate::meta::BucketId;
 use restfs_proto::Ino;
 use restfs_proto::locks::LockTable;
 use restfs_proto::methods::{HeldLock, LockKind};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -29,6 +29,9 @@ pub const RECLAIM_GRACE: Duration = Duration::from_secs(2 * crate::callbacks::LE
 /// How the marker names a client that gave no id: waited for until the
 /// grace period ends.
 pub const UNNAMED: &str = "*";
+
+/// Why a lock request waits during the grace period.
+pub const IN_GRACE: &str = "restfsd restarted moments ago: the locks held before are being taken again";
 
 #[derive(Default)]
 pub struct Locks {
@@ -111,10 +114,12 @@ impl Locks {
     /// locks when the server stopped: start the grace period (true).
     pub fn mark_at(&self, path: PathBuf) -> bool {
         let mut st = self.state();
-        let named: BTreeSet<String> =
-            std::fs::read_to_string(&path).unwrap_or_default().lines().filter(|l| !l.is_empty()).map(String::from).collect();
-        // A marker from before clients were named in it: wait the whole grace.
-        let awaited = if named.is_empty() && path.exists() { BTreeSet::from([UNNAMED.to_string()]) } else { named.clone() };
+        let awaited: BTreeSet<String> = match std::fs::read_to_string(&path) {
+            // A marker that names nobody: wait the whole grace.
+            Ok(text) if text.trim().is_empty() => BTreeSet::from([UNNAMED.to_string()]),
+            Ok(text) => text.lines().filter(|l| !l.is_empty()).map(String::from).collect(),
+            Err(_) => BTreeSet::new(),
+        };
         st.marker = Some(path);
         // Named as awaited, so that the first tick after the grace rewrites
         // (or removes) a marker that named nobody.
@@ -155,7 +160,7 @@ impl Locks {
     /// another holder's lock conflicts, or when only reclaims are granted.
     pub fn set(&self, r: &Request) -> Result<(), &'static str> {
         if r.kind != LockKind::Unlock && !r.reclaim && self.in_grace() {
-            return Err("restfsd restarted moments ago: the locks held before are being taken again");
+            return Err(IN_GRACE);
         }
         let mut st = self.state();
         if !st.table.set((r.bucket, r.ino), (r.conn, r.owner), r.start, r.end, r.kind, r.pid) {
@@ -179,7 +184,7 @@ impl Locks {
         if st.stopped || st.marker.is_none() {
             return;
         }
-        let mut holders: std::collections::HashSet<u64> = st.table.all().map(|(_, h)| h.by.0).collect();
+        let mut holders: HashSet<u64> = st.table.all().map(|(_, h)| h.by.0).collect();
         holders.extend(delegating());
         st.clients.retain(|conn, _| holders.contains(conn));
         let named: BTreeSet<String> = st.clients.values().cloned().collect();

@@ -65,6 +65,24 @@ fn typ_of(kind: LockKind) -> i32 {
     }
 }
 
+/// Try `attempt` again, after pauses growing up to [`RETRY_AT_MOST`], while
+/// it answers `EAGAIN`; `EINTR` once thread `waiter` has a signal pending.
+async fn while_busy<T, Fut: std::future::Future<Output = Result<T>>>(waiter: u32, mut attempt: impl FnMut() -> Fut) -> Result<T> {
+    let mut pause = Duration::from_millis(2);
+    loop {
+        match attempt().await {
+            Err(e) if e.errno == Errno::EAGAIN => {
+                if signal_pending(waiter) {
+                    return Err(FsError::new(Errno::EINTR, "interrupted while waiting for a lock"));
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(RETRY_AT_MOST);
+            }
+            done => return done,
+        }
+    }
+}
+
 /// Thread `tid` has a signal pending that it does not block, or is gone.
 fn signal_pending(tid: u32) -> bool {
     if tid == 0 {
@@ -113,22 +131,11 @@ impl Fs {
             .await;
         let conflict = match route {
             Ok(c) => c,
+            // EAGAIN: the server restarted moments ago and its clients are
+            // still taking their locks again; it answers after.
             Err(_call) => {
-                // EAGAIN: the server restarted moments ago and its clients
-                // are still taking their locks again; it answers after.
-                let mut pause = Duration::from_millis(10);
-                loop {
-                    match self.link().call::<LockGet>(LockParams { ino, owner, start, end, kind, pid, reclaim: false }).await {
-                        Err(e) if e.as_errno() == Errno::EAGAIN => {
-                            if signal_pending(asker) {
-                                return Err(FsError::new(Errno::EINTR, "interrupted while waiting for the server's locks"));
-                            }
-                            tokio::time::sleep(pause).await;
-                            pause = (pause * 2).min(Duration::from_millis(200));
-                        }
-                        answer => break answer?.conflict,
-                    }
-                }
+                let params = LockParams { ino, owner, start, end, kind, pid, reclaim: false };
+                while_busy(asker, || async { Ok(self.link().call::<LockGet>(params.clone()).await?.conflict) }).await?
             }
         };
         Ok(conflict.map_or((0, 0, libc::F_UNLCK, 0), |h| (h.start, h.end, typ_of(h.kind), h.pid)))
@@ -172,19 +179,10 @@ impl Fs {
         if kind != LockKind::Unlock {
             committed.clone()?;
         }
-        let mut pause = Duration::from_millis(2);
-        loop {
-            match self.set_lock(ino, owner, start, end, kind, pid).await {
-                Err(e) if e.errno == Errno::EAGAIN && sleep => {
-                    if signal_pending(waiter) {
-                        return Err(FsError::new(Errno::EINTR, "interrupted while waiting for a lock"));
-                    }
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(RETRY_AT_MOST);
-                }
-                Err(e) => return Err(e),
-                Ok(()) => break,
-            }
+        if sleep {
+            while_busy(waiter, || self.set_lock(ino, owner, start, end, kind, pid)).await?;
+        } else {
+            self.set_lock(ino, owner, start, end, kind, pid).await?;
         }
         if kind != LockKind::Unlock {
             self.lock_state().handles.entry((ino, owner)).or_default().insert(fh);

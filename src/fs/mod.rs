@@ -146,7 +146,7 @@ pub struct Fs {
     /// Version of each file's content last handed to the kernel's page cache.
     page_versions: Mutex<HashMap<Ino, u64>>,
     /// Directories whose listing the kernel may cache (every one opened).
-    listed: Mutex<std::collections::HashSet<Ino>>,
+    listed: Mutex<HashSet<Ino>>,
     /// Namespace changes made or learnt so far (see `DirSnapshot::taken_at`).
     namespace_changes: AtomicU64,
     kernel: std::sync::OnceLock<Box<dyn KernelCache>>,
@@ -1324,8 +1324,8 @@ impl Fs {
         self.forget(|m| m.set_applied_seq(push.through));
         self.applied_seq.fetch_max(push.through, Ordering::AcqRel);
         // Names changed that this mount's listings may lack (its own
-        // changes, known, are in them already).
-        if push.reset || push.changes.iter().zip(&known).any(|(c, known)| !known && matches!(c, Change::Entry { .. })) {
+        // changes, known, are in them already; a reset counted one above).
+        if push.changes.iter().zip(&known).any(|(c, known)| !known && matches!(c, Change::Entry { .. })) {
             self.namespace_changes.fetch_add(1, Ordering::AcqRel);
         }
         let applied = self.pushes_applied.fetch_add(1, Ordering::AcqRel) + 1;
@@ -1343,7 +1343,7 @@ impl Fs {
         // each. A directory with names new to this mount is one, whatever
         // else the push says of it (its attributes may have come in an
         // earlier push, and be known).
-        let mut dropped: std::collections::HashSet<Ino> = std::collections::HashSet::new();
+        let mut dropped: HashSet<Ino> = HashSet::new();
         for (change, known) in push.changes.into_iter().zip(known) {
             if known {
                 continue;
