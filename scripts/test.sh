@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the whole test suite on a fresh machine: bring what the tests need
-# (pjdfstest 0.2.2 and fsx 0.3.2, built into target/tools), then `cargo
+# (pjdfstest 0.2.2, fsx 0.3.2 and s3s-fs 0.14.1, built into target/tools), then `cargo
 # test` for every crate. The tests start their own restfsd servers and real FUSE mounts,
 # so this runs as root with /dev/fuse available.
 set -euo pipefail
@@ -29,6 +29,11 @@ if ! "$tools/bin/fsx" --version 2>/dev/null | grep -q '0\.3\.2'; then
     cargo install --locked --quiet --root "$tools" fsx --version 0.3.2
 fi
 export FSX="$tools/bin/fsx"
+if ! "$tools/bin/s3s-fs" --version 2>/dev/null | grep -q '0\.14\.1'; then
+    echo "==> installing s3s-fs 0.14.1 (an S3 server for the S3 block store tests) into $tools"
+    cargo install --locked --quiet --root "$tools" s3s-fs --version 0.14.1 --features binary
+fi
+export S3S_FS="$tools/bin/s3s-fs"
 
 echo "==> cargo test"
 cargo test --workspace --all-targets "$@"

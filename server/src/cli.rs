@@ -1,7 +1,8 @@
-//! The `restfsd` command line: `restfsd [--listen ADDR] [--data DIR] [--credentials FILE]`.
+//! The `restfsd` command line: `restfsd [--listen ADDR] [--data DIR] [--blocks s3://BUCKET[/PREFIX]] [--credentials FILE]`.
 //! Runs in the foreground; SIGTERM or SIGINT syncs the stores and exits 0.
 
-use crate::{Server, default_data_dir};
+use crate::blocks::s3::S3Location;
+use crate::{BlocksIn, Options, Server, default_data_dir};
 use clap::Parser;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,6 +19,12 @@ pub struct Args {
     /// Log filter, e.g. `info`, `debug`, `restfs_server=trace`.
     #[arg(long, env = "RESTFS_LOG", default_value = "info")]
     pub log: String,
+    /// Keep blocks in an S3-compatible bucket instead of the data directory:
+    /// `s3://BUCKET[/PREFIX]`. The endpoint and credentials come from
+    /// AWS_ENDPOINT_URL (default: AWS in AWS_REGION), AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN.
+    #[arg(long, value_name = "URL")]
+    pub blocks: Option<String>,
     /// Credentials file whose `token=` every client must present.
     #[arg(long)]
     pub credentials: Option<PathBuf>,
@@ -41,16 +48,28 @@ pub fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    let blocks = match args.blocks.as_deref().map(|url| S3Location::parse(url, |k| std::env::var(k).ok())).transpose() {
+        Ok(Some(at)) => BlocksIn::S3(at),
+        Ok(None) => BlocksIn::DataDir,
+        Err(e) => {
+            eprintln!("restfsd: --blocks {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let where_blocks = match &blocks {
+        BlocksIn::S3(at) => at.to_string(),
+        BlocksIn::DataDir => data.display().to_string(),
+    };
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     rt.block_on(async move {
-        let server = match Server::start_with_token(args.listen, &data, token).await {
+        let server = match Server::start_with(args.listen, &data, Options { token, blocks }).await {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("restfsd: {e}");
                 return std::process::ExitCode::FAILURE;
             }
         };
-        tracing::info!("restfsd listening on ws://{} (data in {})", server.addr, data.display());
+        tracing::info!("restfsd listening on ws://{} (data in {}, blocks in {where_blocks})", server.addr, data.display());
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}

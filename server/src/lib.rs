@@ -29,7 +29,24 @@ pub fn default_data_dir() -> PathBuf {
     dirs::data_dir().map(|d| d.join("restfs")).unwrap_or_else(|| PathBuf::from("restfs-data"))
 }
 
-/// A running server with the embedded defaults (SQLite + block directory).
+/// Where blocks go: the data directory (the default) or an S3 bucket.
+#[derive(Clone, Debug, Default)]
+pub enum BlocksIn {
+    #[default]
+    DataDir,
+    S3(blocks::s3::S3Location),
+}
+
+/// How to start a server beyond its address and data directory.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Answer only clients that present this token.
+    pub token: Option<String>,
+    pub blocks: BlocksIn,
+}
+
+/// A running server: SQLite metadata in the data directory, blocks there
+/// too or in an S3 bucket.
 pub struct Server {
     pub addr: SocketAddr,
     pub service: Arc<Service>,
@@ -39,25 +56,40 @@ pub struct Server {
 impl Server {
     /// Open the stores under `data` and listen on `listen` (port 0 picks one).
     pub async fn start(listen: SocketAddr, data: &Path) -> std::result::Result<Server, String> {
-        Server::start_with_token(listen, data, None).await
+        Server::start_with(listen, data, Options::default()).await
     }
 
-    /// The same, answering only clients that present `token` (if given).
-    pub async fn start_with_token(listen: SocketAddr, data: &Path, token: Option<String>) -> std::result::Result<Server, String> {
+    /// The same, with `options`.
+    pub async fn start_with(listen: SocketAddr, data: &Path, options: Options) -> std::result::Result<Server, String> {
         std::fs::create_dir_all(data).map_err(|e| format!("cannot create data directory {}: {e}", data.display()))?;
         let meta = meta::sqlite::SqliteMeta::open(&data.join("meta.db"))
             .map_err(|e| format!("cannot open metadata in {}: {e}", data.display()))?;
         // Purged once their clients, reconnecting, had the time to open them again.
         let left_open = meta::MetaStore::orphans(&meta).map_err(|e| e.to_string())?;
-        let blocks = blocks::dir::DirBlocks::open(data).map_err(|e| format!("cannot open block store in {}: {e}", data.display()))?;
-        let service = Service::new(Arc::new(meta), Arc::new(blocks));
+        let blocks: Arc<dyn blocks::BlockStore> = match &options.blocks {
+            BlocksIn::DataDir => {
+                Arc::new(blocks::dir::DirBlocks::open(data).map_err(|e| format!("cannot open block store in {}: {e}", data.display()))?)
+            }
+            BlocksIn::S3(at) => {
+                let at = at.clone();
+                // Its first requests block: off the runtime's threads.
+                let store = tokio::task::spawn_blocking(move || blocks::s3::S3Blocks::open(&at)).await.map_err(|e| e.to_string())?;
+                Arc::new(store.map_err(|e| e.to_string())?)
+            }
+        };
+        let location = match &options.blocks {
+            BlocksIn::DataDir => blocks::IN_DATA_DIR.to_string(),
+            BlocksIn::S3(at) => at.name(),
+        };
+        blocks::claim_location(data, &location)?;
+        let service = Service::new(Arc::new(meta), blocks);
         if service.locks.mark_at(data.join("locks.held")) {
             tracing::info!(
                 "clients held locks when restfsd stopped: for {:?} only they can take locks, while they take theirs again",
                 locks::RECLAIM_GRACE
             );
         }
-        if let Some(token) = token {
+        if let Some(token) = options.token {
             service.require_token(token);
         }
         service.spawn_background();

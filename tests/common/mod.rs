@@ -49,6 +49,8 @@ pub struct Server {
     child: Option<Child>,
     /// Extra restfsd arguments.
     args: Vec<String>,
+    /// Extra environment variables of restfsd.
+    envs: Vec<(String, String)>,
 }
 
 impl Server {
@@ -58,8 +60,13 @@ impl Server {
 
     /// Start with extra restfsd arguments (e.g. `--credentials FILE`).
     pub fn start_with(data: &Path, args: &[&str]) -> Server {
+        Server::start_with_env(data, args, &[])
+    }
+
+    /// Start with extra arguments and environment variables.
+    pub fn start_with_env(data: &Path, args: &[&str], envs: &[(String, String)]) -> Server {
         let args = args.iter().map(|a| a.to_string()).collect();
-        let mut s = Server { data: data.to_path_buf(), port: free_port(), child: None, args };
+        let mut s = Server { data: data.to_path_buf(), port: free_port(), child: None, args, envs: envs.to_vec() };
         // The free port may be taken again before restfsd binds it: pick another.
         for _ in 0..5 {
             if s.spawn() {
@@ -77,6 +84,7 @@ impl Server {
             .args(["--listen", &format!("127.0.0.1:{}", self.port), "--data"])
             .arg(&self.data)
             .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -497,4 +505,96 @@ pub fn installed_tool(env: &str, name: &str, version: &str) -> String {
     let installed = home.join("bin").join(name);
     assert!(installed.exists(), "{name} is not installed: run scripts/test.sh, or `cargo install {name} --locked --version {version}`");
     installed.to_string_lossy().into_owned()
+}
+
+/// A real S3-compatible server: s3s-fs 0.14.1 (which `scripts/test.sh`
+/// installs) over a directory, on a free loopback port. Buckets are its
+/// subdirectories.
+pub struct S3Server {
+    pub root: PathBuf,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl S3Server {
+    pub const ACCESS_KEY: &'static str = "restfs-test";
+    pub const SECRET_KEY: &'static str = "restfs-test-secret";
+
+    pub fn start(root: &Path) -> S3Server {
+        std::fs::create_dir_all(root).unwrap();
+        let mut s = S3Server { root: root.to_path_buf(), port: free_port(), child: None };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(self.root.with_extension("log")).unwrap();
+        let child = Command::new(installed_tool("S3S_FS", "s3s-fs", "0.14.1"))
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &self.port.to_string(),
+                "--access-key",
+                Self::ACCESS_KEY,
+                "--secret-key",
+                Self::SECRET_KEY,
+            ])
+            .arg(&self.root)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start s3s-fs");
+        self.child = Some(child);
+        let log = self.root.with_extension("log");
+        let child = self.child.as_mut().unwrap();
+        wait_until("s3s-fs listens", Duration::from_secs(20), || {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("s3s-fs exited with {status}: {}", std::fs::read_to_string(&log).unwrap_or_default());
+            }
+            std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+        });
+    }
+
+    pub fn create_bucket(&self, name: &str) {
+        std::fs::create_dir_all(self.root.join(name)).unwrap();
+    }
+
+    /// What restfsd needs in its environment to reach this server.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", self.port)),
+            ("AWS_ACCESS_KEY_ID", Self::ACCESS_KEY.into()),
+            ("AWS_SECRET_ACCESS_KEY", Self::SECRET_KEY.into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    /// The objects under `bucket/prefix`.
+    pub fn objects(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        std::fs::read_dir(self.root.join(bucket).join(prefix))
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Start again on the same port.
+    pub fn resume(&mut self) {
+        assert!(self.child.is_none(), "s3s-fs is running");
+        self.spawn();
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }

@@ -1,17 +1,21 @@
 //! The block store: immutable blocks addressed by their SHA-256.
 //!
-//! Blocks above [`INLINE_MAX`] bytes live here; smaller ones are kept inline
+//! Blocks above [`INLINE_MAX`] bytes live here, in a local directory
+//! ([`dir`], the default) or an S3-compatible bucket ([`s3`]); smaller ones are kept inline
 //! by the metadata store, so small files cost no file create or fsync of
 //! their own. A `put` returns only once the block is durable, so a commit
 //! naming it can never outlive it. Every backend passes [`conformance`].
 
 pub mod dir;
+pub mod s3;
 
 #[cfg(test)]
 pub mod conformance;
 
 use crate::error::Result;
 use restfs_proto::Hash;
+use std::io::Write;
+use std::path::Path;
 
 /// Largest block kept inline in the metadata store: 64 KiB.
 pub const INLINE_MAX: usize = 64 << 10;
@@ -26,4 +30,67 @@ pub trait BlockStore: Send + Sync {
     fn delete(&self, hash: &Hash) -> Result<()>;
     /// Free and total bytes of the space behind the store.
     fn space(&self) -> Result<(u64, u64)>;
+}
+
+/// Where a data directory's blocks live, as `DATA/blocks.location` names it:
+/// `directory`, or `s3://BUCKET/PREFIX/`.
+const LOCATION_FILE: &str = "blocks.location";
+
+/// The location of the blocks in the data directory itself.
+pub const IN_DATA_DIR: &str = "directory";
+
+/// Bind the data directory `data` to the block location `location` the
+/// first time, and refuse any other location later: the metadata names
+/// blocks that only that store holds. A data directory from before the
+/// file existed, with blocks under `blocks/`, is bound to them.
+pub fn claim_location(data: &Path, location: &str) -> std::result::Result<(), String> {
+    let path = data.join(LOCATION_FILE);
+    let bound = match std::fs::read_to_string(&path) {
+        Ok(text) => Some(text.trim().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let shards = std::fs::read_dir(data.join("blocks")).map(|mut d| d.next().is_some()).unwrap_or(false);
+            shards.then(|| IN_DATA_DIR.to_string())
+        }
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    match bound {
+        Some(b) if b == location => Ok(()),
+        Some(b) => {
+            let flag = if b == IN_DATA_DIR { "no --blocks".to_string() } else { format!("--blocks {}", b.trim_end_matches('/')) };
+            Err(format!("the blocks of {} are in {b}, not {location}: start restfsd with {flag}", data.display()))
+        }
+        None => write_durably(&path, location).map_err(|e| format!("cannot write {}: {e}", path.display())),
+    }
+}
+
+/// Write a small file whole: a temporary file, fsync'd, renamed into place,
+/// the directory fsync'd.
+fn write_durably(path: &Path, text: &str) -> std::io::Result<()> {
+    let fresh = path.with_extension("new");
+    let mut f = std::fs::File::create(&fresh)?;
+    writeln!(f, "{text}")?;
+    f.sync_all()?;
+    std::fs::rename(&fresh, path)?;
+    std::fs::File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_data_directory_keeps_the_block_location_it_started_with() {
+        let data = tempfile::tempdir().unwrap();
+        claim_location(data.path(), "s3://b/p/").unwrap();
+        claim_location(data.path(), "s3://b/p/").unwrap();
+        let refused = claim_location(data.path(), IN_DATA_DIR).unwrap_err();
+        assert!(refused.contains("start restfsd with --blocks s3://b/p"), "{refused}");
+
+        // From before the file: blocks in the directory bind it there.
+        let old = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(old.path().join("blocks/ab")).unwrap();
+        let refused = claim_location(old.path(), "s3://b/").unwrap_err();
+        assert!(refused.contains("start restfsd with no --blocks"), "{refused}");
+        claim_location(old.path(), IN_DATA_DIR).unwrap();
+    }
 }
