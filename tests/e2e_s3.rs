@@ -3,8 +3,8 @@
 //! mount read back on another whose cache is empty, so their blocks come
 //! from S3 through restfsd; garbage collection deletes the objects; an
 //! outage of the store delays writes without losing them; and a wrong
-//! secret, or a data directory whose blocks are elsewhere, stops restfsd at
-//! start with a clear error.
+//! secret, a data directory whose blocks are elsewhere, or a second data
+//! directory on the same prefix stops restfsd at start with a clear error.
 
 mod common;
 
@@ -35,6 +35,12 @@ fn distinct_blocks(seed: u64, n: u64) -> Vec<u8> {
     (0..n).flat_map(|k| pattern_at(seed * 64 + k, k << 20, 1 << 20)).collect()
 }
 
+/// The block objects in the bucket (the prefix also holds the object naming
+/// its data directory).
+fn blocks_in(s3: &S3Server) -> Vec<String> {
+    s3.objects(BUCKET, PREFIX).into_iter().filter(|o| o.len() == 64 && o.chars().all(|c| c.is_ascii_hexdigit())).collect()
+}
+
 /// Files in `dir` at any depth.
 fn files_under(dir: &std::path::Path) -> usize {
     std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| if e.path().is_dir() { files_under(&e.path()) } else { 1 }).sum()
@@ -53,8 +59,8 @@ fn blocks_live_in_the_s3_bucket_and_read_back_on_another_mount() {
     // restfsd's disk. (A sync waits for what the delegation has queued.)
     assert!(std::process::Command::new("sync").arg("-f").arg(&pa).status().unwrap().success());
     let objects = s3.objects(BUCKET, PREFIX);
-    assert_eq!(objects.len(), 28, "objects in the bucket: {objects:?}");
-    assert!(objects.iter().all(|o| o.len() == 64 && o.chars().all(|c| c.is_ascii_hexdigit())), "{objects:?}");
+    assert_eq!(blocks_in(&s3).len(), 28, "objects in the bucket: {objects:?}");
+    assert_eq!(objects.len(), 29, "objects in the bucket besides the blocks and the owner: {objects:?}");
     assert_eq!(files_under(&root.join("data").join("blocks")), 0, "restfsd stored blocks on its own disk");
 
     assert!(std::fs::read(pb.join("big")).unwrap() == big, "b read other bytes");
@@ -69,7 +75,7 @@ fn blocks_live_in_the_s3_bucket_and_read_back_on_another_mount() {
     wait_until("the collection empties the bucket", Duration::from_secs(20), || {
         let (code, out) = server.admin(&["gc", "--min-age", "0"]);
         assert_eq!(code, 0, "gc failed: {out}");
-        s3.objects(BUCKET, PREFIX).is_empty()
+        blocks_in(&s3).is_empty()
     });
     a.unmount();
     b.unmount();
@@ -103,14 +109,14 @@ fn an_outage_of_the_store_delays_writes_and_loses_none() {
     assert!(writer.try_wait().unwrap().is_none(), "fsync returned while the block store was down");
     s3.resume();
     assert!(writer.wait().unwrap().success(), "the write failed over the outage");
-    assert_eq!(s3.objects(BUCKET, PREFIX).len(), 4);
+    assert_eq!(blocks_in(&s3).len(), 4);
     assert!(std::fs::read(pb.join("during-outage")).unwrap() == data, "b read other bytes");
     a.unmount();
     b.unmount();
 }
 
 #[test]
-fn a_wrong_secret_stops_restfsd_at_start() {
+fn a_wrong_secret_or_a_second_data_directory_stops_restfsd_at_start() {
     let root = scratch("e2e-s3-refused");
     let s3 = S3Server::start(&root.join("s3"));
     s3.create_bucket(BUCKET);
@@ -125,6 +131,35 @@ fn a_wrong_secret_stops_restfsd_at_start() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "restfsd started with a wrong secret: {stderr}");
     assert!(stderr.contains("access denied") && stderr.contains("AWS_SECRET_ACCESS_KEY"), "unclear error: {stderr}");
+
+    // One prefix, one data directory: a second one's garbage collection
+    // would delete the first one's blocks.
+    let restfsd = |data: &str| {
+        let mut child = std::process::Command::new(RESTFSD)
+            .args(["--listen", "127.0.0.1:0", "--data"])
+            .arg(root.join(data))
+            .args(["--blocks", &format!("s3://{BUCKET}/{PREFIX}")])
+            .envs(s3.env())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = std::io::BufReader::new(child.stderr.take().unwrap());
+        let first = std::io::BufRead::lines(log)
+            .map(|l| l.unwrap())
+            .find(|l| l.contains("listening on") || l.contains("restfsd:"))
+            .unwrap_or_default();
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        child.wait().unwrap();
+        first
+    };
+    let first = restfsd("data-1");
+    assert!(first.contains("listening on"), "the first data directory was refused: {first}");
+    let second = restfsd("data-2");
+    assert!(second.contains("another restfsd data directory"), "a second data directory was let in: {second}");
+    let again = restfsd("data-1");
+    assert!(again.contains("listening on"), "the first data directory was refused after a restart: {again}");
 
     let out = std::process::Command::new(RESTFSD)
         .args(["--listen", "127.0.0.1:0", "--data"])

@@ -68,20 +68,24 @@ impl Server {
         let left_open = meta::MetaStore::orphans(&meta).map_err(|e| e.to_string())?;
         let blocks: Arc<dyn blocks::BlockStore> = match &options.blocks {
             BlocksIn::DataDir => {
+                blocks::claim_location(data, blocks::IN_DATA_DIR)?;
                 Arc::new(blocks::dir::DirBlocks::open(data).map_err(|e| format!("cannot open block store in {}: {e}", data.display()))?)
             }
             BlocksIn::S3(at) => {
-                let at = at.clone();
-                // Its first requests block: off the runtime's threads.
-                let store = tokio::task::spawn_blocking(move || blocks::s3::S3Blocks::open(&at)).await.map_err(|e| e.to_string())?;
-                Arc::new(store.map_err(|e| e.to_string())?)
+                let (at, data) = (at.clone(), data.to_path_buf());
+                // Its requests block: off the runtime's threads. Bound to
+                // the data directory only once it answered (a typo binds nothing).
+                let store = tokio::task::spawn_blocking(move || {
+                    let store = blocks::s3::S3Blocks::open(&at).map_err(|e| e.to_string())?;
+                    let id = blocks::claim_location(&data, &at.name())?;
+                    store.claim(&id, &at).map_err(|e| e.to_string())?;
+                    Ok::<_, String>(store)
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+                Arc::new(store?)
             }
         };
-        let location = match &options.blocks {
-            BlocksIn::DataDir => blocks::IN_DATA_DIR.to_string(),
-            BlocksIn::S3(at) => at.name(),
-        };
-        blocks::claim_location(data, &location)?;
         let service = Service::new(Arc::new(meta), blocks);
         if service.locks.mark_at(data.join("locks.held")) {
             tracing::info!(

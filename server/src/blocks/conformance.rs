@@ -83,9 +83,10 @@ mod tests {
             .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        let server = S3sFs(child);
+        let mut server = S3sFs(child);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(server.0.try_wait().unwrap().is_none(), "s3s-fs exited (port {port} taken?)");
             assert!(std::time::Instant::now() < deadline, "s3s-fs did not listen on {port}");
             std::thread::sleep(std::time::Duration::from_millis(20));
         }

@@ -32,8 +32,10 @@ pub trait BlockStore: Send + Sync {
     fn space(&self) -> Result<(u64, u64)>;
 }
 
-/// Where a data directory's blocks live, as `DATA/blocks.location` names it:
-/// `directory`, or `s3://BUCKET/PREFIX/`.
+/// Where a data directory's blocks live, as `DATA/blocks.location` names
+/// it on its first line: `directory`, or `s3://BUCKET/PREFIX/`. Its second
+/// line, `id <hex>`, names the data directory (see
+/// [`s3::S3Blocks::claim`]).
 const LOCATION_FILE: &str = "blocks.location";
 
 /// The location of the blocks in the data directory itself.
@@ -42,25 +44,41 @@ pub const IN_DATA_DIR: &str = "directory";
 /// Bind the data directory `data` to the block location `location` the
 /// first time, and refuse any other location later: the metadata names
 /// blocks that only that store holds. A data directory from before the
-/// file existed, with blocks under `blocks/`, is bound to them.
-pub fn claim_location(data: &Path, location: &str) -> std::result::Result<(), String> {
+/// file existed, with blocks under `blocks/`, is bound to them. Returns
+/// the data directory's id.
+pub fn claim_location(data: &Path, location: &str) -> std::result::Result<String, String> {
     let path = data.join(LOCATION_FILE);
-    let bound = match std::fs::read_to_string(&path) {
-        Ok(text) => Some(text.trim().to_string()),
+    let (bound, id) = match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let mut lines = text.lines();
+            let bound = lines.next().unwrap_or_default().trim().to_string();
+            (Some(bound), lines.find_map(|l| l.strip_prefix("id ")).map(|id| id.trim().to_string()))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let shards = std::fs::read_dir(data.join("blocks")).map(|mut d| d.next().is_some()).unwrap_or(false);
-            shards.then(|| IN_DATA_DIR.to_string())
+            (shards.then(|| IN_DATA_DIR.to_string()), None)
         }
         Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
     };
-    match bound {
-        Some(b) if b == location => Ok(()),
-        Some(b) => {
-            let flag = if b == IN_DATA_DIR { "no --blocks".to_string() } else { format!("--blocks {}", b.trim_end_matches('/')) };
-            Err(format!("the blocks of {} are in {b}, not {location}: start restfsd with {flag}", data.display()))
-        }
-        None => write_durably(&path, location).map_err(|e| format!("cannot write {}: {e}", path.display())),
+    if let Some(b) = bound.as_deref().filter(|b| *b != location) {
+        let flag = if b == IN_DATA_DIR { "no --blocks".to_string() } else { format!("--blocks {}", b.trim_end_matches('/')) };
+        return Err(format!("the blocks of {} are in {b}, not {location}: start restfsd with {flag}", data.display()));
     }
+    match id {
+        Some(id) => Ok(id),
+        None => {
+            let id = new_id().map_err(|e| format!("cannot draw an id: {e}"))?;
+            write_durably(&path, &format!("{location}\nid {id}\n")).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            Ok(id)
+        }
+    }
+}
+
+/// 128 random bits, in hex.
+fn new_id() -> std::io::Result<String> {
+    let mut bytes = [0u8; 16];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
+    Ok(hex::encode(bytes))
 }
 
 /// Write a small file whole: a temporary file, fsync'd, renamed into place,
@@ -68,7 +86,7 @@ pub fn claim_location(data: &Path, location: &str) -> std::result::Result<(), St
 fn write_durably(path: &Path, text: &str) -> std::io::Result<()> {
     let fresh = path.with_extension("new");
     let mut f = std::fs::File::create(&fresh)?;
-    writeln!(f, "{text}")?;
+    f.write_all(text.as_bytes())?;
     f.sync_all()?;
     std::fs::rename(&fresh, path)?;
     std::fs::File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()
@@ -81,8 +99,9 @@ mod tests {
     #[test]
     fn a_data_directory_keeps_the_block_location_it_started_with() {
         let data = tempfile::tempdir().unwrap();
-        claim_location(data.path(), "s3://b/p/").unwrap();
-        claim_location(data.path(), "s3://b/p/").unwrap();
+        let id = claim_location(data.path(), "s3://b/p/").unwrap();
+        assert_eq!(id.len(), 32);
+        assert_eq!(claim_location(data.path(), "s3://b/p/").unwrap(), id);
         let refused = claim_location(data.path(), IN_DATA_DIR).unwrap_err();
         assert!(refused.contains("start restfsd with --blocks s3://b/p"), "{refused}");
 
@@ -92,5 +111,6 @@ mod tests {
         let refused = claim_location(old.path(), "s3://b/").unwrap_err();
         assert!(refused.contains("start restfsd with no --blocks"), "{refused}");
         claim_location(old.path(), IN_DATA_DIR).unwrap();
+        assert_ne!(claim_location(old.path(), IN_DATA_DIR).unwrap(), id, "two data directories drew one id");
     }
 }

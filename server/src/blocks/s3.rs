@@ -32,12 +32,19 @@ const RETRY_AT_START: Duration = Duration::from_secs(3);
 /// The timeout of one request, upload or download of a whole block included.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The timeout of a connection's setup.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The object, under the prefix, that names the data directory whose
+/// blocks the prefix holds.
+pub const OWNER_OBJECT: &str = "restfsd-owner";
+
 /// The size reported for an S3 store, which has none: 1 PiB.
 pub const CAPACITY: u64 = 1 << 50;
 
 /// Where the blocks go: the bucket, the key prefix, the endpoint, the
 /// credentials.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct S3Location {
     pub bucket: String,
     /// Prepended to every key; empty, or ending in `/`.
@@ -49,13 +56,29 @@ pub struct S3Location {
     pub access_key: Option<String>,
     pub secret_key: Option<String>,
     pub session_token: Option<String>,
+    /// PEM file of the CA certificates to trust instead of the usual roots
+    /// (a server behind a private CA).
+    pub ca_bundle: Option<String>,
+}
+
+impl std::fmt::Debug for S3Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // No secret in logs, whatever prints this.
+        f.debug_struct("S3Location")
+            .field("location", &self.to_string())
+            .field("region", &self.region)
+            .field("access_key", &self.access_key)
+            .field("secret_key", &self.secret_key.as_ref().map(|_| "…"))
+            .field("session_token", &self.session_token.as_ref().map(|_| "…"))
+            .finish()
+    }
 }
 
 impl S3Location {
     /// Parse `s3://BUCKET[/PREFIX]`; the rest comes from the standard AWS
     /// variables, read through `env`: `AWS_ENDPOINT_URL` (default: AWS in
     /// `AWS_REGION`, itself `us-east-1` by default), `AWS_ACCESS_KEY_ID`,
-    /// `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN`. A custom endpoint
+    /// `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN` and `AWS_CA_BUNDLE`. A custom endpoint
     /// is addressed path-style (`host/bucket/key`), which MinIO, Ceph and
     /// Garage expect; AWS itself by virtual host.
     pub fn parse(url: &str, env: impl Fn(&str) -> Option<String>) -> std::result::Result<S3Location, String> {
@@ -66,12 +89,16 @@ impl S3Location {
         }
         let prefix = match prefix.trim_end_matches('/') {
             "" => String::new(),
+            p if p.split('/').any(|seg| seg.is_empty() || seg == "." || seg == "..") => {
+                return Err(format!("{url:?}: the prefix may not have empty, '.' or '..' parts"));
+            }
             p => format!("{p}/"),
         };
         let env = |k: &str| env(k).filter(|v| !v.is_empty());
         let region = env("AWS_REGION").or_else(|| env("AWS_DEFAULT_REGION")).unwrap_or_else(|| "us-east-1".into());
         let custom = env("AWS_ENDPOINT_URL_S3").or_else(|| env("AWS_ENDPOINT_URL"));
-        let path_style = custom.is_some();
+        // Virtual-host names with dots break TLS name checks at AWS.
+        let path_style = custom.is_some() || bucket.contains('.');
         let endpoint = custom.unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com"));
         Ok(S3Location {
             bucket: bucket.to_string(),
@@ -82,6 +109,7 @@ impl S3Location {
             access_key: env("AWS_ACCESS_KEY_ID"),
             secret_key: env("AWS_SECRET_ACCESS_KEY"),
             session_token: env("AWS_SESSION_TOKEN"),
+            ca_bundle: env("AWS_CA_BUNDLE"),
         })
     }
 }
@@ -143,8 +171,19 @@ impl S3Blocks {
             (None, None) => None,
             _ => return Err(store_error("set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or neither".into())),
         };
-        let agent = ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(REQUEST_TIMEOUT)).build().into();
-        let store = S3Blocks { bucket, credentials, prefix: at.prefix.clone(), agent };
+        if credentials.is_none() {
+            tracing::warn!("no AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY: requests to {at} go unsigned (anonymous)");
+        }
+        let mut config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(CONNECT_TIMEOUT))
+            .timeout_global(Some(REQUEST_TIMEOUT))
+            // S3 redirects only to say the region is wrong: an error to show, not to follow.
+            .max_redirects(0);
+        if let Some(pem) = &at.ca_bundle {
+            config = config.tls_config(ureq::tls::TlsConfig::builder().root_certs(ca_roots(pem)?).build());
+        }
+        let store = S3Blocks { bucket, credentials, prefix: at.prefix.clone(), agent: config.build().into() };
         store.check(at)?;
         Ok(store)
     }
@@ -167,6 +206,26 @@ impl S3Blocks {
         Ok(())
     }
 
+    /// Make this prefix the data directory `owner`'s, or refuse it if
+    /// another's: blocks are named by their content, so a second data
+    /// directory on the prefix would have its blocks deleted by the first
+    /// one's garbage collection, and the other way round.
+    pub fn claim(&self, owner: &str, at: &S3Location) -> Result<()> {
+        let key = format!("{}{OWNER_OBJECT}", self.prefix);
+        let found = self.request_within(Verb::Get, &key, RETRY_AT_START)?;
+        match found.status {
+            404 if found.error_code() != Some("NoSuchBucket") => {
+                self.expect(self.request_within(Verb::Put(owner.as_bytes()), &key, RETRY_AT_START)?, &[200], "PUT", &key).map(|_| ())
+            }
+            200 if found.body == owner.as_bytes() => Ok(()),
+            200 => Err(store_error(format!(
+                "{at} holds the blocks of another restfsd data directory (its {key} names {}, this one is {owner}): give each data directory a bucket or prefix of its own",
+                String::from_utf8_lossy(&found.body).trim()
+            ))),
+            _ => self.expect(found, &[200], "GET", &key).map(|_| ()),
+        }
+    }
+
     fn key(&self, hash: &Hash) -> String {
         format!("{}{}", self.prefix, hash.to_hex())
     }
@@ -182,7 +241,7 @@ impl S3Blocks {
         loop {
             let tried = self.send_once(verb, key);
             let passing = match &tried {
-                Ok(a) => a.status >= 500 || a.status == 429,
+                Ok(a) => a.status >= 500 || a.status == 429 || a.error_code() == Some("RequestTimeout"),
                 Err(_) => true,
             };
             if !passing || started.elapsed() + pause > patience {
@@ -235,6 +294,21 @@ impl S3Blocks {
     }
 }
 
+/// The certificates of the PEM file `path`.
+fn ca_roots(path: &str) -> Result<ureq::tls::RootCerts> {
+    let pem = std::fs::read(path).map_err(|e| store_error(format!("AWS_CA_BUNDLE {path}: {e}")))?;
+    let mut certs = Vec::new();
+    for item in ureq::tls::parse_pem(&pem) {
+        if let ureq::tls::PemItem::Certificate(c) = item.map_err(|e| store_error(format!("AWS_CA_BUNDLE {path}: {e}")))? {
+            certs.push(c);
+        }
+    }
+    if certs.is_empty() {
+        return Err(store_error(format!("AWS_CA_BUNDLE {path}: no certificate in it")));
+    }
+    Ok(ureq::tls::RootCerts::new_with_certs(&certs))
+}
+
 fn describe(tried: &std::result::Result<Answer, ureq::Error>) -> String {
     match tried {
         Ok(a) => format!("HTTP status {}", a.status),
@@ -270,7 +344,7 @@ impl BlockStore for S3Blocks {
     fn get(&self, hash: &Hash) -> Result<Vec<u8>> {
         let key = self.key(hash);
         let answer = self.request(Verb::Get, &key)?;
-        if answer.status == 404 {
+        if answer.status == 404 && answer.error_code() != Some("NoSuchBucket") {
             return Err(Error::fs(Errno::ENOENT, format!("block {hash} missing from the block store")));
         }
         Ok(self.expect(answer, &[200], "GET", &key)?.body)
@@ -288,7 +362,7 @@ impl BlockStore for S3Blocks {
         let key = self.key(hash);
         match self.request(Verb::Delete, &key)? {
             // Some servers answer 404 for an absent key, S3 itself 204.
-            a if a.status == 404 => Ok(()),
+            a if a.status == 404 && a.error_code() != Some("NoSuchBucket") => Ok(()),
             a => self.expect(a, &[200, 204], "DELETE", &key).map(|_| ()),
         }
     }
@@ -327,7 +401,7 @@ mod tests {
 
     #[test]
     fn a_bad_location_is_refused() {
-        for url in ["blocks", "s3://", "s3:///prefix", "file:///tmp"] {
+        for url in ["blocks", "s3://", "s3:///prefix", "file:///tmp", "s3://b/../other", "s3://b//p", "s3://b/./p"] {
             assert!(S3Location::parse(url, env(&[])).is_err(), "{url}");
         }
     }
