@@ -134,32 +134,46 @@ fn a_wrong_secret_or_a_second_data_directory_stops_restfsd_at_start() {
 
     // One prefix, one data directory: a second one's garbage collection
     // would delete the first one's blocks.
+    // Started with the bucket's prefix: (its first telling line, whether it
+    // then stopped cleanly on SIGTERM).
     let restfsd = |data: &str| {
+        use std::io::BufRead;
         let mut child = std::process::Command::new(RESTFSD)
-            .args(["--listen", "127.0.0.1:0", "--data"])
+            .args(["--listen", "127.0.0.1:0", "--log", "info", "--data"])
             .arg(root.join(data))
             .args(["--blocks", &format!("s3://{BUCKET}/{PREFIX}")])
+            .env_remove("RESTFS_LOG")
             .envs(s3.env())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        let log = std::io::BufReader::new(child.stderr.take().unwrap());
-        let first = std::io::BufRead::lines(log)
-            .map(|l| l.unwrap())
-            .find(|l| l.contains("listening on") || l.contains("restfsd:"))
-            .unwrap_or_default();
-        // SAFETY: signalling our own child.
+        // Read on a thread to the end: restfsd must never write to a closed pipe.
+        let (lines, rx) = std::sync::mpsc::channel();
+        let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+        let reader = std::thread::spawn(move || stderr.lines().map_while(Result::ok).for_each(|l| drop(lines.send(l))));
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut first = String::new();
+        while let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+            if line.contains("listening on") || line.contains("restfsd:") {
+                first = line;
+                break;
+            }
+        }
+        // SAFETY: signalling our own child (not yet waited for).
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        child.wait().unwrap();
-        first
+        let status = child.wait().unwrap();
+        reader.join().unwrap();
+        (first, status.success())
     };
-    let first = restfsd("data-1");
-    assert!(first.contains("listening on"), "the first data directory was refused: {first}");
-    let second = restfsd("data-2");
+    let (first, clean) = restfsd("data-1");
+    assert!(first.contains("listening on") && clean, "the first data directory was refused (clean exit: {clean}): {first}");
+    let (second, _) = restfsd("data-2");
     assert!(second.contains("another restfsd data directory"), "a second data directory was let in: {second}");
-    let again = restfsd("data-1");
-    assert!(again.contains("listening on"), "the first data directory was refused after a restart: {again}");
+    let (again, clean) = restfsd("data-1");
+    assert!(again.contains("listening on") && clean, "the first data directory was refused after a restart (clean exit: {clean}): {again}");
+    // Refused, data-2 was bound to nothing: it can start on another prefix.
+    assert!(!root.join("data-2").join("blocks.location").exists(), "a refused start bound its data directory");
 
     let out = std::process::Command::new(RESTFSD)
         .args(["--listen", "127.0.0.1:0", "--data"])

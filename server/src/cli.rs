@@ -22,7 +22,7 @@ pub struct Args {
     /// Keep blocks in an S3-compatible bucket instead of the data directory:
     /// `s3://BUCKET[/PREFIX]`. The endpoint and credentials come from
     /// AWS_ENDPOINT_URL (default: AWS in AWS_REGION), AWS_ACCESS_KEY_ID,
-    /// AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN.
+    /// AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN and AWS_CA_BUNDLE.
     #[arg(long, value_name = "URL")]
     pub blocks: Option<String>,
     /// Credentials file whose `token=` every client must present.
@@ -36,7 +36,8 @@ pub fn main() -> std::process::ExitCode {
     // Colours only on a terminal: `restfs up` sends this to a log file.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
+        // ureq's own trace lines carry whole URLs, signatures included.
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log).add_directive("ureq=info".parse().expect("a valid directive")))
         .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .init();
@@ -69,10 +70,13 @@ pub fn main() -> std::process::ExitCode {
                 return std::process::ExitCode::FAILURE;
             }
         };
+        // Ready for SIGTERM and SIGINT before saying so: a supervisor may send them at once.
+        use tokio::signal::unix::{SignalKind, signal};
+        let (mut term, mut int) =
+            (signal(SignalKind::terminate()).expect("signal handler"), signal(SignalKind::interrupt()).expect("signal handler"));
         tracing::info!("restfsd listening on ws://{} (data in {}, blocks in {where_blocks})", server.addr, data.display());
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
+            _ = int.recv() => {}
             _ = term.recv() => {}
         }
         tracing::info!("shutting down");

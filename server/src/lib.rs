@@ -68,22 +68,29 @@ impl Server {
         let left_open = meta::MetaStore::orphans(&meta).map_err(|e| e.to_string())?;
         let blocks: Arc<dyn blocks::BlockStore> = match &options.blocks {
             BlocksIn::DataDir => {
-                blocks::claim_location(data, blocks::IN_DATA_DIR)?;
-                Arc::new(blocks::dir::DirBlocks::open(data).map_err(|e| format!("cannot open block store in {}: {e}", data.display()))?)
+                blocks::check_location(data, blocks::IN_DATA_DIR)?;
+                let store =
+                    blocks::dir::DirBlocks::open(data).map_err(|e| format!("cannot open block store in {}: {e}", data.display()))?;
+                blocks::bind_location(data, blocks::IN_DATA_DIR)?;
+                Arc::new(store)
             }
             BlocksIn::S3(at) => {
-                let (at, data) = (at.clone(), data.to_path_buf());
-                // Its requests block: off the runtime's threads. Bound to
-                // the data directory only once it answered (a typo binds nothing).
+                let name = at.name();
+                blocks::check_location(data, &name)?;
+                let id = blocks::data_dir_id(data)?;
+                let at = at.clone();
+                // Its requests block: off the runtime's threads.
                 let store = tokio::task::spawn_blocking(move || {
-                    let store = blocks::s3::S3Blocks::open(&at).map_err(|e| e.to_string())?;
-                    let id = blocks::claim_location(&data, &at.name())?;
-                    store.claim(&id, &at).map_err(|e| e.to_string())?;
-                    Ok::<_, String>(store)
+                    let store = blocks::s3::S3Blocks::open(&at)?;
+                    store.claim(&id, &at)?;
+                    Ok::<_, Error>(store)
                 })
                 .await
+                .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;
-                Arc::new(store?)
+                // Bound only now: a typo or a refused claim binds nothing.
+                blocks::bind_location(data, &name)?;
+                Arc::new(store)
             }
         };
         let service = Service::new(Arc::new(meta), blocks);

@@ -345,11 +345,14 @@ impl Service {
         let _exclusive = self.gc_lock.write().await;
         self.blocking(move |store, meta| {
             let g = meta.collect_garbage(min_age_secs)?;
-            // The metadata forgot them already: a block that cannot be
-            // deleted now stays in the store, unreferenced. Go on with the rest.
-            let failed: Vec<Error> = g.external.iter().filter_map(|hash| store.delete(hash).err()).collect();
-            if let Some(first) = failed.first() {
-                tracing::warn!("garbage collection: {} unreferenced blocks stay in the block store ({first})", failed.len());
+            // The metadata forgot them already: once a delete fails (the
+            // store is away, and each try waits), the rest stay in the store,
+            // unreferenced, rather than hold up writes (they wait on gc_lock).
+            for (done, hash) in g.external.iter().enumerate() {
+                if let Err(e) = store.delete(hash) {
+                    tracing::warn!("garbage collection: {} unreferenced blocks stay in the block store ({e})", g.external.len() - done);
+                    break;
+                }
             }
             Ok((g.blocks, g.bytes))
         })

@@ -33,44 +33,63 @@ pub trait BlockStore: Send + Sync {
 }
 
 /// Where a data directory's blocks live, as `DATA/blocks.location` names
-/// it on its first line: `directory`, or `s3://BUCKET/PREFIX/`. Its second
-/// line, `id <hex>`, names the data directory (see
-/// [`s3::S3Blocks::claim`]).
+/// it: `directory`, or `s3://BUCKET/PREFIX/`.
 const LOCATION_FILE: &str = "blocks.location";
+
+/// The data directory's id (see [`s3::S3Blocks::claim`]).
+const ID_FILE: &str = "id";
 
 /// The location of the blocks in the data directory itself.
 pub const IN_DATA_DIR: &str = "directory";
 
-/// Bind the data directory `data` to the block location `location` the
-/// first time, and refuse any other location later: the metadata names
-/// blocks that only that store holds. A data directory from before the
-/// file existed, with blocks under `blocks/`, is bound to them. Returns
-/// the data directory's id.
-pub fn claim_location(data: &Path, location: &str) -> std::result::Result<String, String> {
+/// The block location the data directory `data` is bound to, if any. A
+/// data directory from before the file existed, with blocks under
+/// `blocks/`, is bound to them.
+fn bound_location(data: &Path) -> std::result::Result<Option<String>, String> {
     let path = data.join(LOCATION_FILE);
-    let (bound, id) = match std::fs::read_to_string(&path) {
-        Ok(text) => {
-            let mut lines = text.lines();
-            let bound = lines.next().unwrap_or_default().trim().to_string();
-            (Some(bound), lines.find_map(|l| l.strip_prefix("id ")).map(|id| id.trim().to_string()))
-        }
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(Some(text.lines().next().unwrap_or_default().trim().to_string())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let shards = std::fs::read_dir(data.join("blocks")).map(|mut d| d.next().is_some()).unwrap_or(false);
-            (shards.then(|| IN_DATA_DIR.to_string()), None)
+            Ok(shards.then(|| IN_DATA_DIR.to_string()))
         }
-        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
-    };
-    if let Some(b) = bound.as_deref().filter(|b| *b != location) {
-        let flag = if b == IN_DATA_DIR { "no --blocks".to_string() } else { format!("--blocks {}", b.trim_end_matches('/')) };
-        return Err(format!("the blocks of {} are in {b}, not {location}: start restfsd with {flag}", data.display()));
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
     }
-    match id {
-        Some(id) => Ok(id),
-        None => {
+}
+
+/// Refuse `location` if the data directory `data` is bound to another: its
+/// metadata names blocks that only that store holds.
+pub fn check_location(data: &Path, location: &str) -> std::result::Result<(), String> {
+    match bound_location(data)? {
+        Some(b) if b != location => {
+            let flag = if b == IN_DATA_DIR { "no --blocks".to_string() } else { format!("--blocks {}", b.trim_end_matches('/')) };
+            Err(format!("the blocks of {} are in {b}, not {location}: start restfsd with {flag}", data.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Bind the data directory `data` to `location` (checked first with
+/// [`check_location`]), once the store there answered.
+pub fn bind_location(data: &Path, location: &str) -> std::result::Result<(), String> {
+    let path = data.join(LOCATION_FILE);
+    if path.exists() {
+        return Ok(());
+    }
+    write_durably(&path, &format!("{location}\n")).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// The data directory's id, drawn at its first start.
+pub fn data_dir_id(data: &Path) -> std::result::Result<String, String> {
+    let path = data.join(ID_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(id) => Ok(id.trim().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let id = new_id().map_err(|e| format!("cannot draw an id: {e}"))?;
-            write_durably(&path, &format!("{location}\nid {id}\n")).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            write_durably(&path, &format!("{id}\n")).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
             Ok(id)
         }
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
     }
 }
 
@@ -99,18 +118,26 @@ mod tests {
     #[test]
     fn a_data_directory_keeps_the_block_location_it_started_with() {
         let data = tempfile::tempdir().unwrap();
-        let id = claim_location(data.path(), "s3://b/p/").unwrap();
-        assert_eq!(id.len(), 32);
-        assert_eq!(claim_location(data.path(), "s3://b/p/").unwrap(), id);
-        let refused = claim_location(data.path(), IN_DATA_DIR).unwrap_err();
+        check_location(data.path(), "s3://b/p/").unwrap();
+        bind_location(data.path(), "s3://b/p/").unwrap();
+        check_location(data.path(), "s3://b/p/").unwrap();
+        let refused = check_location(data.path(), IN_DATA_DIR).unwrap_err();
         assert!(refused.contains("start restfsd with --blocks s3://b/p"), "{refused}");
 
         // From before the file: blocks in the directory bind it there.
         let old = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(old.path().join("blocks/ab")).unwrap();
-        let refused = claim_location(old.path(), "s3://b/").unwrap_err();
+        let refused = check_location(old.path(), "s3://b/").unwrap_err();
         assert!(refused.contains("start restfsd with no --blocks"), "{refused}");
-        claim_location(old.path(), IN_DATA_DIR).unwrap();
-        assert_ne!(claim_location(old.path(), IN_DATA_DIR).unwrap(), id, "two data directories drew one id");
+        check_location(old.path(), IN_DATA_DIR).unwrap();
+    }
+
+    #[test]
+    fn a_data_directory_keeps_its_id() {
+        let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let id = data_dir_id(one.path()).unwrap();
+        assert_eq!(id.len(), 32);
+        assert_eq!(data_dir_id(one.path()).unwrap(), id);
+        assert_ne!(data_dir_id(two.path()).unwrap(), id, "two data directories drew one id");
     }
 }

@@ -212,18 +212,24 @@ impl S3Blocks {
     /// one's garbage collection, and the other way round.
     pub fn claim(&self, owner: &str, at: &S3Location) -> Result<()> {
         let key = format!("{}{OWNER_OBJECT}", self.prefix);
-        let found = self.request_within(Verb::Get, &key, RETRY_AT_START)?;
-        match found.status {
-            404 if found.error_code() != Some("NoSuchBucket") => {
-                self.expect(self.request_within(Verb::Put(owner.as_bytes()), &key, RETRY_AT_START)?, &[200], "PUT", &key).map(|_| ())
+        let mut found = self.request_within(Verb::Get, &key, RETRY_AT_START)?;
+        if found.status == 404 && found.error_code() != Some("NoSuchBucket") {
+            // Only if still absent: of two first starts at once, one wins.
+            let put = self.request_within(Verb::PutNew(owner.as_bytes()), &key, RETRY_AT_START)?;
+            if put.status != 412 {
+                return self.expect(put, &[200], "PUT", &key).map(|_| ());
             }
-            200 if found.body == owner.as_bytes() => Ok(()),
-            200 => Err(store_error(format!(
-                "{at} holds the blocks of another restfsd data directory (its {key} names {}, this one is {owner}): give each data directory a bucket or prefix of its own",
-                String::from_utf8_lossy(&found.body).trim()
-            ))),
-            _ => self.expect(found, &[200], "GET", &key).map(|_| ()),
+            found = self.request_within(Verb::Get, &key, RETRY_AT_START)?;
         }
+        let found = self.expect(found, &[200], "GET", &key)?;
+        let named = String::from_utf8_lossy(&found.body);
+        if named.trim() == owner {
+            return Ok(());
+        }
+        Err(store_error(format!(
+            "{at} holds the blocks of another restfsd data directory (its {key} names {}, this one is {owner}): give each data directory a bucket or prefix of its own",
+            named.trim()
+        )))
     }
 
     fn key(&self, hash: &Hash) -> String {
@@ -259,9 +265,9 @@ impl S3Blocks {
     fn send_once(&self, verb: Verb<'_>, key: &str) -> std::result::Result<Answer, ureq::Error> {
         let creds = self.credentials.as_ref();
         let mut response = match verb {
-            Verb::Put(data) => {
-                let url = self.bucket.put_object(creds, key).sign(SIGNED_FOR);
-                self.agent.put(url.as_str()).send(data)?
+            Verb::Put(data) => self.agent.put(self.bucket.put_object(creds, key).sign(SIGNED_FOR).as_str()).send(data)?,
+            Verb::PutNew(data) => {
+                self.agent.put(self.bucket.put_object(creds, key).sign(SIGNED_FOR).as_str()).header("If-None-Match", "*").send(data)?
             }
             Verb::Get => self.agent.get(self.bucket.get_object(creds, key).sign(SIGNED_FOR).as_str()).call()?,
             Verb::Head => self.agent.head(self.bucket.head_object(creds, key).sign(SIGNED_FOR).as_str()).call()?,
@@ -285,7 +291,10 @@ impl S3Blocks {
             return Ok(answer);
         }
         let what = match (answer.status, answer.error_code()) {
-            (403, code) => format!("access denied ({}; check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)", code.unwrap_or("403")),
+            (403, code) => format!(
+                "access denied ({}; check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and that they may list the bucket and put, get and delete its objects)",
+                code.unwrap_or("403")
+            ),
             (404, Some("NoSuchBucket") | None) => format!("bucket {:?} not found", self.bucket.name()),
             (s, Some(code)) => format!("HTTP status {s}: {code}"),
             (s, None) => format!("HTTP status {s}"),
@@ -319,6 +328,8 @@ fn describe(tried: &std::result::Result<Answer, ureq::Error>) -> String {
 #[derive(Clone, Copy)]
 enum Verb<'a> {
     Put(&'a [u8]),
+    /// A PUT only if the key is absent (412 otherwise).
+    PutNew(&'a [u8]),
     Get,
     Head,
     Delete,
@@ -327,7 +338,7 @@ enum Verb<'a> {
 impl Verb<'_> {
     fn name(&self) -> &'static str {
         match self {
-            Verb::Put(_) => "PUT",
+            Verb::Put(_) | Verb::PutNew(_) => "PUT",
             Verb::Get => "GET",
             Verb::Head => "HEAD",
             Verb::Delete => "DELETE",
