@@ -113,5 +113,10 @@ mod tests {
         super::BlockStore::put(&store, &hash, &data).unwrap();
         let object = tmp.path().join("conformance/some/prefix").join(hash.to_hex());
         assert_eq!(std::fs::read(&object).unwrap(), data);
+        // The store checks each upload against the block's name.
+        let mut damaged = data.clone();
+        damaged[1000] ^= 1;
+        let refused = super::BlockStore::put(&store, &restfs_proto::Hash::of(b"another block"), &damaged).unwrap_err();
+        assert!(refused.to_string().contains("BadDigest"), "{refused}");
     }
 }

@@ -16,6 +16,7 @@
 
 use super::BlockStore;
 use crate::error::{Error, Result};
+use base64::Engine;
 use restfs_proto::{Errno, Hash};
 use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
 use std::time::{Duration, Instant};
@@ -34,6 +35,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The timeout of a connection's setup.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The header that carries a block's SHA-256 (base64) with its upload.
+const CHECKSUM_HEADER: &str = "x-amz-checksum-sha256";
 
 /// The object, under the prefix, that names the data directory whose
 /// blocks the prefix holds.
@@ -197,7 +201,7 @@ impl S3Blocks {
             Error::Io(e) => store_error(format!("{at}: {e}")),
             e => e,
         };
-        self.expect(request(Verb::Put(probe), &key).map_err(fail)?, &[200], "PUT", &key).map_err(fail)?;
+        self.expect(request(Verb::Put(probe, None), &key).map_err(fail)?, &[200], "PUT", &key).map_err(fail)?;
         let read = self.expect(request(Verb::Get, &key).map_err(fail)?, &[200], "GET", &key).map_err(fail)?;
         if read.body != probe {
             return Err(store_error(format!("{at}: the probe object read back differs from what was written")));
@@ -265,7 +269,15 @@ impl S3Blocks {
     fn send_once(&self, verb: Verb<'_>, key: &str) -> std::result::Result<Answer, ureq::Error> {
         let creds = self.credentials.as_ref();
         let mut response = match verb {
-            Verb::Put(data) => self.agent.put(self.bucket.put_object(creds, key).sign(SIGNED_FOR).as_str()).send(data)?,
+            Verb::Put(data, None) => self.agent.put(self.bucket.put_object(creds, key).sign(SIGNED_FOR).as_str()).send(data)?,
+            Verb::Put(data, Some(hash)) => {
+                // The store checks the bytes against their hash (signed): a
+                // block damaged on the way is refused (BadDigest).
+                let sum = base64::engine::general_purpose::STANDARD.encode(hash.0);
+                let mut put = self.bucket.put_object(creds, key);
+                put.headers_mut().insert(CHECKSUM_HEADER, sum.clone());
+                self.agent.put(put.sign(SIGNED_FOR).as_str()).header(CHECKSUM_HEADER, &sum).send(data)?
+            }
             Verb::PutNew(data) => {
                 self.agent.put(self.bucket.put_object(creds, key).sign(SIGNED_FOR).as_str()).header("If-None-Match", "*").send(data)?
             }
@@ -327,7 +339,8 @@ fn describe(tried: &std::result::Result<Answer, ureq::Error>) -> String {
 
 #[derive(Clone, Copy)]
 enum Verb<'a> {
-    Put(&'a [u8]),
+    /// A PUT, with the SHA-256 of the bytes for the store to check.
+    Put(&'a [u8], Option<&'a Hash>),
     /// A PUT only if the key is absent (412 otherwise).
     PutNew(&'a [u8]),
     Get,
@@ -338,7 +351,7 @@ enum Verb<'a> {
 impl Verb<'_> {
     fn name(&self) -> &'static str {
         match self {
-            Verb::Put(_) | Verb::PutNew(_) => "PUT",
+            Verb::Put(..) | Verb::PutNew(_) => "PUT",
             Verb::Get => "GET",
             Verb::Head => "HEAD",
             Verb::Delete => "DELETE",
@@ -349,7 +362,7 @@ impl Verb<'_> {
 impl BlockStore for S3Blocks {
     fn put(&self, hash: &Hash, data: &[u8]) -> Result<()> {
         let key = self.key(hash);
-        self.expect(self.request(Verb::Put(data), &key)?, &[200], "PUT", &key).map(|_| ())
+        self.expect(self.request(Verb::Put(data, Some(hash)), &key)?, &[200], "PUT", &key).map(|_| ())
     }
 
     fn get(&self, hash: &Hash) -> Result<Vec<u8>> {
