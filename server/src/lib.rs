@@ -66,17 +66,16 @@ impl Server {
             .map_err(|e| format!("cannot open metadata in {}: {e}", data.display()))?;
         // Purged once their clients, reconnecting, had the time to open them again.
         let left_open = meta::MetaStore::orphans(&meta).map_err(|e| e.to_string())?;
+        let location = match &options.blocks {
+            BlocksIn::DataDir => blocks::IN_DATA_DIR.to_string(),
+            BlocksIn::S3(at) => at.name(),
+        };
+        blocks::check_location(data, &location)?;
         let blocks: Arc<dyn blocks::BlockStore> = match &options.blocks {
             BlocksIn::DataDir => {
-                blocks::check_location(data, blocks::IN_DATA_DIR)?;
-                let store =
-                    blocks::dir::DirBlocks::open(data).map_err(|e| format!("cannot open block store in {}: {e}", data.display()))?;
-                blocks::bind_location(data, blocks::IN_DATA_DIR)?;
-                Arc::new(store)
+                Arc::new(blocks::dir::DirBlocks::open(data).map_err(|e| format!("cannot open block store in {}: {e}", data.display()))?)
             }
             BlocksIn::S3(at) => {
-                let name = at.name();
-                blocks::check_location(data, &name)?;
                 let id = blocks::data_dir_id(data)?;
                 let at = at.clone();
                 // Its requests block: off the runtime's threads.
@@ -88,11 +87,11 @@ impl Server {
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;
-                // Bound only now: a typo or a refused claim binds nothing.
-                blocks::bind_location(data, &name)?;
                 Arc::new(store)
             }
         };
+        // Bound only once the store answered: a typo or a refused claim binds nothing.
+        blocks::bind_location(data, &location)?;
         let service = Service::new(Arc::new(meta), blocks);
         if service.locks.mark_at(data.join("locks.held")) {
             tracing::info!(

@@ -116,9 +116,7 @@ impl S3Location {
             ca_bundle: env("AWS_CA_BUNDLE"),
         })
     }
-}
 
-impl S3Location {
     /// `s3://BUCKET/PREFIX/`: what names the store, whatever the endpoint.
     pub fn name(&self) -> String {
         format!("s3://{}/{}", self.bucket, self.prefix)
@@ -146,6 +144,11 @@ struct Answer {
 }
 
 impl Answer {
+    /// A 404 about the key, not the bucket (a HEAD's 404 has no body to tell).
+    fn missing_key(&self) -> bool {
+        self.status == 404 && self.error_code() != Some("NoSuchBucket")
+    }
+
     /// The `<Code>` of an S3 error document, if there is one.
     fn error_code(&self) -> Option<&str> {
         let text = std::str::from_utf8(&self.body).ok()?;
@@ -196,18 +199,19 @@ impl S3Blocks {
     fn check(&self, at: &S3Location) -> Result<()> {
         let key = format!("{}restfsd-probe-{}", self.prefix, std::process::id());
         let probe = b"restfsd: checking access to the block store";
-        let request = |verb, key: &str| self.request_within(verb, key, RETRY_AT_START);
-        let fail = |e: Error| match e {
+        let hash = Hash::of(probe);
+        let round_trip = || -> Result<()> {
+            let request = |verb| self.request_within(verb, &key, RETRY_AT_START);
+            self.expect(request(Verb::put(probe, &hash))?, &[200], "PUT", &key)?;
+            if self.expect(request(Verb::Get)?, &[200], "GET", &key)?.body != probe {
+                return Err(store_error("the probe object read back differs from what was written".into()));
+            }
+            self.expect(request(Verb::Delete)?, &[200, 204], "DELETE", &key).map(|_| ())
+        };
+        round_trip().map_err(|e| match e {
             Error::Io(e) => store_error(format!("{at}: {e}")),
             e => e,
-        };
-        self.expect(request(Verb::Put(probe, None), &key).map_err(fail)?, &[200], "PUT", &key).map_err(fail)?;
-        let read = self.expect(request(Verb::Get, &key).map_err(fail)?, &[200], "GET", &key).map_err(fail)?;
-        if read.body != probe {
-            return Err(store_error(format!("{at}: the probe object read back differs from what was written")));
-        }
-        self.expect(request(Verb::Delete, &key).map_err(fail)?, &[200, 204], "DELETE", &key).map_err(fail)?;
-        Ok(())
+        })
     }
 
     /// Make this prefix the data directory `owner`'s, or refuse it if
@@ -217,9 +221,11 @@ impl S3Blocks {
     pub fn claim(&self, owner: &str, at: &S3Location) -> Result<()> {
         let key = format!("{}{OWNER_OBJECT}", self.prefix);
         let mut found = self.request_within(Verb::Get, &key, RETRY_AT_START)?;
-        if found.status == 404 && found.error_code() != Some("NoSuchBucket") {
+        if found.missing_key() {
             // Only if still absent: of two first starts at once, one wins.
-            let put = self.request_within(Verb::PutNew(owner.as_bytes()), &key, RETRY_AT_START)?;
+            let hash = Hash::of(owner.as_bytes());
+            let put = Verb::Put { data: owner.as_bytes(), hash: &hash, if_absent: true };
+            let put = self.request_within(put, &key, RETRY_AT_START)?;
             if put.status != 412 {
                 return self.expect(put, &[200], "PUT", &key).map(|_| ());
             }
@@ -269,17 +275,14 @@ impl S3Blocks {
     fn send_once(&self, verb: Verb<'_>, key: &str) -> std::result::Result<Answer, ureq::Error> {
         let creds = self.credentials.as_ref();
         let mut response = match verb {
-            Verb::Put(data, None) => self.agent.put(self.bucket.put_object(creds, key).sign(SIGNED_FOR).as_str()).send(data)?,
-            Verb::Put(data, Some(hash)) => {
+            Verb::Put { data, hash, if_absent } => {
                 // The store checks the bytes against their hash (signed): a
                 // block damaged on the way is refused (BadDigest).
                 let sum = base64::engine::general_purpose::STANDARD.encode(hash.0);
                 let mut put = self.bucket.put_object(creds, key);
                 put.headers_mut().insert(CHECKSUM_HEADER, sum.clone());
-                self.agent.put(put.sign(SIGNED_FOR).as_str()).header(CHECKSUM_HEADER, &sum).send(data)?
-            }
-            Verb::PutNew(data) => {
-                self.agent.put(self.bucket.put_object(creds, key).sign(SIGNED_FOR).as_str()).header("If-None-Match", "*").send(data)?
+                let request = self.agent.put(put.sign(SIGNED_FOR).as_str()).header(CHECKSUM_HEADER, &sum);
+                if if_absent { request.header("If-None-Match", "*").send(data)? } else { request.send(data)? }
             }
             Verb::Get => self.agent.get(self.bucket.get_object(creds, key).sign(SIGNED_FOR).as_str()).call()?,
             Verb::Head => self.agent.head(self.bucket.head_object(creds, key).sign(SIGNED_FOR).as_str()).call()?,
@@ -339,19 +342,26 @@ fn describe(tried: &std::result::Result<Answer, ureq::Error>) -> String {
 
 #[derive(Clone, Copy)]
 enum Verb<'a> {
-    /// A PUT, with the SHA-256 of the bytes for the store to check.
-    Put(&'a [u8], Option<&'a Hash>),
-    /// A PUT only if the key is absent (412 otherwise).
-    PutNew(&'a [u8]),
+    /// A PUT, with the bytes' SHA-256 (`hash`) for the store to check;
+    /// with `if_absent`, only if the key is (412 otherwise).
+    Put {
+        data: &'a [u8],
+        hash: &'a Hash,
+        if_absent: bool,
+    },
     Get,
     Head,
     Delete,
 }
 
-impl Verb<'_> {
+impl<'a> Verb<'a> {
+    fn put(data: &'a [u8], hash: &'a Hash) -> Verb<'a> {
+        Verb::Put { data, hash, if_absent: false }
+    }
+
     fn name(&self) -> &'static str {
         match self {
-            Verb::Put(..) | Verb::PutNew(_) => "PUT",
+            Verb::Put { .. } => "PUT",
             Verb::Get => "GET",
             Verb::Head => "HEAD",
             Verb::Delete => "DELETE",
@@ -362,13 +372,13 @@ impl Verb<'_> {
 impl BlockStore for S3Blocks {
     fn put(&self, hash: &Hash, data: &[u8]) -> Result<()> {
         let key = self.key(hash);
-        self.expect(self.request(Verb::Put(data, Some(hash)), &key)?, &[200], "PUT", &key).map(|_| ())
+        self.expect(self.request(Verb::put(data, hash), &key)?, &[200], "PUT", &key).map(|_| ())
     }
 
     fn get(&self, hash: &Hash) -> Result<Vec<u8>> {
         let key = self.key(hash);
         let answer = self.request(Verb::Get, &key)?;
-        if answer.status == 404 && answer.error_code() != Some("NoSuchBucket") {
+        if answer.missing_key() {
             return Err(Error::fs(Errno::ENOENT, format!("block {hash} missing from the block store")));
         }
         Ok(self.expect(answer, &[200], "GET", &key)?.body)
@@ -377,7 +387,7 @@ impl BlockStore for S3Blocks {
     fn has(&self, hash: &Hash) -> Result<bool> {
         let key = self.key(hash);
         match self.request(Verb::Head, &key)? {
-            a if a.status == 404 => Ok(false),
+            a if a.missing_key() => Ok(false),
             a => self.expect(a, &[200], "HEAD", &key).map(|_| true),
         }
     }
@@ -386,7 +396,7 @@ impl BlockStore for S3Blocks {
         let key = self.key(hash);
         match self.request(Verb::Delete, &key)? {
             // Some servers answer 404 for an absent key, S3 itself 204.
-            a if a.status == 404 && a.error_code() != Some("NoSuchBucket") => Ok(()),
+            a if a.missing_key() => Ok(()),
             a => self.expect(a, &[200, 204], "DELETE", &key).map(|_| ()),
         }
     }
